@@ -1,0 +1,181 @@
+"""The `atlas` command reports every user error as exactly one stderr line starting with 'Error:', a non-zero exit
+status and no traceback. Each case runs the real console script in a subprocess (the library and log output a user
+would see), several at a time to keep the suite fast."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from builder import collect
+from builder.artefacts import write_npz
+from builder.cli import STAGES, main
+from builder.config import config_from_dict
+from conftest import run_atlas, tiny_config_dict
+
+# Fail fast: no case may wait on the network (the hub is switched off) or on anything else.
+CASE_TIMEOUT_S = 120
+SUCCESS = "success"
+
+
+@dataclass(frozen=True)
+class Case:
+    stage: str
+    config: Path
+    expect: tuple[str, ...]  # every one of these must appear in the error line
+
+
+@dataclass(frozen=True)
+class Outcome:
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+
+def toml_value(value) -> str:
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def write_config(path: Path, raw: dict) -> Path:
+    path.write_text("".join(f"{key} = {toml_value(value)}\n" for key, value in raw.items()))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory, tiny_gpt2, corpus_file) -> dict[str, Case]:
+    root = tmp_path_factory.mktemp("cli")
+
+    def config(name: str, model=tiny_gpt2, corpus=corpus_file, **overrides) -> Path:
+        raw = tiny_config_dict(model, corpus, root / name, **overrides)
+        return write_config(root / f"{name}.toml", raw)
+
+    empty = root / "empty.jsonl"
+    empty.write_text("")
+    whitespace = root / "whitespace.jsonl"
+    whitespace.write_text("   \n\n\t\n  \n")
+    malformed = root / "malformed.jsonl"
+    malformed.write_text('{"text": "an unterminated record"\n')
+    bad_toml = root / "bad.toml"
+    bad_toml.write_text('name = "unterminated\n')
+
+    # A finished collect to corrupt: truncate one layer, or mark the artefacts as an older schema version.
+    finished = tiny_config_dict(tiny_gpt2, corpus_file, root / "finished")
+    collect.run(config_from_dict(finished))
+    finished_dir = Path(finished["out_dir"])
+    artefact_dirs = {}
+    for name in ("truncated", "emptied", "old-meta", "old-layer"):
+        artefact_dirs[name] = root / name / "build"
+        shutil.copytree(finished_dir, artefact_dirs[name])
+    layer0 = artefact_dirs["truncated"] / "collect" / "L0.npz"
+    layer0.write_bytes(layer0.read_bytes()[: layer0.stat().st_size // 2])
+    (artefact_dirs["emptied"] / "collect" / "L0.npz").write_bytes(b"")
+    meta = artefact_dirs["old-meta"] / "collect" / "meta.json"
+    meta.write_text(meta.read_text().replace('"schema_version": 1', '"schema_version": 0'))
+    old_layer = artefact_dirs["old-layer"] / "collect" / "L0.npz"
+    with np.load(old_layer, allow_pickle=False) as bundle:
+        arrays = {k: bundle[k] for k in bundle.files if not k.startswith("_")}
+    write_npz(old_layer, collect.LAYER_KIND, collect.SCHEMA_VERSION - 1, **arrays)
+
+    return {
+        "unknown-hub-model": Case("collect", config("unknown", model="gpt2-smal"), ("unknown model 'gpt2-smal'",)),
+        "missing-model-folder": Case("collect", config("missing", model="./no/such/model"),
+                                     ("model folder './no/such/model' does not exist",)),
+        "layer-out-of-range": Case("collect", config("layer", layers=[0, 2]), ("layer 2 is out of range", "0..1")),
+        "empty-jsonl": Case("collect", config("empty", corpus=empty), (str(empty.name),)),
+        "whitespace-jsonl": Case("collect", config("whitespace", corpus=whitespace),
+                                 ("no complete sequence", str(whitespace.name))),
+        "malformed-jsonl": Case("collect", config("malformed", corpus=malformed), ("cannot read the dataset",)),
+        "missing-data-file": Case("collect", config("nodata", corpus=root / "absent.jsonl"),
+                                  ("absent.jsonl", "does not exist")),
+        "context-too-long": Case("collect", config("context", context_length=128),
+                                 ("context_length 128 is longer than", "(64)")),
+        "threshold-above-one": Case("collect", config("thr-high", threshold=1.5),
+                                    ("threshold must be in (0, 1]", "1.5")),
+        "threshold-zero": Case("collect", config("thr-zero", threshold=0.0), ("threshold must be in (0, 1]",)),
+        "threshold-negative": Case("collect", config("thr-neg", threshold=-0.5), ("threshold must be in (0, 1]",)),
+        "max-examples-zero": Case("collect", config("max0", max_examples=0), ("max_examples must be at least 1",)),
+        "unknown-config-key": Case("collect", config("key", treshold=0.5),
+                                   ("unknown config key 'treshold'", "did you mean 'threshold'")),
+        "missing-config": Case("collect", root / "absent.toml", ("config file", "not found")),
+        "invalid-toml": Case("collect", bad_toml, ("not valid TOML",)),
+        "truncated-collect-layer": Case("embed", config("truncated"), ("L0.npz", "corrupt or truncated")),
+        "empty-collect-layer": Case("embed", config("emptied"), ("L0.npz", "corrupt or truncated")),
+        "old-schema-collect-meta": Case("embed", config("old-meta"), ("meta.json", "schema version 0")),
+        "old-schema-collect-layer": Case("embed", config("old-layer"), ("L0.npz", "schema version 0")),
+        SUCCESS: Case("collect", config("success", max_sequences=8), ()),
+    }
+
+
+@pytest.fixture(scope="module")
+def outcomes(cases) -> dict[str, Outcome]:
+    """Run every case's `atlas <stage> --config X` concurrently (most time is interpreter start-up)."""
+
+    def run(case: Case) -> Outcome:
+        start = time.monotonic()
+        done = run_atlas([case.stage, "--config", str(case.config)], timeout=CASE_TIMEOUT_S)
+        return Outcome(done.returncode, done.stdout, done.stderr, time.monotonic() - start)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        futures = {name: pool.submit(run, case) for name, case in cases.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
+CASE_NAMES = ["unknown-hub-model", "missing-model-folder", "layer-out-of-range", "empty-jsonl", "whitespace-jsonl",
+              "malformed-jsonl", "missing-data-file", "context-too-long", "threshold-above-one", "threshold-zero",
+              "threshold-negative", "max-examples-zero", "unknown-config-key", "missing-config", "invalid-toml",
+              "truncated-collect-layer", "empty-collect-layer", "old-schema-collect-meta", "old-schema-collect-layer"]
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_user_error_is_one_error_line_with_a_nonzero_exit_and_no_traceback(cases, outcomes, name):
+    case, outcome = cases[name], outcomes[name]
+    shown = f"exit {outcome.returncode}\n--- stderr\n{outcome.stderr[-3000:]}\n--- stdout\n{outcome.stdout[-1000:]}"
+    assert "Traceback" not in outcome.stderr + outcome.stdout, shown
+    assert outcome.returncode == 2, shown  # AtlasError's exit status (1 would be an unhandled exception)
+    lines = outcome.stderr.splitlines()
+    assert len(lines) == 1, shown
+    assert lines[0].startswith("Error: "), shown
+    for phrase in case.expect:
+        assert phrase in lines[0], shown
+
+
+def test_every_case_is_checked(cases):
+    assert sorted(cases) == sorted(CASE_NAMES + [SUCCESS])
+
+
+def test_unknown_hub_model_fails_fast_offline(outcomes):
+    # Only interpreter and library start-up: no retries against an unreachable hub.
+    assert outcomes["unknown-hub-model"].seconds < 60
+
+
+def test_unknown_hub_model_suggests_a_supported_name(outcomes):
+    assert "did you mean" in outcomes["unknown-hub-model"].stderr
+
+
+def test_a_successful_stage_exits_zero_prints_no_error_and_writes_its_artefacts(cases, outcomes):
+    outcome = outcomes[SUCCESS]
+    assert outcome.returncode == 0, outcome.stderr[-3000:]
+    assert "Error" not in outcome.stderr and "Traceback" not in outcome.stderr
+    out_dir = cases[SUCCESS].config.parent / SUCCESS / "build" / "collect"
+    assert (out_dir / "meta.json").is_file() and (out_dir / "L0.npz").is_file() and (out_dir / "L1.npz").is_file()
+
+
+def test_help_lists_every_stage():
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0
+    for stage in (*STAGES, "build", "serve"):
+        assert stage in result.output

@@ -1,0 +1,706 @@
+"""Collect: the one-pass Collector against a naive two-pass definition, and collect.run on real (tiny) models."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from builder import collect
+from builder.collect import HISTOGRAM_EDGES, Collector, keep_first_needed, load_reference_maxima
+from builder.config import config_from_dict
+from builder.errors import ConfigError
+from builder.paths import AtlasPaths
+from conftest import CORPUS_PARAGRAPHS, ROOT, assert_equal_arrays, tiny_config_dict
+
+CTX = 8
+D_MODEL = 5
+WINDOW_BEFORE, WINDOW_AFTER = 3, 2
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The definition, written the slow obvious way
+
+
+def naive_examples(post: np.ndarray, pre: np.ndarray, pre_linear: np.ndarray | None, normalized: np.ndarray,
+                   threshold: float, max_examples: int, window_before: int, window_after: int,
+                   reference: np.ndarray | None = None) -> dict:
+    """Two passes: M = max over everything (or the reference), T = threshold·M; then per neuron walk the sequences
+    in corpus order, keep each whose max reaches T (at its first argmax) until max_examples are kept. M ≤ 0: none."""
+    n_seq, ctx, d_mlp = post.shape
+    maxima = post.max(axis=(0, 1)) if reference is None else reference
+    out = {name: [] for name in ("neuron", "seq", "pos", "act", "pre", "pre_linear", "window", "vector")}
+    for neuron in range(d_mlp):
+        if maxima[neuron] <= 0:
+            continue
+        limit = np.float32(threshold) * np.float32(maxima[neuron])
+        kept = 0
+        for seq in range(n_seq):
+            values = post[seq, :, neuron]
+            if values.max() < limit:
+                continue
+            pos = int(np.argmax(values))  # first position holding the max
+            window = [values[p] if 0 <= p < ctx else np.nan for p in range(pos - window_before, pos + window_after + 1)]
+            out["neuron"].append(neuron)
+            out["seq"].append(seq)
+            out["pos"].append(pos)
+            out["act"].append(values.max())
+            out["pre"].append(pre[seq, pos, neuron])
+            out["pre_linear"].append(0.0 if pre_linear is None else pre_linear[seq, pos, neuron])
+            out["window"].append(window)
+            out["vector"].append(normalized[seq, pos])
+            kept += 1
+            if kept == max_examples:
+                break
+    result = {name: np.asarray(out[name], dtype=np.int64) for name in ("neuron", "seq", "pos")}
+    result.update({name: np.asarray(out[name], dtype=np.float32) for name in ("act", "pre", "pre_linear")})
+    result["window"] = np.asarray(out["window"], np.float32).reshape(-1, window_before + 1 + window_after)
+    result["vector"] = np.asarray(out["vector"], np.float32).reshape(-1, normalized.shape[-1])
+    return result
+
+
+def naive_histogram(post: np.ndarray) -> np.ndarray:
+    """Per neuron, counts of activations in (edge[i-1], edge[i]] (bin 0: ≤ first edge; last bin: > last edge)."""
+    d_mlp = post.shape[-1]
+    flat = post.reshape(-1, d_mlp)
+    return np.stack([np.bincount(np.searchsorted(HISTOGRAM_EDGES, flat[:, n], side="left"),
+                                 minlength=len(HISTOGRAM_EDGES) + 1) for n in range(d_mlp)])
+
+
+def assert_matches_naive(result: dict, expected: dict, post: np.ndarray, normalized: np.ndarray,
+                         reference: np.ndarray | None = None) -> None:
+    d_mlp = post.shape[-1]
+    observed = post.max(axis=(0, 1))
+    np.testing.assert_array_equal(result["observed_max"], observed)
+    np.testing.assert_array_equal(result["max_activation"], observed if reference is None else reference)
+    counts = np.bincount(expected["neuron"], minlength=d_mlp)
+    np.testing.assert_array_equal(result["offsets"], np.r_[0, np.cumsum(counts)])
+    np.testing.assert_array_equal(result["seq"], expected["seq"])
+    np.testing.assert_array_equal(result["pos"], expected["pos"])
+    np.testing.assert_array_equal(result["act"], expected["act"])
+    np.testing.assert_array_equal(result["pre"], expected["pre"])
+    np.testing.assert_array_equal(result["pre_linear"], expected["pre_linear"])
+    np.testing.assert_array_equal(result["window"], expected["window"])  # NaN outside the sequence, equal as NaN
+    # Vector rows: each example points at the pre-MLP vector of its own (sequence, position)...
+    np.testing.assert_array_equal(result["vectors"][result["vector_index"]], expected["vector"])
+    np.testing.assert_array_equal(result["vectors"][result["vector_index"]],
+                                  normalized[result["seq"], result["pos"]])
+    np.testing.assert_array_equal(result["vector_seq"][result["vector_index"]], result["seq"])
+    np.testing.assert_array_equal(result["vector_pos"][result["vector_index"]], result["pos"])
+    # ...and each (sequence, position) is stored once, with no unused rows.
+    keys = result["vector_seq"].astype(np.int64) * post.shape[1] + result["vector_pos"]
+    assert len(np.unique(keys)) == len(keys) == len(result["vectors"])
+    assert set(result["vector_index"].tolist()) == set(range(len(keys)))
+    np.testing.assert_array_equal(result["histogram"], naive_histogram(post))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Synthetic activation streams
+
+
+def make_config(threshold=0.75, max_examples=3, reference_maxima=""):
+    return config_from_dict({"data_files": ["unused.jsonl"], "threshold": threshold, "max_examples": max_examples,
+                             "window_before": WINDOW_BEFORE, "window_after": WINDOW_AFTER,
+                             "reference_maxima": reference_maxima})
+
+
+def random_stream(seed: int, n_seq: int = 40, d_mlp: int = 10, gated: bool = True):
+    """Random hook values with varied scales per neuron (a few mostly negative), in float32."""
+    rng = np.random.default_rng(seed)
+    scale = rng.uniform(0.2, 3.0, size=d_mlp).astype(np.float32)
+    shift = rng.uniform(-1.0, 0.5, size=d_mlp).astype(np.float32)
+    post = (rng.standard_normal((n_seq, CTX, d_mlp)).astype(np.float32) ** 3 * scale + shift).astype(np.float32)
+    pre = rng.standard_normal((n_seq, CTX, d_mlp)).astype(np.float32)
+    pre_linear = rng.standard_normal((n_seq, CTX, d_mlp)).astype(np.float32) if gated else None
+    normalized = rng.standard_normal((n_seq, CTX, D_MODEL)).astype(np.float32)
+    return post, pre, pre_linear, normalized
+
+
+def crafted_stream(seed: int = 0):
+    """Hand-made neurons over 30 sequences, on top of small negative noise:
+
+    0: early sequences reach ~1, then sequence 17 reaches 10: every earlier candidate must be pruned; later
+       sequences 20, 22, 25, 28 reach 8, 7.5 (exactly T), 7.4 (just below T) and 9.
+    1: steadily rising maxima (every sequence is a candidate when seen, almost all pruned later).
+    2: steadily falling maxima: many qualify (> max_examples), the first ones win.
+    3: every sequence has the same max 2.0 (ties across sequences): the first max_examples sequences.
+    4: all activations negative: no examples.
+    5: all activations exactly 0 (a dead ReLU): no examples.
+    6: ties within a sequence: the max 5.0 appears at several positions; the first one is the example's position.
+    7: maximum at the first and last positions (windows run off both ends of the sequence).
+    8: one large spike in the last sequence only.
+    9: random noise (mixed signs).
+    """
+    rng = np.random.default_rng(seed)
+    n_seq, d_mlp = 30, 10
+    post = (-rng.uniform(0.01, 0.5, size=(n_seq, CTX, d_mlp))).astype(np.float32)
+    post[:, :, 0] = rng.uniform(0.0, 1.0, size=(n_seq, CTX))
+    post[17, 3, 0] = 10.0
+    post[20, 5, 0] = 8.0
+    post[22, 0, 0] = 7.5
+    post[25, 7, 0] = 7.4
+    post[28, 2, 0] = 9.0
+    for seq in range(n_seq):
+        post[seq, seq % CTX, 1] = 1.0 + 0.1 * seq
+        post[seq, (3 * seq) % CTX, 2] = 10.0 - 0.05 * seq
+        post[seq, (seq + 2) % CTX, 3] = 2.0
+    post[:, :, 5] = 0.0
+    post[4, [2, 5, 6], 6] = 5.0
+    post[9, [0, 7], 6] = 5.0
+    post[11, 4, 6] = 4.9
+    post[3, 0, 7] = 6.0
+    post[8, CTX - 1, 7] = 6.0
+    post[15, 1, 7] = 5.5
+    post[n_seq - 1, 4, 8] = 3.0
+    post[:, :, 9] = rng.standard_normal((n_seq, CTX))
+    pre = rng.standard_normal((n_seq, CTX, d_mlp)).astype(np.float32)
+    pre_linear = rng.standard_normal((n_seq, CTX, d_mlp)).astype(np.float32)
+    normalized = rng.standard_normal((n_seq, CTX, D_MODEL)).astype(np.float32)
+    return post.astype(np.float32), pre, pre_linear, normalized
+
+
+def batch_bounds(n_seq: int, sizes: list[int]):
+    start, i = 0, 0
+    while start < n_seq:
+        size = sizes[i % len(sizes)]
+        yield start, min(start + size, n_seq)
+        start += size
+        i += 1
+
+
+def feed(collector: Collector, layer: int, stream, sizes=(4, 1, 7, 3), compact_after=()) -> None:
+    post, pre, pre_linear, normalized = stream
+    for index, (start, end) in enumerate(batch_bounds(len(post), list(sizes))):
+        collector.update(layer, start, torch.from_numpy(post[start:end]), torch.from_numpy(pre[start:end]),
+                         None if pre_linear is None else torch.from_numpy(pre_linear[start:end]),
+                         torch.from_numpy(normalized[start:end]))
+        if compact_after == "always" or index in compact_after:
+            collector.compact()
+
+
+def collect_stream(stream, cfg, layer=0, reference=None, **feed_args) -> dict:
+    d_mlp = stream[0].shape[-1]
+    collector = Collector([layer], d_mlp, D_MODEL, CTX, cfg,
+                          None if reference is None else np.stack([reference] * (layer + 1)))
+    feed(collector, layer, stream, **feed_args)
+    return collector.finish(layer)
+
+
+def expected_for(stream, cfg, reference=None) -> dict:
+    post, pre, pre_linear, normalized = stream
+    return naive_examples(post, pre, pre_linear, normalized, cfg.threshold, cfg.max_examples, cfg.window_before,
+                          cfg.window_after, reference)
+
+
+def test_crafted_stream_selects_first_n_qualifying_sequences_like_the_two_pass_definition():
+    stream = crafted_stream()
+    cfg = make_config(threshold=0.75, max_examples=3)
+    result = collect_stream(stream, cfg)
+    assert_matches_naive(result, expected_for(stream, cfg), stream[0], stream[3])
+
+
+def test_late_larger_maximum_prunes_earlier_candidates():
+    stream = crafted_stream()
+    cfg = make_config(threshold=0.75, max_examples=3)
+    result = collect_stream(stream, cfg)
+    first, last = result["offsets"][0], result["offsets"][1]
+    # Max 10 at sequence 17 → T = 7.5: 17, 20 (8.0) and 22 (exactly 7.5); 25 (7.4) misses, 28 would be 4th.
+    assert result["seq"][first:last].tolist() == [17, 20, 22]
+    assert result["act"][first:last].tolist() == [10.0, 8.0, 7.5]
+    assert result["pos"][first:last].tolist() == [3, 5, 0]
+    assert result["max_activation"][0] == 10.0
+
+
+def test_many_qualifying_sequences_keep_only_the_first_max_examples_in_corpus_order():
+    stream = crafted_stream()
+    cfg = make_config(threshold=0.75, max_examples=3)
+    result = collect_stream(stream, cfg)
+    falling = slice(result["offsets"][2], result["offsets"][3])
+    assert result["seq"][falling].tolist() == [0, 1, 2]
+    equal = slice(result["offsets"][3], result["offsets"][4])
+    assert result["seq"][equal].tolist() == [0, 1, 2]
+    rising = slice(result["offsets"][1], result["offsets"][2])
+    # Rising 1.0 + 0.1·seq up to 3.9: T = 2.925, reached first at sequence 20 (the top three would be 27, 28, 29).
+    assert result["seq"][rising].tolist() == [20, 21, 22]
+
+
+def test_first_n_not_top_n_when_later_sequences_are_higher():
+    # Sequences 0..5 reach 6, 8, 7.6, 9, 10, 9.5; T = 7.5 → the first three qualifiers 1, 2, 3, not the top three
+    # 4, 5, 3.
+    post = np.full((6, CTX, 1), -1.0, np.float32)
+    for seq, value in enumerate([6.0, 8.0, 7.6, 9.0, 10.0, 9.5]):
+        post[seq, seq, 0] = value
+    stream = (post, post.copy(), None, np.arange(6 * CTX * D_MODEL, dtype=np.float32).reshape(6, CTX, D_MODEL))
+    cfg = make_config(threshold=0.75, max_examples=3)
+    result = collect_stream(stream, cfg, sizes=(1,))
+    assert result["seq"].tolist() == [1, 2, 3]
+    assert result["pos"].tolist() == [1, 2, 3]
+    assert_matches_naive(result, expected_for(stream, cfg), stream[0], stream[3])
+
+
+def test_neurons_with_maximum_at_or_below_zero_have_no_examples():
+    stream = crafted_stream()
+    result = collect_stream(stream, make_config())
+    for neuron in (4, 5):
+        assert result["offsets"][neuron] == result["offsets"][neuron + 1]
+    assert result["max_activation"][5] == 0.0 and result["max_activation"][4] < 0
+
+
+def test_ties_within_a_sequence_use_the_first_position_of_the_maximum():
+    stream = crafted_stream()
+    result = collect_stream(stream, make_config(threshold=0.75, max_examples=5))
+    part = slice(result["offsets"][6], result["offsets"][7])
+    assert result["seq"][part].tolist() == [4, 9, 11]
+    assert result["pos"][part].tolist() == [2, 0, 4]
+
+
+def test_windows_are_nan_outside_the_sequence():
+    stream = crafted_stream()
+    result = collect_stream(stream, make_config(threshold=0.75, max_examples=5))
+    part = slice(result["offsets"][7], result["offsets"][8])
+    assert result["seq"][part].tolist() == [3, 8, 15]
+    at_start, at_end = result["window"][part][0], result["window"][part][1]
+    assert np.isnan(at_start[:WINDOW_BEFORE]).all() and at_start[WINDOW_BEFORE] == 6.0
+    assert not np.isnan(at_start[WINDOW_BEFORE:]).any()
+    assert at_end[WINDOW_BEFORE] == 6.0 and np.isnan(at_end[WINDOW_BEFORE + 1:]).all()
+    np.testing.assert_array_equal(at_end[:WINDOW_BEFORE], stream[0][8, CTX - 1 - WINDOW_BEFORE:CTX - 1, 7])
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("threshold,max_examples", [(0.75, 1), (0.75, 4), (0.3, 6), (1.0, 2)])
+def test_random_streams_match_the_two_pass_definition(seed, threshold, max_examples):
+    stream = random_stream(seed, gated=seed % 2 == 0)
+    cfg = make_config(threshold=threshold, max_examples=max_examples)
+    result = collect_stream(stream, cfg, sizes=(seed + 1, 5, 2))
+    assert_matches_naive(result, expected_for(stream, cfg), stream[0], stream[3])
+
+
+def test_plain_mlp_stream_records_zero_pre_linear():
+    stream = random_stream(11, gated=False)
+    result = collect_stream(stream, make_config(max_examples=4))
+    assert len(result["seq"]) > 0
+    assert (result["pre_linear"] == 0).all()
+
+
+def test_one_example_per_neuron_and_sequence():
+    # Several positions above T in the same sequence (and many sequences) still give one example per sequence.
+    stream = random_stream(7, n_seq=30)
+    post = stream[0]
+    # Neuron 2 lies in [5, 6) everywhere, so with threshold 0.5 every position of every sequence qualifies.
+    post[:, :, 2] = 5.0 + np.random.default_rng(0).uniform(0.0, 1.0, size=post.shape[:2])
+    cfg = make_config(threshold=0.5, max_examples=50)
+    result = collect_stream(stream, cfg)
+    neurons = np.repeat(np.arange(post.shape[-1]), np.diff(result["offsets"]))
+    pairs = set(zip(neurons.tolist(), result["seq"].tolist()))
+    assert len(pairs) == len(result["seq"])
+    part = slice(result["offsets"][2], result["offsets"][3])
+    assert result["seq"][part].tolist() == list(range(30))
+    assert_matches_naive(result, expected_for(stream, cfg), stream[0], stream[3])
+
+
+def test_examples_are_grouped_by_neuron_in_corpus_order():
+    stream = random_stream(3)
+    result = collect_stream(stream, make_config(threshold=0.3, max_examples=6))
+    for neuron in range(stream[0].shape[-1]):
+        seqs = result["seq"][result["offsets"][neuron]:result["offsets"][neuron + 1]]
+        assert (np.diff(seqs) > 0).all()
+
+
+@pytest.mark.parametrize("schedule", ["always", (0,), (1, 2, 5), (3, 4, 6, 7, 9)])
+def test_compaction_schedule_does_not_change_the_result(schedule):
+    for stream in (crafted_stream(), random_stream(5), random_stream(6, gated=False)):
+        cfg = make_config(threshold=0.6, max_examples=3)
+        never = collect_stream(stream, cfg, compact_after=())
+        other = collect_stream(stream, cfg, compact_after=schedule)
+        assert_equal_arrays(never, other)
+        assert_matches_naive(other, expected_for(stream, cfg), stream[0], stream[3])
+
+
+def test_batch_sizes_do_not_change_the_result():
+    stream = random_stream(8)
+    cfg = make_config(threshold=0.5, max_examples=4)
+    assert_equal_arrays(collect_stream(stream, cfg, sizes=(1,)), collect_stream(stream, cfg, sizes=(40,)))
+
+
+def test_layers_keep_separate_state():
+    first, second = random_stream(1), random_stream(2)
+    cfg = make_config(max_examples=3)
+    collector = Collector([0, 3], first[0].shape[-1], D_MODEL, CTX, cfg)
+    feed(collector, 0, first)
+    feed(collector, 3, second)
+    assert_matches_naive(collector.finish(0), expected_for(first, cfg), first[0], first[3])
+    assert_matches_naive(collector.finish(3), expected_for(second, cfg), second[0], second[3])
+
+
+def test_checkpointed_state_restored_into_a_fresh_collector_gives_the_same_result():
+    stream = random_stream(9)
+    cfg = make_config(threshold=0.5, max_examples=3)
+    post, pre, pre_linear, normalized = stream
+    cut = 17
+    head = (post[:cut], pre[:cut], pre_linear[:cut], normalized[:cut])
+    before = Collector([0], post.shape[-1], D_MODEL, CTX, cfg)
+    feed(before, 0, head)
+    saved = {name: value.copy() for name, value in before.state_arrays().items()}
+    after = Collector([0], post.shape[-1], D_MODEL, CTX, cfg)
+    after.load_state_arrays(saved)
+    for start, end in batch_bounds(len(post) - cut, [4]):
+        s, e = start + cut, end + cut
+        after.update(0, s, *(torch.from_numpy(a[s:e]) for a in (post, pre, pre_linear, normalized)))
+    assert_equal_arrays(after.finish(0), collect_stream(stream, cfg))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# keep_first_needed: the pruning rule on its own
+
+
+def brute_keep_first_needed(neuron, act, max_examples):
+    keep = np.ones(len(neuron), bool)
+    for i in range(len(neuron)):
+        dominating = sum(1 for j in range(i) if neuron[j] == neuron[i] and act[j] >= act[i])
+        keep[i] = dominating < max_examples
+    return keep
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_keep_first_needed_drops_exactly_candidates_dominated_by_max_examples_earlier_ones(seed):
+    rng = np.random.default_rng(seed)
+    n = 300
+    neuron = rng.integers(0, 4, size=n).astype(np.int32)
+    act = rng.integers(0, 12, size=n).astype(np.float32)  # many exact ties
+    for max_examples in (1, 3, 10):
+        np.testing.assert_array_equal(keep_first_needed(neuron, act, max_examples),
+                                      brute_keep_first_needed(neuron, act, max_examples))
+
+
+def test_keep_first_needed_handles_groups_longer_than_its_block_size():
+    rng = np.random.default_rng(0)
+    n = 5000
+    neuron = np.zeros(n, np.int32)
+    act = rng.standard_normal(n).astype(np.float32)
+    keep = keep_first_needed(neuron, act, 3)
+    # Brute force in O(n log n): dominating count = number of earlier values ≥ this one.
+    counts = np.array([(act[:i] >= act[i]).sum() for i in range(n)])
+    np.testing.assert_array_equal(keep, counts < 3)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reference maxima
+
+
+def test_reference_maxima_fix_the_threshold_and_stop_each_neuron_at_max_examples():
+    stream = random_stream(4, n_seq=40)
+    d_mlp = stream[0].shape[-1]
+    observed = stream[0].max(axis=(0, 1))
+    # Some below, some above the observed max, one negative and one zero reference.
+    reference = (observed * np.linspace(0.4, 1.6, d_mlp)).astype(np.float32)
+    reference[1], reference[2] = -1.0, 0.0
+    cfg = make_config(threshold=0.75, max_examples=4)
+    result = collect_stream(stream, cfg, layer=1, reference=reference)
+    expected = naive_examples(*stream, cfg.threshold, cfg.max_examples, cfg.window_before, cfg.window_after,
+                              reference)
+    assert_matches_naive(result, expected, stream[0], stream[3], reference=reference)
+    counts = np.diff(result["offsets"])
+    assert counts.max() == cfg.max_examples
+    assert counts[1] == counts[2] == 0
+    for neuron in range(d_mlp):
+        part = slice(result["offsets"][neuron], result["offsets"][neuron + 1])
+        assert (result["act"][part] >= np.float32(0.75) * reference[neuron]).all()
+
+
+def test_reference_above_every_activation_gives_no_examples():
+    stream = random_stream(4)
+    reference = stream[0].max(axis=(0, 1)) * 2 + 1
+    result = collect_stream(stream, make_config(), reference=reference.astype(np.float32))
+    assert len(result["seq"]) == 0 and (result["offsets"] == 0).all()
+
+
+@pytest.mark.parametrize("shape", [(7,), (7, 2), (3, 7), (2, 8), (1, 2, 7)])
+def test_load_reference_maxima_rejects_a_wrong_shape(tmp_path, shape):
+    path = tmp_path / "maxima.npy"
+    np.save(path, np.ones(shape, np.float32))
+    cfg = config_from_dict({"data_files": ["x.jsonl"], "reference_maxima": str(path)})
+    with pytest.raises(ConfigError, match=r"shape \[2, 7\]"):
+        load_reference_maxima(cfg, n_layers=2, d_mlp=7)
+
+
+def test_load_reference_maxima_rejects_non_finite_values(tmp_path):
+    path = tmp_path / "maxima.npy"
+    values = np.ones((2, 7), np.float32)
+    values[1, 3] = np.nan
+    np.save(path, values)
+    cfg = config_from_dict({"data_files": ["x.jsonl"], "reference_maxima": str(path)})
+    with pytest.raises(ConfigError, match="finite"):
+        load_reference_maxima(cfg, n_layers=2, d_mlp=7)
+
+
+def test_load_reference_maxima_rejects_a_missing_file(tmp_path):
+    cfg = config_from_dict({"data_files": ["x.jsonl"], "reference_maxima": str(tmp_path / "nope.npy")})
+    with pytest.raises(ConfigError, match="reference_maxima"):
+        load_reference_maxima(cfg, n_layers=2, d_mlp=7)
+
+
+def test_load_reference_maxima_reads_a_matching_array_and_none_when_unset(tmp_path):
+    path = tmp_path / "maxima.npy"
+    values = np.arange(14, dtype=np.float64).reshape(2, 7)
+    np.save(path, values)
+    cfg = config_from_dict({"data_files": ["x.jsonl"], "reference_maxima": str(path)})
+    loaded = load_reference_maxima(cfg, n_layers=2, d_mlp=7)
+    assert loaded.dtype == np.float32
+    np.testing.assert_array_equal(loaded, values)
+    assert load_reference_maxima(config_from_dict({"data_files": ["x.jsonl"]}), 2, 7) is None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# collect.run on the tiny models
+
+
+def read_layer_npz(out_dir: Path, layer: int) -> dict[str, np.ndarray]:
+    with np.load(Path(out_dir) / "collect" / f"L{layer}.npz", allow_pickle=False) as bundle:
+        return {name: bundle[name] for name in bundle.files}
+
+
+def all_hooks(model, tokens: np.ndarray, layers: list[int]) -> dict[int, dict[str, np.ndarray]]:
+    """{layer: {hook: values for every sequence}} from one full forward pass with the bridge's run_with_cache (all
+    sequences in one batch, all layers, no stop_at_layer: nothing shared with collect's hooked pass)."""
+    with torch.no_grad():
+        _, cache = model.bridge.run_with_cache(torch.as_tensor(tokens, dtype=torch.long))
+    out = {}
+    for layer in layers:
+        out[layer] = {hook: cache[f"blocks.{layer}.{hook}"].float().numpy()
+                      for hook in ("mlp.hook_post", "mlp.hook_pre", "mlp.hook_pre_linear", "ln2.hook_normalized")
+                      if f"blocks.{layer}.{hook}" in cache}
+    return out
+
+
+@pytest.fixture(scope="module")
+def collected(tmp_path_factory, tiny_models, corpus_file):
+    """collect.run on both tiny models (plain and gated), with the loaded model for independent recomputation."""
+    from builder.models import load_model
+
+    runs = {}
+    for kind, folder in tiny_models.items():
+        cfg = config_from_dict(tiny_config_dict(folder, corpus_file, tmp_path_factory.mktemp(f"collect-{kind}")))
+        collect.run(cfg)
+        model = load_model(cfg)
+        tokens = collect.read_tokens(AtlasPaths.of(cfg))
+        runs[kind] = (cfg, model, tokens, all_hooks(model, tokens, [0, 1]))
+    return runs
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_run_records_act_as_max_over_positions_of_hook_post(collected, kind):
+    cfg, model, tokens, hooks = collected[kind]
+    assert model.gated == (kind == "llama")
+    meta = collect.read_collect_meta(AtlasPaths.of(cfg))
+    assert meta["gated"] == model.gated and meta["layers"] == [0, 1]
+    assert meta["n_sequences"] == len(tokens) > 50
+    for layer in (0, 1):
+        examples = collect.read_layer_examples(AtlasPaths.of(cfg), layer)
+        post = hooks[layer]["mlp.hook_post"]
+        assert len(examples.seq) > 0
+        neurons = np.repeat(np.arange(model.d_mlp), np.diff(examples.offsets))
+        np.testing.assert_allclose(examples.act, post[examples.seq, :, neurons].max(axis=1), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(examples.act, post[examples.seq, examples.pos, neurons], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(examples.pre, hooks[layer]["mlp.hook_pre"][examples.seq, examples.pos, neurons],
+                                   rtol=1e-5, atol=1e-5)
+        if model.gated:
+            np.testing.assert_allclose(examples.pre_linear,
+                                       hooks[layer]["mlp.hook_pre_linear"][examples.seq, examples.pos, neurons],
+                                       rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(examples.vectors[examples.vector_index],
+                                   hooks[layer]["ln2.hook_normalized"][examples.seq, examples.pos],
+                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(examples.max_activation, post.max(axis=(0, 1)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_run_selects_the_same_examples_as_the_two_pass_definition_on_recomputed_hooks(collected, kind):
+    cfg, model, tokens, hooks = collected[kind]
+    for layer in (0, 1):
+        examples = collect.read_layer_examples(AtlasPaths.of(cfg), layer)
+        h = hooks[layer]
+        expected = naive_examples(h["mlp.hook_post"], h["mlp.hook_pre"], h.get("mlp.hook_pre_linear"),
+                                  h["ln2.hook_normalized"], cfg.threshold, cfg.max_examples, cfg.window_before,
+                                  cfg.window_after)
+        np.testing.assert_array_equal(np.diff(examples.offsets), np.bincount(expected["neuron"],
+                                                                             minlength=model.d_mlp))
+        np.testing.assert_array_equal(examples.seq, expected["seq"])
+        np.testing.assert_array_equal(examples.pos, expected["pos"])
+        np.testing.assert_allclose(examples.window, expected["window"], rtol=1e-5, atol=1e-6)
+        assert np.diff(examples.offsets).max() == cfg.max_examples
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_run_hook_pre_matches_the_hugging_face_model_directly(collected, kind):
+    """hook_pre/hook_pre_linear as recorded equal the HF model's own MLP input projections (no TransformerLens)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg, model, tokens, _ = collected[kind]
+    hf = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32).eval()
+    for layer in (0, 1):
+        if kind == "gpt2":
+            modules = {"pre": hf.transformer.h[layer].mlp.c_fc}
+        else:
+            modules = {"pre": hf.model.layers[layer].mlp.gate_proj, "pre_linear": hf.model.layers[layer].mlp.up_proj}
+        captured = {}
+        handles = [module.register_forward_hook(lambda _m, _i, out, key=key: captured.__setitem__(key, out))
+                   for key, module in modules.items()]
+        with torch.no_grad():
+            hf(torch.as_tensor(tokens, dtype=torch.long))
+        for handle in handles:
+            handle.remove()
+        examples = collect.read_layer_examples(AtlasPaths.of(cfg), layer)
+        neurons = np.repeat(np.arange(model.d_mlp), np.diff(examples.offsets))
+        for key, values in captured.items():
+            np.testing.assert_allclose(getattr(examples, key), values.numpy()[examples.seq, examples.pos, neurons],
+                                       rtol=1e-4, atol=1e-5)
+
+
+def test_run_records_packing_and_provenance(collected, tokenizer):
+    cfg, model, tokens, _ = collected["gpt2"]
+    meta = collect.read_collect_meta(AtlasPaths.of(cfg))
+    assert (tokens[:, 0] == tokenizer.bos_token_id).all()
+    assert tokens.shape[1] == cfg.context_length == meta["context_length"]
+    assert meta["packing"]["separator_token_id"] == tokenizer.eos_token_id
+    assert meta["packing"]["n_documents"] == len(CORPUS_PARAGRAPHS)
+    assert meta["config_hash"] == cfg.config_hash()
+    assert meta["forwarded_sequences_last_run"] == len(tokens)
+    assert meta["build_date"] == "2024-01-01"
+
+
+def test_run_skips_when_up_to_date(collected, monkeypatch):
+    import builder.models
+
+    cfg = collected["gpt2"][0]
+    before = {p: p.stat().st_mtime_ns for p in Path(cfg.out_dir, "collect").iterdir()}
+
+    def no_load(_cfg):
+        raise AssertionError("collect reloaded the model although its artefacts are up to date")
+
+    monkeypatch.setattr(builder.models, "load_model", no_load)
+    collect.run(cfg)
+    assert {p: p.stat().st_mtime_ns for p in Path(cfg.out_dir, "collect").iterdir()} == before
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Resume after a kill
+
+KILL_AFTER_CHECKPOINTS = 2
+KILLER = """
+import json, os, signal, sys
+from builder import collect
+from builder.config import config_from_dict
+cfg = config_from_dict(json.loads(sys.argv[1]))
+real_write, written = collect.write_npz, []
+def write_then_die(path, kind, *args, **arrays):
+    real_write(path, kind, *args, **arrays)
+    if kind == collect.CHECKPOINT_KIND:
+        written.append(path)
+        if len(written) == int(sys.argv[2]):
+            os.kill(os.getpid(), signal.SIGKILL)
+collect.write_npz = write_then_die
+collect.run(cfg)
+"""
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory, tiny_gpt2, corpus_file):
+    """An uninterrupted collect, and one SIGKILLed right after its 2nd checkpoint and then re-run (resumed)."""
+    raw = dict(checkpoint_every=8, batch_size=8)
+    clean_cfg = config_from_dict(tiny_config_dict(tiny_gpt2, corpus_file, tmp_path_factory.mktemp("clean"), **raw))
+    collect.run(clean_cfg)
+    killed_raw = tiny_config_dict(tiny_gpt2, corpus_file, tmp_path_factory.mktemp("killed"), **raw)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    killed = subprocess.run([sys.executable, "-c", KILLER, json.dumps(killed_raw), str(KILL_AFTER_CHECKPOINTS)],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    cfg = config_from_dict(killed_raw)
+    paths = AtlasPaths.of(cfg)
+    checkpoint = collect.read_npz(paths.collect_checkpoint, collect.CHECKPOINT_KIND, collect.SCHEMA_VERSION) \
+        if paths.collect_checkpoint.is_file() else None
+    state_after_kill = {"returncode": killed.returncode, "stderr": killed.stderr, "checkpoint": checkpoint,
+                        "layers_written": sorted(p.name for p in paths.stage("collect").glob("L*.npz")),
+                        "meta_written": paths.collect_meta.is_file()}
+    forwarded = []
+    real_forward = collect.forward_with_hooks
+
+    def counting_forward(bridge, tokens, layers, gated):
+        forwarded.append(len(tokens))
+        return real_forward(bridge, tokens, layers, gated)
+
+    collect.forward_with_hooks = counting_forward
+    try:
+        collect.run(cfg)
+    finally:
+        collect.forward_with_hooks = real_forward
+    return {"clean": clean_cfg, "resumed": cfg, "kill": state_after_kill, "forwarded": sum(forwarded)}
+
+
+def test_killed_run_leaves_a_checkpoint_and_no_finished_artefacts(resumed):
+    kill = resumed["kill"]
+    assert kill["returncode"] == -signal.SIGKILL, kill["stderr"][-2000:]
+    assert kill["checkpoint"] is not None
+    assert int(kill["checkpoint"]["next_seq"]) == KILL_AFTER_CHECKPOINTS * 8
+    assert kill["layers_written"] == [] and not kill["meta_written"]
+
+
+def test_resume_after_kill_gives_the_same_arrays_as_an_uninterrupted_run(resumed):
+    clean, again = resumed["clean"], resumed["resumed"]
+    for layer in (0, 1):
+        assert_equal_arrays(read_layer_npz(clean.out_dir, layer), read_layer_npz(again.out_dir, layer))
+    np.testing.assert_array_equal(collect.read_tokens(AtlasPaths.of(clean)), collect.read_tokens(AtlasPaths.of(again)))
+    assert not AtlasPaths.of(again).collect_checkpoint.exists()
+
+
+def test_resumed_run_forwards_only_the_sequences_after_the_checkpoint(resumed):
+    n_sequences = len(collect.read_tokens(AtlasPaths.of(resumed["resumed"])))
+    next_seq = int(resumed["kill"]["checkpoint"]["next_seq"])
+    assert 0 < next_seq < n_sequences
+    assert resumed["forwarded"] == n_sequences - next_seq
+
+
+def test_resumed_run_meta_reports_the_sequences_forwarded_in_that_run(resumed):
+    clean_meta = collect.read_collect_meta(AtlasPaths.of(resumed["clean"]))
+    meta = collect.read_collect_meta(AtlasPaths.of(resumed["resumed"]))
+    next_seq = int(resumed["kill"]["checkpoint"]["next_seq"])
+    assert clean_meta["forwarded_sequences_last_run"] == meta["n_sequences"]
+    assert meta["forwarded_sequences_last_run"] == meta["n_sequences"] - next_seq, (
+        "forwarded_sequences_last_run counts the sequences forwarded before the kill too: run() restores "
+        "`forwarded` from the checkpoint instead of counting this run's forwards")
+    assert meta["forwarded_sequences_last_run"] < clean_meta["forwarded_sequences_last_run"]
+
+
+def test_checkpoint_from_another_config_is_discarded(tmp_path, tiny_gpt2, corpus_file, monkeypatch):
+    """A checkpoint written with threshold 0.75 must not leak into a run with threshold 0.5 in the same out_dir."""
+    first = config_from_dict(tiny_config_dict(tiny_gpt2, corpus_file, tmp_path / "shared", checkpoint_every=8,
+                                              batch_size=8))
+    real_write = collect.write_npz
+
+    class Interrupted(Exception):
+        pass
+
+    def write_then_stop(path, kind, *args, **arrays):
+        real_write(path, kind, *args, **arrays)
+        if kind == collect.CHECKPOINT_KIND:
+            raise Interrupted
+
+    monkeypatch.setattr(collect, "write_npz", write_then_stop)
+    with pytest.raises(Interrupted):
+        collect.run(first)
+    monkeypatch.setattr(collect, "write_npz", real_write)
+    assert AtlasPaths.of(first).collect_checkpoint.is_file()
+    second = dataclasses.replace(first, threshold=0.5)
+    collect.run(second)
+    fresh = dataclasses.replace(second, out_dir=str(tmp_path / "fresh"))
+    collect.run(fresh)
+    for layer in (0, 1):
+        assert_equal_arrays(read_layer_npz(second.out_dir, layer), read_layer_npz(fresh.out_dir, layer))
+    meta = collect.read_collect_meta(AtlasPaths.of(second))
+    assert meta["threshold"] == 0.5 and meta["config_hash"] == second.config_hash()
