@@ -40,7 +40,7 @@ browser:
 test: $(STAMP) $(CORPUS) browser
 	$(PY) -m pytest -q -x tests
 
-bench: $(STAMP) $(CORPUS)
+bench: site
 	$(PY) -m builder.bench --config $(CONFIG)
 
 serve: $(STAMP)

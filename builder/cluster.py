@@ -35,7 +35,7 @@ from builder.config import AtlasConfig
 from builder.embed import neuron_embeddings, read_layer_weights
 from builder.errors import ArtefactError
 from builder.paths import AtlasPaths
-from builder.stage import begin_stage, stage_is_done
+from builder.stage import begin_stage, peak_rss_mb, stage_is_done
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ def run(cfg: AtlasConfig) -> None:
               max_activation=np.concatenate([read_layer_examples(paths, layer).max_activation for layer in layers]),
               **{name: np.concatenate([t[name] for t in tables]) for name in METRIC_NAMES})
     write_json(paths.cluster_meta, {"kind": META_KIND, "schema_version": SCHEMA_VERSION,
-                                    "config_hash": cfg.config_hash(), "code_version": __version__,
+                                    "config_hash": cfg.config_hash(), "code_version": __version__, "peak_rss_mb": peak_rss_mb(),
                                     "cluster_threshold": cfg.cluster_threshold, "layers": layers})
 
 

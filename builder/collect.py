@@ -31,7 +31,7 @@ from builder.config import AtlasConfig
 from builder.data import tokenise_corpus
 from builder.errors import ArtefactError, ConfigError
 from builder.paths import AtlasPaths
-from builder.stage import begin_stage, stage_is_done
+from builder.stage import begin_stage, peak_rss_mb, stage_is_done
 
 log = logging.getLogger(__name__)
 
@@ -269,6 +269,16 @@ def forward_with_hooks(bridge, tokens: Tensor, layers: list[int], gated: bool) -
     return captured
 
 
+def collect_batch(collector: Collector, bridge, batch: Tensor, first_seq: int, gated: bool) -> None:
+    """Forward one batch of sequences (starting at corpus index first_seq) and feed every layer's hooks."""
+    captured = forward_with_hooks(bridge, batch, collector.layers, gated)
+    for layer in collector.layers:
+        collector.update(layer, first_seq, captured[f"blocks.{layer}.mlp.hook_post"],
+                         captured[f"blocks.{layer}.mlp.hook_pre"],
+                         captured.get(f"blocks.{layer}.mlp.hook_pre_linear"),
+                         captured[f"blocks.{layer}.ln2.hook_normalized"])
+
+
 def load_reference_maxima(cfg: AtlasConfig, n_layers: int, d_mlp: int) -> np.ndarray | None:
     if not cfg.reference_maxima:
         return None
@@ -311,12 +321,7 @@ def run(cfg: AtlasConfig) -> None:
         while next_seq < len(tokens):
             batch = torch.as_tensor(tokens[next_seq:next_seq + cfg.batch_size], dtype=torch.long,
                                     device=model.device)
-            captured = forward_with_hooks(model.bridge, batch, layers, model.gated)
-            for layer in layers:
-                collector.update(layer, next_seq, captured[f"blocks.{layer}.mlp.hook_post"],
-                                 captured[f"blocks.{layer}.mlp.hook_pre"],
-                                 captured.get(f"blocks.{layer}.mlp.hook_pre_linear"),
-                                 captured[f"blocks.{layer}.ln2.hook_normalized"])
+            collect_batch(collector, model.bridge, batch, next_seq, model.gated)
             next_seq += len(batch)
             forwarded += len(batch)
             since_checkpoint += len(batch)
@@ -345,7 +350,7 @@ def collect_meta(cfg: AtlasConfig, model, layers: list[int], tokens: np.ndarray,
     packing = json.loads(str(read_npz(AtlasPaths.of(cfg).tokens, TOKENS_KIND, SCHEMA_VERSION)["packing"]))
     return {
         "kind": META_KIND, "schema_version": SCHEMA_VERSION, "config_hash": cfg.config_hash(),
-        "code_version": __version__, "model": cfg.model, "model_revision": model.revision,
+        "code_version": __version__, "peak_rss_mb": peak_rss_mb(), "model": cfg.model, "model_revision": model.revision,
         "n_layers": model.n_layers, "d_model": model.d_model, "d_mlp": model.d_mlp, "gated": model.gated,
         "layers": layers, "dataset": [Path(f).name for f in cfg.data_files] if cfg.data_files else cfg.dataset,
         "n_sequences": int(len(tokens)), "n_tokens": int(tokens.size), "context_length": cfg.context_length,

@@ -24,7 +24,7 @@ from builder.collect import read_collect_meta, read_layer_examples
 from builder.config import AtlasConfig
 from builder.errors import ArtefactError
 from builder.paths import AtlasPaths
-from builder.stage import begin_stage, stage_is_done
+from builder.stage import begin_stage, peak_rss_mb, stage_is_done
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def run(cfg: AtlasConfig) -> None:
                                 f"{errors[layer]:.3g}; the collect artefact does not match this model, re-run collect")
         log.info("embed: layer %d identity holds (max error %.2e)", layer, errors[layer])
     write_json(paths.embed_meta, {"kind": META_KIND, "schema_version": SCHEMA_VERSION,
-                                  "config_hash": cfg.config_hash(), "code_version": __version__,
+                                  "config_hash": cfg.config_hash(), "code_version": __version__, "peak_rss_mb": peak_rss_mb(),
                                   "identity_max_error": {str(k): v for k, v in errors.items()}})
 
 

@@ -35,7 +35,7 @@ from builder.collect import read_collect_meta, read_layer_examples, read_tokens
 from builder.config import AtlasConfig
 from builder.errors import ArtefactError, ConfigError
 from builder.paths import AtlasPaths
-from builder.stage import begin_stage, stage_is_done
+from builder.stage import begin_stage, peak_rss_mb, stage_is_done
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +236,7 @@ def run(cfg: AtlasConfig) -> None:
                   normaliser=normaliser, clean=state[f"L{layer}.clean"], masked=state[f"L{layer}.masked"])
     write_json(paths.importance_meta, {
         "kind": META_KIND, "schema_version": SCHEMA_VERSION, "config_hash": cfg.config_hash(),
-        "code_version": __version__, "window": cfg.window_before, "mask_token_id": masker.mask_id,
+        "code_version": __version__, "peak_rss_mb": peak_rss_mb(), "window": cfg.window_before, "mask_token_id": masker.mask_id,
         "forward_tokens": masker.forward_tokens,
         "naive_forward_tokens": naive_token_count(examples, cfg.window_before, first_maskable)})
     paths.importance_checkpoint.unlink(missing_ok=True)

@@ -33,3 +33,10 @@ def begin_stage(folder: Path, cfg: AtlasConfig) -> None:
         shutil.rmtree(folder)
     if not marker.is_file():
         write_bytes(marker, cfg.config_hash().encode())
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (recorded in each stage's meta; `make bench` reports it)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

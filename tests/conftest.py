@@ -296,3 +296,19 @@ def assert_equal_arrays(left: dict[str, np.ndarray], right: dict[str, np.ndarray
     for name in left:
         assert left[name].dtype == right[name].dtype, name
         np.testing.assert_array_equal(left[name], right[name], err_msg=name)
+
+
+def expect_error(kind: type[Exception], call, *phrases: str) -> str:
+    """call() must raise `kind` (a user-facing AtlasError) with a one-line message holding every phrase. Any other
+    exception fails with an assertion naming what escaped instead (a crash where a user error belongs)."""
+    try:
+        call()
+    except kind as error:
+        message = error.format_message() if hasattr(error, "format_message") else str(error)
+        assert "\n" not in message, message
+        for phrase in phrases:
+            assert phrase in message, message
+        return message
+    except Exception as error:  # noqa: BLE001 - which exception escapes is the point
+        pytest.fail(f"expected {kind.__name__}, but {type(error).__name__} escaped: {error}")
+    pytest.fail(f"expected {kind.__name__}, but nothing was raised")

@@ -19,7 +19,7 @@ from builder.collect import HISTOGRAM_EDGES, Collector, keep_first_needed, load_
 from builder.config import config_from_dict
 from builder.errors import ConfigError
 from builder.paths import AtlasPaths
-from conftest import CORPUS_PARAGRAPHS, ROOT, assert_equal_arrays, tiny_config_dict
+from conftest import CORPUS_PARAGRAPHS, ROOT, assert_equal_arrays, expect_error, tiny_config_dict
 
 CTX = 8
 D_MODEL = 5
@@ -283,6 +283,16 @@ def test_random_streams_match_the_two_pass_definition(seed, threshold, max_examp
     assert_matches_naive(result, expected_for(stream, cfg), stream[0], stream[3])
 
 
+@pytest.mark.parametrize("before,after", [(0, 0), (0, 3), (5, 0), (12, 10)])
+def test_windows_of_any_width_match_the_two_pass_definition(before, after):
+    stream = random_stream(21)
+    cfg = config_from_dict({"data_files": ["unused.jsonl"], "max_examples": 4, "window_before": before,
+                            "window_after": after})
+    result = collect_stream(stream, cfg)
+    assert result["window"].shape == (len(result["seq"]), before + 1 + after)
+    assert_matches_naive(result, expected_for(stream, cfg), stream[0], stream[3])
+
+
 def test_plain_mlp_stream_records_zero_pre_linear():
     stream = random_stream(11, gated=False)
     result = collect_stream(stream, make_config(max_examples=4))
@@ -439,6 +449,14 @@ def test_load_reference_maxima_rejects_non_finite_values(tmp_path):
     cfg = config_from_dict({"data_files": ["x.jsonl"], "reference_maxima": str(path)})
     with pytest.raises(ConfigError, match="finite"):
         load_reference_maxima(cfg, n_layers=2, d_mlp=7)
+
+
+def test_load_reference_maxima_rejects_an_npz_archive(tmp_path):
+    """A .npz (not the .npy the config asks for) must be a one-line ConfigError, like any unreadable file."""
+    path = tmp_path / "maxima.npz"
+    np.savez(path, maxima=np.ones((2, 7), np.float32))
+    cfg = config_from_dict({"data_files": ["x.jsonl"], "reference_maxima": str(path)})
+    expect_error(ConfigError, lambda: load_reference_maxima(cfg, n_layers=2, d_mlp=7), "reference_maxima")
 
 
 def test_load_reference_maxima_rejects_a_missing_file(tmp_path):

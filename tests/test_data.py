@@ -11,7 +11,7 @@ import pytest
 from builder.config import config_from_dict
 from builder.data import PackingSpec, iter_documents, pack_sequences, tokenise_corpus
 from builder.errors import DatasetError
-from conftest import CORPUS_PARAGRAPHS, write_jsonl
+from conftest import CORPUS_PARAGRAPHS, expect_error, write_jsonl
 
 BOS, SEP = 1000, 2000
 
@@ -222,11 +222,5 @@ def test_whitespace_only_dataset_is_a_dataset_error(tmp_path, tokenizer, content
 def test_empty_data_file_is_a_dataset_error(tmp_path, tokenizer, suffix):
     path = tmp_path / f"empty{suffix}"
     path.write_text("")
-    try:
-        tokenise_corpus(data_cfg(path, context_length=16), tokenizer)
-    except DatasetError as error:
-        assert "empty" in error.format_message() or "no complete sequence" in error.format_message()
-    except Exception as error:  # noqa: BLE001 - the point is which error escapes
-        pytest.fail(f"an empty {suffix} data file raised {type(error).__name__}: {error} instead of a DatasetError")
-    else:
-        pytest.fail("an empty data file was accepted")
+    message = expect_error(DatasetError, lambda: tokenise_corpus(data_cfg(path, context_length=16), tokenizer))
+    assert "empty" in message or "no complete sequence" in message

@@ -15,7 +15,7 @@ from builder.embed import (LayerWeights, direct_logit_effects, embedding_preacti
                            neuron_embeddings, read_embed_meta, read_layer_weights)
 from builder.errors import ArtefactError
 from builder.paths import AtlasPaths
-from conftest import tiny_config_dict
+from conftest import expect_error, tiny_config_dict
 
 TOLERANCE = 1e-4
 
@@ -203,8 +203,8 @@ def test_embed_refuses_a_collect_artefact_from_a_model_with_another_mlp_width(tm
     (d_mlp 64): embed must report the stale collect artefact as an ArtefactError, not crash."""
     raw = tiny_config_dict(tiny_models["gpt2"], corpus_file, tmp_path / "run")
     collect.run(config_from_dict(raw))
-    with pytest.raises(ArtefactError):
-        embed.run(config_from_dict({**raw, "model": str(tiny_models["llama"])}))
+    expect_error(ArtefactError, lambda: embed.run(config_from_dict({**raw, "model": str(tiny_models["llama"])})),
+                 "collect")
 
 
 def test_embed_skips_when_up_to_date(embedded_tiny, monkeypatch):

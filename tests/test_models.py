@@ -75,7 +75,10 @@ def test_home_relative_model_folder_is_expanded(tmp_path, tiny_gpt2, monkeypatch
     home = tmp_path / "home"
     shutil.copytree(tiny_gpt2, home / "models" / "tiny")
     monkeypatch.setenv("HOME", str(home))
-    path, local = resolve_model_source("~/models/tiny")
+    try:
+        path, local = resolve_model_source("~/models/tiny")
+    except ModelError as error:
+        pytest.fail(f"an existing ~/ model folder was rejected: {error.format_message()}")
     assert local
     assert (home / "models" / "tiny").samefile(path)
 

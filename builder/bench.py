@@ -1,0 +1,215 @@
+"""`make bench`: speed, memory and size figures, each as a ratio against a baseline measured in the same run.
+
+Reads the embedded atlas built by `make site` (for importance, neighbours and render figures) and re-measures
+collection and clustering from scratch. Prints a table; nothing here is asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import click
+import numpy as np
+import torch
+
+from builder.cli import _load
+from builder.config import AtlasConfig
+
+log = logging.getLogger("bench")
+
+# The reference workload: GPT-2 small (12 layers × 3,072 neurons), 100 examples per neuron, context 1,024.
+GPT2_NEURONS = 36_864
+GPT2_CONTEXT = 1024
+GPT2_SEQUENCES = 10_000  # about one 1,024-token sequence per OpenWebText document
+GPT2_D_MODEL = 768
+
+
+def line(name: str, value: str) -> None:
+    click.echo(f"{name:<58} {value}")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_collect(cfg: AtlasConfig) -> None:
+    from builder.collect import Collector, collect_batch
+    from builder.data import tokenise_corpus
+    from builder.models import load_model, selected_layers
+
+    model = load_model(cfg)
+    layers = selected_layers(cfg, model.n_layers)
+    tokens, _ = tokenise_corpus(cfg, model.tokenizer)
+    tokens = tokens[:128]
+    batches = [torch.as_tensor(tokens[i:i + cfg.batch_size], dtype=torch.long)
+               for i in range(0, len(tokens), cfg.batch_size)]
+    stop = max(layers) + 1
+
+    def bare() -> None:
+        with torch.no_grad():
+            for batch in batches:
+                model.bridge(batch, return_type=None, stop_at_layer=stop)
+
+    def collect() -> None:
+        collector = Collector(layers, model.d_mlp, model.d_model, cfg.context_length, cfg)
+        for index, batch in enumerate(batches):
+            collect_batch(collector, model.bridge, batch, index * cfg.batch_size, model.gated)
+        for layer in layers:
+            collector.finish(layer)
+
+    bare()  # warm-up
+    # Alternate the two so a busy machine slows both alike; keep each one's best.
+    rounds = [(_timed(bare), _timed(collect)) for _ in range(2)]
+    bare_s, collect_s = min(r[0] for r in rounds), min(r[1] for r in rounds)
+    n_tokens = tokens.size
+    line(f"collect: tokens measured ({len(tokens)} seq × {cfg.context_length}, layers {layers})", f"{n_tokens:,}")
+    line("collect: bare forward to the deepest layer (baseline)", f"{bare_s:.2f} s, {n_tokens / bare_s:,.0f} tok/s")
+    line("collect: one-pass collection", f"{collect_s:.2f} s, {n_tokens / collect_s:,.0f} tok/s")
+    line("collect: collection / bare forward (target ≤ 1.5)", f"{collect_s / bare_s:.2f}×")
+    line("collect: peak RSS of this process", f"{peak_rss_mb():,.0f} MiB")
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _synthetic_neurons(count: int, seed: int) -> int:
+    from builder.cluster import cluster_neuron
+
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        centres = rng.normal(size=(4, GPT2_D_MODEL))
+        features = centres[rng.integers(0, 4, 100)] + 0.3 * rng.normal(size=(100, GPT2_D_MODEL))
+        cluster_neuron(features, 0.5)
+    return count
+
+
+def bench_cluster(workers: int) -> None:
+    per_task, tasks = 50, max(4, 2 * workers)
+    one = _timed(lambda: _synthetic_neurons(per_task * 2, 0)) / (per_task * 2)
+    with ProcessPoolExecutor(workers) as pool:
+        start = time.perf_counter()
+        done = sum(pool.map(_synthetic_neurons, [per_task] * tasks, range(tasks)))
+        many = (time.perf_counter() - start) / done
+    line("cluster: neurons/s, 1 worker (100 examples × 768 dims)", f"{1 / one:,.0f}")
+    line(f"cluster: neurons/s, {workers} workers", f"{1 / many:,.0f} ({one / many:.2f}× one worker)")
+    line(f"cluster: projected reference workload ({GPT2_NEURONS:,} neurons)", f"{GPT2_NEURONS * many / 60:.1f} min")
+
+
+def bench_importance(cfg: AtlasConfig) -> None:
+    from builder.collect import read_collect_meta, read_layer_examples, read_tokens
+    from builder.importance import BLOCK, SequenceExamples, SharedMasker, examples_by_sequence, mask_token_id
+    from builder.models import load_model
+    from builder.paths import AtlasPaths
+
+    paths = AtlasPaths.of(cfg)
+    meta = read_collect_meta(paths)
+    model = load_model(cfg)
+    examples = {layer: read_layer_examples(paths, layer) for layer in meta["layers"]}
+    tokens = read_tokens(paths)
+    grouped = examples_by_sequence(meta["layers"], examples)
+    first = 1 if meta["packing"]["bos_token_id"] is not None else 0
+    mask = mask_token_id(cfg, model.tokenizer)
+    window = cfg.window_before
+    # Slice: the first 12 examples (all layers) of the first sequence holding examples.
+    seq = sorted(grouped)[0]
+    found = grouped[seq]
+    take = np.arange(min(12, len(found.layer)))
+    found = SequenceExamples(found.layer[take], found.neuron[take], found.position[take], found.row[take])
+    masker = SharedMasker(model.bridge, window, mask, first)
+    start = time.perf_counter()
+    masker.group(tokens[[seq]], [found], model.device)
+    shared_s, shared_tokens = time.perf_counter() - start, masker.forward_tokens
+    naive_tokens, start = 0, time.perf_counter()
+    with torch.no_grad():
+        for layer, neuron, m in zip(found.layer, found.neuron, found.position):
+            for p in [None] + list(range(max(first, m - window), m + 1)):
+                row = torch.as_tensor(tokens[seq, :m + 1], dtype=torch.long)[None].clone()
+                if p is not None:
+                    row[0, p] = mask
+                model.bridge.run_with_hooks(row, return_type=None, stop_at_layer=int(layer) + 1)
+                naive_tokens += row.numel()
+    naive_s = time.perf_counter() - start
+    line(f"importance: slice ({len(take)} examples of sequence {seq})", "")
+    line("importance: naive forward tokens / wall (baseline)", f"{naive_tokens:,} / {naive_s:.1f} s")
+    line("importance: shared forward tokens / wall", f"{shared_tokens:,} / {shared_s:.1f} s")
+    line("importance: slice ratio naive / shared (tokens, wall)",
+         f"{naive_tokens / shared_tokens:.1f}×, {naive_s / shared_s:.1f}×")
+    stats = json.loads(paths.importance_meta.read_text())
+    line("importance: whole atlas forward tokens, naive / shared (target ≥ 20)",
+         f"{stats['naive_forward_tokens']:,} / {stats['forward_tokens']:,} = "
+         f"{stats['naive_forward_tokens'] / stats['forward_tokens']:.0f}×")
+    # Reference projection: every position of every sequence is needed once neurons are many; each masked position
+    # costs BLOCK + window tokens on the shared path, and (mean prefix) per example and position on the naive path.
+    shared = GPT2_SEQUENCES * (GPT2_CONTEXT + GPT2_CONTEXT * (BLOCK + window))
+    naive = GPT2_NEURONS * 100 * (window + 2) * (GPT2_CONTEXT / 2)
+    line("importance: projected reference forward tokens, naive / shared", f"{naive:.2e} / {shared:.2e} = "
+         f"{naive / shared:.0f}×")
+
+
+def bench_neighbours(cfg: AtlasConfig) -> None:
+    from builder.collect import read_collect_meta
+    from builder.neighbours import approximate_neighbours, exact_neighbours, feature_table
+    from builder.paths import AtlasPaths
+
+    paths = AtlasPaths.of(cfg)
+    table, vectors = feature_table(paths, read_collect_meta(paths)["layers"], cfg.neighbour_space)
+    k = cfg.neighbour_count + 1
+    approximate_neighbours(vectors[:2000], k, cfg.seed)  # JIT warm-up
+    build = _timed(lambda: approximate_neighbours(vectors, k, cfg.seed))
+    approx, _ = approximate_neighbours(vectors, k, cfg.seed)
+    exact_s = _timed(lambda: exact_neighbours(vectors, k))
+    exact, _ = exact_neighbours(vectors, k)
+    recall = np.mean([len(set(a[1:]) & set(e[1:])) / (k - 1) for a, e in zip(approx, exact)])
+    line(f"neighbours: features indexed ({vectors.shape[1]} dims)", f"{len(vectors):,}")
+    line("neighbours: exact brute force (baseline)", f"{exact_s:.2f} s, {len(vectors) / exact_s:,.0f} queries/s")
+    line("neighbours: PyNNDescent graph build (all queries)", f"{build:.2f} s, {len(vectors) / build:,.0f} queries/s")
+    line(f"neighbours: recall@{k - 1} vs exact", f"{recall:.3f}")
+
+
+def bench_render_and_memory(cfg: AtlasConfig) -> None:
+    from builder.paths import AtlasPaths
+
+    paths = AtlasPaths.of(cfg)
+    stats_path = paths.root / "render" / "stats.json"
+    if stats_path.is_file():
+        stats = json.loads(stats_path.read_text())
+        per_neuron = stats["bytes_per_neuron"]
+        line("render: bytes per neuron (target ≤ 27 KB)", f"{per_neuron / 1000:.1f} KB")
+        line("render: projected GPT-2-small site (limit 1 GB)", f"{per_neuron * GPT2_NEURONS / 1e9:.2f} GB "
+             f"({per_neuron * GPT2_NEURONS / 1e9:.2f}× of 1 GB)")
+        rate = stats["neurons"] / stats["seconds"]
+        line("render: throughput", f"{rate:,.0f} neurons/s")
+        line("render: projected reference render (target < 10 min)", f"{GPT2_NEURONS / rate / 60:.1f} min")
+    peaks = []
+    for meta in paths.root.glob("*/meta.json"):
+        peak = json.loads(meta.read_text()).get("peak_rss_mb")
+        if peak:
+            peaks.append(peak)
+    if peaks:
+        line("memory: peak RSS of the embedded build (limit 8 GiB)", f"{max(peaks):,.0f} MiB "
+             f"({max(peaks) / 8192:.2f}× of 8 GiB)")
+
+
+@click.command()
+@click.option("--config", default="configs/embedded.toml")
+def main(config: str) -> None:
+    logging.basicConfig(level=logging.WARNING)
+    cfg = _load(config, {})
+    click.echo(f"Neuron Atlas bench — {cfg.model}, {os.cpu_count()} cores, torch {torch.__version__}")
+    bench_collect(cfg)
+    bench_cluster(os.cpu_count() or 1)
+    bench_importance(cfg)
+    bench_neighbours(cfg)
+    bench_render_and_memory(cfg)
+
+
+if __name__ == "__main__":
+    main()
