@@ -695,10 +695,9 @@ def test_resumed_run_meta_reports_the_sequences_forwarded_in_that_run(resumed):
     assert meta["forwarded_sequences_last_run"] < clean_meta["forwarded_sequences_last_run"]
 
 
-def test_checkpoint_from_another_config_is_discarded(tmp_path, tiny_gpt2, corpus_file, monkeypatch):
+def test_checkpoint_from_another_config_is_discarded(tmp_path, tiny_gpt2, make_config, monkeypatch):
     """A checkpoint written with threshold 0.75 must not leak into a run with threshold 0.5 in the same out_dir."""
-    first = config_from_dict(tiny_config_dict(tiny_gpt2, corpus_file, tmp_path / "shared", checkpoint_every=8,
-                                              batch_size=8))
+    first = make_config(tiny_gpt2, "shared", checkpoint_every=8, batch_size=8)
     real_write = collect.write_npz
 
     class Interrupted(Exception):

@@ -137,7 +137,8 @@ def test_embedded_config_points_at_the_corpus_made_by_make_data():
 def test_config_hash_ignores_paths_and_machine_settings():
     base = config_from_dict(BASE)
     same = config_from_dict({**BASE, "out_dir": "elsewhere", "site_dir": "s", "device": "cpu", "workers": 3,
-                             "batch_size": 2, "checkpoint_every": 5, "site_url": "https://x", "build_date": "2020-01-01"})
+                             "batch_size": 2, "checkpoint_every": 5, "site_url": "https://x",
+                             "build_date": "2020-01-01"})
     assert base.config_hash() == same.config_hash()
 
 

@@ -209,8 +209,10 @@ def test_documents_too_short_for_one_sequence_are_a_dataset_error(tmp_path, toke
         tokenise_corpus(data_cfg(path, context_length=64), tokenizer)
 
 
-@pytest.mark.parametrize("content", ["   \n\n \t \n", json.dumps({"text": "   "}) + "\n" + json.dumps({"text": ""}) + "\n"],
-                         ids=["whitespace-lines", "blank-texts"])
+BLANK_RECORDS = json.dumps({"text": "   "}) + "\n" + json.dumps({"text": ""}) + "\n"
+
+
+@pytest.mark.parametrize("content", ["   \n\n \t \n", BLANK_RECORDS], ids=["whitespace-lines", "blank-texts"])
 def test_whitespace_only_dataset_is_a_dataset_error(tmp_path, tokenizer, content):
     path = tmp_path / "c.jsonl"
     path.write_text(content)

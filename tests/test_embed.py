@@ -180,7 +180,7 @@ def test_identity_error_detects_weights_that_do_not_match_the_examples(embedded_
     assert identity_error(examples, other) > 100 * TOLERANCE
 
 
-def test_embed_refuses_a_collect_artefact_from_a_different_model_of_the_same_shape(tmp_path, tiny_gpt2, corpus_file,
+def test_embed_refuses_a_collect_artefact_from_a_different_model_of_the_same_shape(tmp_path, tiny_gpt2, make_config,
                                                                                    tokenizer):
     """Collect with one tiny GPT-2, then embed with another of identical shape: the identity fails, one-line error."""
     from transformers import AutoModelForCausalLM
@@ -192,18 +192,18 @@ def test_embed_refuses_a_collect_artefact_from_a_different_model_of_the_same_sha
             parameter.add_(0.05 * torch.randn_like(parameter))
     model.save_pretrained(twin)
     tokenizer.save_pretrained(twin)
-    raw = tiny_config_dict(tiny_gpt2, corpus_file, tmp_path / "run")
-    collect.run(config_from_dict(raw))
+    cfg = make_config(tiny_gpt2)
+    collect.run(cfg)
     with pytest.raises(ArtefactError, match="re-run collect"):
-        embed.run(config_from_dict({**raw, "model": str(twin)}))
+        embed.run(dataclasses.replace(cfg, model=str(twin)))
 
 
-def test_embed_refuses_a_collect_artefact_from_a_model_with_another_mlp_width(tmp_path, tiny_models, corpus_file):
+def test_embed_refuses_a_collect_artefact_from_a_model_with_another_mlp_width(tiny_models, make_config):
     """Collect with the tiny GPT-2 (d_mlp 128), then `atlas embed` after switching the config to the tiny Llama
     (d_mlp 64): embed must report the stale collect artefact as an ArtefactError, not crash."""
-    raw = tiny_config_dict(tiny_models["gpt2"], corpus_file, tmp_path / "run")
-    collect.run(config_from_dict(raw))
-    expect_error(ArtefactError, lambda: embed.run(config_from_dict({**raw, "model": str(tiny_models["llama"])})),
+    cfg = make_config(tiny_models["gpt2"])
+    collect.run(cfg)
+    expect_error(ArtefactError, lambda: embed.run(dataclasses.replace(cfg, model=str(tiny_models["llama"]))),
                  "collect")
 
 

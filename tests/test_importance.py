@@ -1,0 +1,126 @@
+"""Token importance: the shared computation equals a naive re-run per neuron, example and masked token."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from builder import collect, importance
+from builder.collect import read_layer_examples, read_tokens
+from builder.importance import naive_token_count, normalised_importance, read_layer_importance
+from builder.models import load_model
+from builder.paths import AtlasPaths
+
+
+def naive_masked_activation(bridge, tokens: np.ndarray, layer: int, neuron: int, m: int, p: int | None,
+                            mask_id: int) -> float:
+    """The reference: re-run the whole prefix up to the max token with position p masked (None: clean)."""
+    row = torch.as_tensor(tokens[:m + 1], dtype=torch.long)[None].clone()
+    if p is not None:
+        row[0, p] = mask_id
+    captured = {}
+    with torch.no_grad():
+        bridge.run_with_hooks(row, return_type=None, fwd_hooks=[
+            (f"blocks.{layer}.mlp.hook_post", lambda value, hook: captured.update(post=value))])
+    return float(captured["post"][0, m, neuron])
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_shared_importance_equals_naive_reference_on_tiny_models(family, tiny_models, make_config):
+    cfg = make_config(tiny_models[family], max_examples=4, max_sequences=24)
+    collect.run(cfg)
+    importance.run(cfg)
+    paths = AtlasPaths.of(cfg)
+    model = load_model(cfg)
+    tokens = read_tokens(paths)
+    mask_id = importance.mask_token_id(cfg, model.tokenizer)
+    rng = np.random.default_rng(0)
+    checked = 0
+    for layer in (0, 1):
+        examples = read_layer_examples(paths, layer)
+        result = read_layer_importance(paths, layer)
+        neurons = np.repeat(np.arange(len(examples.offsets) - 1), np.diff(examples.offsets))
+        for row in rng.choice(len(examples.seq), size=min(12, len(examples.seq)), replace=False):
+            seq, m, neuron = int(examples.seq[row]), int(examples.pos[row]), int(neurons[row])
+            clean = naive_masked_activation(model.bridge, tokens[seq], layer, neuron, m, None, mask_id)
+            masked = np.full(cfg.window_before + 1, np.nan)
+            for p in range(max(1, m - cfg.window_before), m + 1):  # BOS (position 0) is never masked
+                masked[p - m + cfg.window_before] = naive_masked_activation(model.bridge, tokens[seq], layer, neuron,
+                                                                            m, p, mask_id)
+            np.testing.assert_allclose(result["clean"][row], clean, atol=1e-5)
+            np.testing.assert_allclose(result["masked"][row], masked, atol=1e-5, equal_nan=True)
+            expected, _ = normalised_importance(np.array([clean]), masked[None])
+            np.testing.assert_allclose(result["importance"][row], expected[0], atol=1e-5, equal_nan=True)
+            checked += 1
+    assert checked >= 12
+
+
+def test_importance_normalises_by_the_max_token_drop_and_clips():
+    clean = np.array([2.0])
+    masked = np.array([[1.0, 2.5, np.nan, 0.0]])  # drops 1, -0.5, nan, 2 (the max token's own drop)
+    values, normaliser = normalised_importance(clean, masked)
+    np.testing.assert_allclose(values[0], [0.5, 0.0, np.nan, 1.0], equal_nan=True)
+    assert normaliser[0] == 0
+
+
+def test_importance_falls_back_to_the_largest_drop_when_the_max_token_drop_is_not_positive():
+    clean = np.array([1.0, 1.0])
+    masked = np.array([[0.5, 0.0, 1.2], [1.5, 1.0, 1.0]])  # own drops -0.2 and 0
+    values, normaliser = normalised_importance(clean, masked)
+    np.testing.assert_allclose(values[0], [0.5, 1.0, 0.0])
+    assert normaliser.tolist() == [1, 2]
+    np.testing.assert_array_equal(values[1], [0.0, 0.0, 0.0])
+
+
+def test_bos_position_is_never_masked(tiny_models, make_config):
+    cfg = make_config(tiny_models["gpt2"], max_examples=3, max_sequences=8, window_before=30)
+    collect.run(cfg)
+    importance.run(cfg)
+    paths = AtlasPaths.of(cfg)
+    examples = read_layer_examples(paths, 0)
+    masked = read_layer_importance(paths, 0)["masked"]
+    bos_column = cfg.window_before - examples.pos  # the window column holding position 0
+    rows = np.flatnonzero(bos_column >= 0)
+    assert len(rows) > 0
+    assert np.isnan(masked[rows, bos_column[rows]]).all()
+    assert np.isfinite(masked[:, -1][examples.pos > 0]).all()
+
+
+def test_importance_resumes_after_a_kill_with_identical_results(tiny_models, make_config, monkeypatch):
+    whole = make_config(tiny_models["llama"], subdir="whole", max_sequences=48)
+    collect.run(whole)
+    importance.run(whole)
+    cfg = make_config(tiny_models["llama"], subdir="killed", max_sequences=48)
+    collect.run(cfg)
+    monkeypatch.setattr(importance, "CHECKPOINT_SEQUENCES", importance.GROUP)
+    real_write = importance.write_npz
+
+    def write_then_die(path, kind, *args, **arrays):
+        real_write(path, kind, *args, **arrays)
+        if kind == importance.CHECKPOINT_KIND:
+            raise KeyboardInterrupt("killed after the first checkpoint")
+
+    monkeypatch.setattr(importance, "write_npz", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        importance.run(cfg)
+    monkeypatch.setattr(importance, "write_npz", real_write)
+    paths = AtlasPaths.of(cfg)
+    assert paths.importance_checkpoint.is_file()
+    done_before = int(importance.read_npz(paths.importance_checkpoint, importance.CHECKPOINT_KIND, 1)["next_index"])
+    assert done_before == importance.GROUP
+    importance.run(cfg)
+    assert not paths.importance_checkpoint.exists()
+    for layer in (0, 1):
+        left, right = read_layer_importance(AtlasPaths.of(whole), layer), read_layer_importance(paths, layer)
+        for name in left:
+            np.testing.assert_array_equal(left[name], right[name], err_msg=name)
+
+
+def test_naive_token_count_counts_a_clean_and_a_masked_prefix_run_per_window_position():
+    class Examples:
+        pos = np.array([0, 3, 30])
+
+    # window 5, BOS unmaskable: m=0 → no maskable position, 1 clean run of 1 token;
+    # m=3 → positions 1..3 (3 runs) + clean = 4 runs of 4 tokens; m=30 → 6 + 1 runs of 31 tokens.
+    assert naive_token_count({0: Examples}, window=5, first_maskable=1) == 1 * 1 + 4 * 4 + 7 * 31

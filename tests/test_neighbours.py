@@ -1,0 +1,73 @@
+"""Similar features: other neurons only, thresholded, reproducible, and sane at the edges."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from builder import cluster, collect, embed, neighbours
+from builder.neighbours import exact_neighbours, read_neighbours, similar_features
+
+
+def table_of(owners: list[tuple[int, int]]) -> dict[str, np.ndarray]:
+    layer, neuron = zip(*owners) if owners else ((), ())
+    return {"feature_layer": np.array(layer, np.int32), "feature_neuron": np.array(neuron, np.int32),
+            "feature_cluster": np.zeros(len(owners), np.int32)}
+
+
+def test_a_single_feature_has_no_neighbours():
+    index, similarity = similar_features(table_of([(0, 0)]), np.ones((1, 4), np.float32), 20, 0.0, 0)
+    assert (index == -1).all() and np.isnan(similarity).all()
+
+
+def test_no_features_gives_empty_tables():
+    index, similarity = similar_features(table_of([]), np.zeros((0, 4), np.float32), 20, 0.0, 0)
+    assert index.shape == (0, 20) and similarity.shape == (0, 20)
+
+
+def test_fewer_features_than_twenty_fill_what_exists_and_pad_with_minus_one():
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(5, 8)).astype(np.float32)
+    index, similarity = similar_features(table_of([(0, i) for i in range(5)]), vectors, 20, -1.0, 0)
+    assert (index[:, :4] >= 0).all() and (index[:, 4:] == -1).all()
+    assert all(row not in index[row] for row in range(5))
+    assert (np.diff(similarity[:, :4], axis=1) <= 1e-6).all()  # best first
+
+
+def test_features_of_the_same_neuron_are_never_neighbours_and_threshold_applies():
+    vectors = np.array([[1, 0], [1, 0.01], [0.9, 0.1], [0, 1]], np.float32)
+    owners = [(0, 1), (0, 1), (2, 5), (3, 0)]
+    index, similarity = similar_features(table_of(owners), vectors, 20, 0.5, 0)
+    assert index[0].tolist()[:1] == [2] and index[0, 1] == -1  # its twin (same neuron) and the orthogonal one excluded
+    assert (similarity[np.isfinite(similarity)] >= 0.5).all()
+
+
+def test_pynndescent_is_reproducible_and_close_to_exact_search():
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(30, 32))
+    vectors = (centres[rng.integers(0, 30, 1500)] + 0.3 * rng.normal(size=(1500, 32))).astype(np.float32)
+    owners = [(0, i) for i in range(1500)]
+    first = similar_features(table_of(owners), vectors, 10, -1.0, seed=7)
+    second = similar_features(table_of(owners), vectors, 10, -1.0, seed=7)
+    np.testing.assert_array_equal(first[0], second[0])
+    exact, _ = exact_neighbours(vectors, 11)
+    recall = np.mean([len(set(a) & set(e[1:])) / 10 for a, e in zip(first[0], exact)])
+    assert recall > 0.9
+
+
+def test_neighbours_stage_indexes_every_feature_of_every_layer(tiny_models, make_config):
+    cfg = make_config(tiny_models["llama"], max_sequences=32, neighbour_threshold=-1.0)
+    for stage in (collect, embed, cluster, neighbours):
+        stage.run(cfg)
+    from builder.paths import AtlasPaths
+
+    paths = AtlasPaths.of(cfg)
+    result = read_neighbours(paths)
+    n_features = sum(len(cluster.read_layer_clusters(paths, layer)["cluster_central"]) for layer in (0, 1))
+    assert len(result["feature_layer"]) == n_features
+    assert set(result["feature_layer"].tolist()) == {0, 1}
+    valid = result["neighbour_index"] >= 0
+    rows = np.nonzero(valid)[0]
+    other = result["neighbour_index"][valid]
+    same_neuron = ((result["feature_layer"][rows] == result["feature_layer"][other])
+                   & (result["feature_neuron"][rows] == result["feature_neuron"][other]))
+    assert valid.any() and not same_neuron.any()
