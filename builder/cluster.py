@@ -26,7 +26,6 @@ import numpy as np
 from jaxtyping import Float, Int
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import pdist, squareform
-from tqdm import tqdm
 
 from builder import __version__
 from builder.artefacts import read_npz, write_json, write_npz
@@ -35,7 +34,7 @@ from builder.config import AtlasConfig
 from builder.embed import neuron_embeddings, read_layer_weights
 from builder.errors import ArtefactError
 from builder.paths import AtlasPaths
-from builder.stage import begin_stage, peak_rss_mb, stage_is_done
+from builder.stage import begin_stage, peak_rss_mb, progress, stage_is_done
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +158,7 @@ def _cluster_range(neurons: range) -> list[NeuronClusters]:
 
 
 def cluster_layer(paths: AtlasPaths, layer: int, d_mlp: int, space: str, threshold: float, workers: int,
-                  progress: tqdm | None = None) -> list[NeuronClusters]:
+                  bar: progress | None = None) -> list[NeuronClusters]:
     """Cluster every neuron of a layer in `space` ("embedding" or "pre_mlp"), across `workers` processes."""
     init = (str(paths.root), str(paths.site), layer, space, threshold)
     chunk = max(1, min(256, d_mlp // (workers * 4) or 1))
@@ -174,8 +173,8 @@ def cluster_layer(paths: AtlasPaths, layer: int, d_mlp: int, space: str, thresho
     try:
         for part in parts:
             results.extend(part)
-            if progress is not None:
-                progress.update(len(part))
+            if bar is not None:
+                bar.update(len(part))
     finally:
         if workers != 1:
             pool.shutdown(cancel_futures=True)
@@ -210,12 +209,12 @@ def run(cfg: AtlasConfig) -> None:
     begin_stage(paths.stage("cluster"), cfg)
     layers, d_mlp = meta["layers"], meta["d_mlp"]
     todo = [layer for layer in layers if not _layer_done(paths, layer)]
-    with tqdm(total=len(layers) * d_mlp, initial=(len(layers) - len(todo)) * d_mlp, desc="cluster",
-              unit="neuron") as progress:
+    with progress(total=len(layers) * d_mlp, initial=(len(layers) - len(todo)) * d_mlp, desc="cluster",
+              unit="neuron") as bar:
         for layer in todo:
             examples = read_layer_examples(paths, layer)
             results = cluster_layer(paths, layer, d_mlp, "embedding", cfg.cluster_threshold, worker_count(cfg),
-                                    progress)
+                                    bar)
             write_npz(paths.layer_clusters(layer), LAYER_KIND, SCHEMA_VERSION,
                       **layer_arrays(results, examples.offsets))
     tables = [read_layer_clusters(paths, layer) for layer in layers]
@@ -226,7 +225,8 @@ def run(cfg: AtlasConfig) -> None:
               **{name: np.concatenate([t[name] for t in tables]) for name in METRIC_NAMES})
     write_json(paths.cluster_meta, {"kind": META_KIND, "schema_version": SCHEMA_VERSION,
                                     "config_hash": cfg.config_hash(), "code_version": __version__, "peak_rss_mb": peak_rss_mb(),
-                                    "cluster_threshold": cfg.cluster_threshold, "layers": layers})
+                                    "cluster_threshold": cfg.cluster_threshold, "layers": layers,
+                                    "layers_clustered_last_run": todo})
 
 
 def _layer_done(paths: AtlasPaths, layer: int) -> bool:

@@ -23,7 +23,6 @@ import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm import tqdm
 
 from builder import __version__
 from builder.artefacts import read_json, read_npz, write_json, write_npz
@@ -31,7 +30,7 @@ from builder.config import AtlasConfig
 from builder.data import tokenise_corpus
 from builder.errors import ArtefactError, ConfigError
 from builder.paths import AtlasPaths
-from builder.stage import begin_stage, peak_rss_mb, stage_is_done
+from builder.stage import begin_stage, peak_rss_mb, progress, stage_is_done
 
 log = logging.getLogger(__name__)
 
@@ -317,7 +316,7 @@ def run(cfg: AtlasConfig) -> None:
             log.warning("collect: checkpoint unreadable, starting over")
             collector = Collector(layers, model.d_mlp, model.d_model, cfg.context_length, cfg, reference)
     since_checkpoint = 0
-    with tqdm(total=len(tokens), initial=next_seq, desc="collect", unit="seq") as progress:
+    with progress(total=len(tokens), initial=next_seq, desc="collect", unit="seq") as bar:
         while next_seq < len(tokens):
             batch = torch.as_tensor(tokens[next_seq:next_seq + cfg.batch_size], dtype=torch.long,
                                     device=model.device)
@@ -325,7 +324,7 @@ def run(cfg: AtlasConfig) -> None:
             next_seq += len(batch)
             forwarded += len(batch)
             since_checkpoint += len(batch)
-            progress.update(len(batch))
+            bar.update(len(batch))
             if since_checkpoint >= cfg.checkpoint_every and next_seq < len(tokens):
                 write_npz(paths.collect_checkpoint, CHECKPOINT_KIND, SCHEMA_VERSION, next_seq=np.array(next_seq),
                           forwarded=np.array(forwarded), **collector.state_arrays())

@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm import tqdm
 
 from builder import __version__
 from builder.artefacts import read_npz, write_json, write_npz
@@ -35,7 +34,7 @@ from builder.collect import read_collect_meta, read_layer_examples, read_tokens
 from builder.config import AtlasConfig
 from builder.errors import ArtefactError, ConfigError
 from builder.paths import AtlasPaths
-from builder.stage import begin_stage, peak_rss_mb, stage_is_done
+from builder.stage import begin_stage, peak_rss_mb, progress, stage_is_done
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +215,7 @@ def run(cfg: AtlasConfig) -> None:
     state = _initial_state(paths, layers, examples, cfg.window_before)
     done = int(state.pop("next_index"))
     masker.forward_tokens = int(state.pop("forward_tokens"))
-    with tqdm(total=len(sequences), initial=done, desc="importance", unit="seq") as progress:
+    with progress(total=len(sequences), initial=done, desc="importance", unit="seq") as bar:
         for index in range(done, len(sequences), GROUP):
             chosen = sequences[index:index + GROUP]
             found = [grouped[s] for s in chosen]
@@ -225,7 +224,7 @@ def run(cfg: AtlasConfig) -> None:
                     mine = f.layer == layer
                     state[f"L{layer}.clean"][f.row[mine]] = clean[mine]
                     state[f"L{layer}.masked"][f.row[mine]] = masked[mine]
-            progress.update(len(chosen))
+            bar.update(len(chosen))
             finished = index + len(chosen)
             if finished % CHECKPOINT_SEQUENCES == 0 and finished < len(sequences):
                 write_npz(paths.importance_checkpoint, CHECKPOINT_KIND, SCHEMA_VERSION, next_index=np.array(finished),
@@ -237,7 +236,7 @@ def run(cfg: AtlasConfig) -> None:
     write_json(paths.importance_meta, {
         "kind": META_KIND, "schema_version": SCHEMA_VERSION, "config_hash": cfg.config_hash(),
         "code_version": __version__, "peak_rss_mb": peak_rss_mb(), "window": cfg.window_before, "mask_token_id": masker.mask_id,
-        "forward_tokens": masker.forward_tokens,
+        "forward_tokens": masker.forward_tokens, "sequences_processed_last_run": len(sequences) - done,
         "naive_forward_tokens": naive_token_count(examples, cfg.window_before, first_maskable)})
     paths.importance_checkpoint.unlink(missing_ok=True)
 

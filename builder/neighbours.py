@@ -22,7 +22,7 @@ from builder.collect import read_collect_meta, read_layer_examples
 from builder.config import AtlasConfig
 from builder.embed import neuron_embeddings, read_layer_weights
 from builder.paths import AtlasPaths
-from builder.stage import begin_stage, peak_rss_mb, stage_is_done
+from builder.stage import begin_stage, peak_rss_mb, progress, stage_is_done
 
 log = logging.getLogger(__name__)
 
@@ -35,22 +35,24 @@ def feature_table(paths: AtlasPaths, layers: list[int], space: str) -> tuple[dic
     """Every feature (layer, neuron, cluster), ordered so, with its central example's search vector."""
     columns = {"feature_layer": [], "feature_neuron": [], "feature_cluster": []}
     vectors = []
-    for layer in layers:
-        examples = read_layer_examples(paths, layer)
-        clusters = read_layer_clusters(paths, layer)
-        counts = np.diff(clusters["cluster_offsets"])
-        neurons = np.repeat(np.arange(len(counts)), counts)
-        central = clusters["cluster_central"]
-        columns["feature_layer"].append(np.full(len(central), layer, np.int32))
-        columns["feature_neuron"].append(neurons.astype(np.int32))
-        columns["feature_cluster"].append(np.concatenate([np.arange(c) for c in counts]).astype(np.int32)
-                                          if len(counts) else np.zeros(0, np.int32))
-        pre_mlp = examples.vectors[examples.vector_index[central]]
-        if space == "embedding":
-            weights = read_layer_weights(paths, layer)
-            pre_mlp = np.stack([neuron_embeddings(v[None], weights, n)[0] for v, n in zip(pre_mlp, neurons)]) \
-                if len(central) else np.zeros((0, 2 * pre_mlp.shape[1] if weights.gated else pre_mlp.shape[1]))
-        vectors.append(pre_mlp.astype(np.float32))
+    with progress(total=len(layers), desc="neighbours", unit="layer") as bar:
+        for layer in layers:
+            examples = read_layer_examples(paths, layer)
+            clusters = read_layer_clusters(paths, layer)
+            counts = np.diff(clusters["cluster_offsets"])
+            neurons = np.repeat(np.arange(len(counts)), counts)
+            central = clusters["cluster_central"]
+            columns["feature_layer"].append(np.full(len(central), layer, np.int32))
+            columns["feature_neuron"].append(neurons.astype(np.int32))
+            columns["feature_cluster"].append(np.concatenate([np.arange(c) for c in counts]).astype(np.int32)
+                                              if len(counts) else np.zeros(0, np.int32))
+            pre_mlp = examples.vectors[examples.vector_index[central]]
+            if space == "embedding":
+                weights = read_layer_weights(paths, layer)
+                pre_mlp = np.stack([neuron_embeddings(v[None], weights, n)[0] for v, n in zip(pre_mlp, neurons)]) \
+                    if len(central) else np.zeros((0, 2 * pre_mlp.shape[1] if weights.gated else pre_mlp.shape[1]))
+            vectors.append(pre_mlp.astype(np.float32))
+            bar.update(1)
     table = {name: np.concatenate(parts) for name, parts in columns.items()}
     return table, np.concatenate(vectors)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from tqdm import tqdm
 
 from builder import __version__
 from builder.artefacts import read_json, write_json
@@ -17,7 +16,7 @@ from builder.cluster import cluster_layer, read_metrics_table, worker_count
 from builder.collect import read_collect_meta
 from builder.config import AtlasConfig
 from builder.paths import AtlasPaths
-from builder.stage import peak_rss_mb, stage_is_done
+from builder.stage import peak_rss_mb, progress, stage_is_done
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +46,7 @@ def run(cfg: AtlasConfig) -> None:
     meta = read_collect_meta(paths)
     embedding = read_metrics_table(paths)
     intra, inter = [], []
-    with tqdm(total=len(meta["layers"]) * meta["d_mlp"], desc="report (pre-MLP clustering)", unit="neuron") as bar:
+    with progress(total=len(meta["layers"]) * meta["d_mlp"], desc="report", unit="neuron") as bar:
         for layer in meta["layers"]:
             results = cluster_layer(paths, layer, meta["d_mlp"], "pre_mlp", cfg.cluster_threshold,
                                     worker_count(cfg), bar)

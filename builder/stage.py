@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import signal
 from pathlib import Path
+
+from tqdm import tqdm
 
 from builder.artefacts import read_json, write_bytes
 from builder.config import AtlasConfig
@@ -40,3 +44,20 @@ def peak_rss_mb() -> float:
     import resource
 
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+FAULT_ENV = "ATLAS_FAULT"
+
+
+class progress(tqdm):
+    """A stage's progress bar. Fault injection for the kill-and-resume tests: with ATLAS_FAULT="<desc>:<n>" the
+    process SIGKILLs itself as soon as the bar named <desc> reaches n, a precise point inside the stage."""
+
+    def update(self, n: float | None = 1) -> bool | None:
+        shown = super().update(n)
+        fault = os.environ.get(FAULT_ENV, "")
+        if fault:
+            name, _, count = fault.rpartition(":")
+            if name == self.desc and self.n >= int(count):
+                os.kill(os.getpid(), signal.SIGKILL)
+        return shown

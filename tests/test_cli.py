@@ -95,7 +95,9 @@ def cases(tmp_path_factory, tiny_gpt2, corpus_file) -> dict[str, Case]:
     layer0.write_bytes(layer0.read_bytes()[: layer0.stat().st_size // 2])
     (artefact_dirs["emptied"] / "collect" / "L0.npz").write_bytes(b"")
     meta = artefact_dirs["old-meta"] / "collect" / "meta.json"
-    meta.write_text(meta.read_text().replace('"schema_version": 1', '"schema_version": 0'))
+    text = meta.read_text()
+    assert '"schema_version": 1' in text
+    meta.write_text(text.replace('"schema_version": 1', '"schema_version": 0'))
     old_layer = artefact_dirs["old-layer"] / "collect" / "L0.npz"
     with np.load(old_layer, allow_pickle=False) as bundle:
         arrays = {k: bundle[k] for k in bundle.files if not k.startswith("_")}
