@@ -25,7 +25,13 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for name in ("transformers", "transformer_lens", "datasets", "huggingface_hub", "numba", "pynndescent"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        import datasets
+
+        datasets.utils.logging.set_verbosity(logging.CRITICAL)
+    except ImportError:
+        pass
     try:
         import transformers
 

@@ -205,7 +205,7 @@ def run(cfg: AtlasConfig) -> None:
     if stage_is_done(paths.cluster_meta, META_KIND, SCHEMA_VERSION, cfg):
         log.info("cluster: up to date")
         return
-    meta = read_collect_meta(paths)
+    meta = read_collect_meta(paths, cfg)
     begin_stage(paths.stage("cluster"), cfg)
     layers, d_mlp = meta["layers"], meta["d_mlp"]
     todo = [layer for layer in layers if not _layer_done(paths, layer)]

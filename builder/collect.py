@@ -283,6 +283,8 @@ def load_reference_maxima(cfg: AtlasConfig, n_layers: int, d_mlp: int) -> np.nda
         return None
     try:
         maxima = np.load(cfg.reference_maxima, allow_pickle=False)
+        if not isinstance(maxima, np.ndarray):
+            raise ValueError("an .npz archive, not a single array")
     except (OSError, ValueError) as error:
         raise ConfigError(f"cannot read reference_maxima {cfg.reference_maxima!r} ({error}); give a .npy file of "
                           f"shape [{n_layers}, {d_mlp}]") from None
@@ -310,7 +312,7 @@ def run(cfg: AtlasConfig) -> None:
         try:
             arrays = read_npz(paths.collect_checkpoint, CHECKPOINT_KIND, SCHEMA_VERSION)
             collector.load_state_arrays(arrays)
-            next_seq, forwarded = int(arrays["next_seq"]), int(arrays["forwarded"])
+            next_seq = int(arrays["next_seq"])
             log.info("collect: resuming at sequence %d of %d", next_seq, len(tokens))
         except (ArtefactError, KeyError):
             log.warning("collect: checkpoint unreadable, starting over")
@@ -327,7 +329,7 @@ def run(cfg: AtlasConfig) -> None:
             bar.update(len(batch))
             if since_checkpoint >= cfg.checkpoint_every and next_seq < len(tokens):
                 write_npz(paths.collect_checkpoint, CHECKPOINT_KIND, SCHEMA_VERSION, next_seq=np.array(next_seq),
-                          forwarded=np.array(forwarded), **collector.state_arrays())
+                          **collector.state_arrays())
                 since_checkpoint = 0
     for layer in layers:
         write_npz(paths.layer_examples(layer), LAYER_KIND, SCHEMA_VERSION, **collector.finish(layer))
@@ -399,8 +401,13 @@ def read_layer_examples(paths: AtlasPaths, layer: int) -> LayerExamples:
     return examples
 
 
-def read_collect_meta(paths: AtlasPaths) -> dict:
-    return read_json(paths.collect_meta, META_KIND, SCHEMA_VERSION)
+def read_collect_meta(paths: AtlasPaths, cfg: AtlasConfig | None = None) -> dict:
+    """The collect meta; given the current config, also refuse artefacts collected under another one."""
+    meta = read_json(paths.collect_meta, META_KIND, SCHEMA_VERSION)
+    if cfg is not None and meta.get("config_hash") != cfg.config_hash():
+        raise ArtefactError(f"the collect artefacts in {paths.stage('collect')} were made with another config "
+                            "(model, data or selection); run `atlas collect` (or `atlas build`) again")
+    return meta
 
 
 def read_tokens(paths: AtlasPaths) -> np.ndarray:

@@ -41,8 +41,14 @@ def iter_documents(cfg: AtlasConfig) -> Iterator[str]:
         suffixes = {Path(f).suffix for f in cfg.data_files}
         if not suffixes <= {".txt", ".jsonl", ".json"} or len(suffixes) != 1:
             raise DatasetError(f"data_files must all be .txt or all .jsonl, got {sorted(suffixes)!r}")
-        builder = "text" if suffixes == {".txt"} else "json"
-        stream = datasets.load_dataset(builder, data_files=list(cfg.data_files), split="train", streaming=True)
+        if all(Path(f).stat().st_size == 0 for f in cfg.data_files):
+            return  # datasets' json reader fails on empty files; empty means no documents
+        if suffixes == {".txt"}:
+            # Undecodable bytes become U+FFFD rather than stopping the build: corpus text is untrusted anyway.
+            stream = datasets.load_dataset("text", data_files=list(cfg.data_files), split="train", streaming=True,
+                                           encoding_errors="replace")
+        else:
+            stream = datasets.load_dataset("json", data_files=list(cfg.data_files), split="train", streaming=True)
     else:
         try:
             stream = datasets.load_dataset(cfg.dataset, cfg.dataset_config or None, split=cfg.dataset_split,
@@ -70,11 +76,13 @@ def pack_sequences(token_lists: Iterator[list[int]], spec: PackingSpec, max_sequ
     body = spec.context_length - (1 if spec.bos_token_id is not None else 0)
     rows: list[np.ndarray] = []
     buffer: list[int] = []
+    started = False
     for tokens in token_lists:
         if not tokens:
             continue
-        if buffer and spec.separator_token_id is not None:
+        if started and spec.separator_token_id is not None:
             buffer.append(spec.separator_token_id)
+        started = True
         buffer.extend(tokens)
         while len(buffer) >= body:
             chunk, buffer = buffer[:body], buffer[body:]

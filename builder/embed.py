@@ -104,7 +104,7 @@ def run(cfg: AtlasConfig) -> None:
     if stage_is_done(paths.embed_meta, META_KIND, SCHEMA_VERSION, cfg):
         log.info("embed: up to date")
         return
-    meta = read_collect_meta(paths)
+    meta = read_collect_meta(paths, cfg)
     begin_stage(paths.stage("embed"), cfg)
     model = load_model(cfg)
     w_u = model.bridge.W_U.detach().float().cpu()

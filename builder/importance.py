@@ -202,7 +202,7 @@ def run(cfg: AtlasConfig) -> None:
     if stage_is_done(paths.importance_meta, META_KIND, SCHEMA_VERSION, cfg):
         log.info("importance: up to date")
         return
-    meta = read_collect_meta(paths)
+    meta = read_collect_meta(paths, cfg)
     begin_stage(paths.stage("importance"), cfg)
     layers = meta["layers"]
     examples = {layer: read_layer_examples(paths, layer) for layer in layers}

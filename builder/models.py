@@ -105,7 +105,7 @@ def resolve_model_source(name: str) -> tuple[str, bool]:
         return str(embedded_model_folder()), True
     if name.startswith("embedded:"):
         raise ModelError(f"unknown embedded model {name!r}; the only embedded model is {EMBEDDED_MODEL!r}")
-    path = Path(name)
+    path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelError(f"model folder {name!r} has no config.json; point model at a Hugging Face model folder")

@@ -107,7 +107,7 @@ def run(cfg: AtlasConfig) -> None:
     if stage_is_done(paths.neighbours_meta, META_KIND, SCHEMA_VERSION, cfg):
         log.info("neighbours: up to date")
         return
-    layers = read_collect_meta(paths)["layers"]
+    layers = read_collect_meta(paths, cfg)["layers"]
     begin_stage(paths.stage("neighbours"), cfg)
     table, vectors = feature_table(paths, layers, cfg.neighbour_space)
     log.info("neighbours: searching %d features", len(vectors))

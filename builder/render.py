@@ -3,21 +3,22 @@ folder over file:// and `python -m http.server`, with no network.
 
 Layout (all links relative, always to an explicit `index.html` so file:// works):
 
-    index.html                               landing page (every model of the site)
+    index.html                               landing page
     static/                                  the site's only scripts and styles (copied from the repo's static/)
     {model}/index.html                       coverage, sortable/filterable table of neurons, search
     {model}/method/index.html                method and the embedding-comparison report
     {model}/L{layer}/index.html              static table of the layer's neurons (browsable without JavaScript)
     {model}/L{layer}/N{neuron}/index.html    neuron page
     {model}/L{layer}/N{neuron}/neuron.json   the neuron's sidecar: the public data API (docs/sidecar-schema.md)
-    {model}/L{layer}/N{neuron}/neuron.js     the same JSON assigned to a global, for pages opened over file://
-    {model}/L{layer}/N{neuron}/F{k}/index.html  feature (cluster) page: thin, examples come from neuron.js
-    {model}/data/{vocab,neurons,tokens}.{json,js}  shared vocabulary, neuron table, token -> neurons index
+    {model}/L{layer}/N{neuron}/F{k}/index.html  feature (cluster) page: thin; its examples come from neuron.json
+    {model}/data/{vocab,neurons,tokens}.json shared vocabulary, neuron table, token -> neurons index
     {model}/data/atlas.json                  model-level manifest (provenance, layers, histogram edges)
 
-Why both .json and .js: Chromium refuses fetch() of file:// URLs, but loads <script src> there, so each data file is
-also written as `window.ATLAS_DATA[key] = <the same JSON>;`. Bulky arrays are quantised, zlib-compressed and base64'd
-to keep a GPT-2-small atlas within GitHub Pages' 1 GB despite the two copies.
+Every data file X.json has a twin X.json.js, `(window.ATLAS_DATA=...)["key"]=<the same JSON>;`, because Chromium
+refuses fetch() of file:// URLs but runs <script src> there. Pages fetch the .json over http(s) and load the .json.js
+only when opened from a folder over file://. The twins exist for local browsing only: `scripts/deploy.sh` and the
+Pages workflow leave them out, so a published GPT-2-small atlas holds each neuron's data once and fits GitHub Pages'
+1 GB. `bytes_per_neuron` in stats.json counts the published files; `local_bytes_per_neuron` counts everything.
 
 Safety: dataset text is hostile. One jinja2 Environment (autoescape, StrictUndefined) gets plain dicts; data reaches
 pages only as escaped text or as external JSON/JS written by orjson; every page carries a Content-Security-Policy
@@ -186,9 +187,21 @@ def dumps(document) -> bytes:
     return orjson.dumps(document, option=orjson.OPT_SORT_KEYS)
 
 
+FILE_COPY_SUFFIX = ".json.js"  # the file:// twin of every .json data file; never published
+
+
 def js_wrapper(key: str, payload: bytes) -> bytes:
-    """The JSON as a script (for file://): `(window.ATLAS_DATA=window.ATLAS_DATA||{})["key"]=<json>;`."""
+    """The JSON as a script, for pages opened over file://: `(window.ATLAS_DATA=...)["key"]=<json>;`."""
     return b'(window.ATLAS_DATA=window.ATLAS_DATA||{})["' + key.encode() + b'"]=' + payload + b";\n"
+
+
+def write_data_file(path: Path, key: str, document: dict) -> tuple[int, int]:
+    """Write `path` (.json) and its file:// twin; returns (published bytes, file:// copy bytes)."""
+    payload = dumps(document)
+    path.write_bytes(payload + b"\n")
+    twin = js_wrapper(key, payload)
+    path.with_name(path.name + ".js").write_bytes(twin)
+    return len(payload) + 1, len(twin)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -540,56 +553,57 @@ def citation(atlas: Atlas, path: str, title: str) -> str:
 
 
 class Site:
-    """Page contexts shared by every page of a model; computed once, copied into workers by fork."""
+    """Page contexts shared by every page of a model; computed once, inherited by the workers through fork."""
 
     def __init__(self, atlas: Atlas):
         self.atlas = atlas
-        cfg = atlas.cfg
-        self.model = cfg.name
+        self.model = atlas.cfg.name
         self.prov = provenance(atlas)
         self.common = {"csp": CSP, "model": self.model, "prov": self.prov, "layers": atlas.layers,
                        "layers_attr": ",".join(map(str, atlas.layers)), "d_mlp": atlas.d_mlp}
 
     def page(self, depth: int, path: str, title: str, cite_title: str, kind: str, **context) -> dict:
+        """Context of a page `depth` folders below the site root (the model index is at depth 1)."""
         root = "../" * depth
-        return {**self.common, "root": root, "model_root": root + self.model + "/", "path": path, "title": title,
+        model_root = "../" * (depth - 1) if depth >= 1 else self.model + "/"
+        return {**self.common, "root": root, "model_root": model_root, "path": path, "title": title,
                 "cite": citation(self.atlas, path, cite_title), "kind": kind, **context}
 
-    def neighbour_neuron(self, layer: int, neuron: int, step: int) -> tuple[int, int] | None:
+    def nav(self, layer: int, neuron: int, depth_below_layer: int) -> dict:
+        """Previous/next neuron links (across layers) from a page `depth_below_layer` folders below L{layer}/."""
         atlas = self.atlas
-        index = atlas.layers.index(layer) * atlas.d_mlp + neuron + step
-        if not 0 <= index < atlas.n_neurons:
-            return None
-        return atlas.layers[index // atlas.d_mlp], index % atlas.d_mlp
 
-    def nav(self, layer: int, neuron: int, prefix: str) -> dict:
         def link(step: int):
-            found = self.neighbour_neuron(layer, neuron, step)
-            return None if found is None else {"href": f"{prefix}L{found[0]}/N{found[1]}/index.html",
-                                               "label": f"L{found[0]} N{found[1]}"}
+            index = atlas.layers.index(layer) * atlas.d_mlp + neuron + step
+            if not 0 <= index < atlas.n_neurons:
+                return None
+            other_layer, other = atlas.layers[index // atlas.d_mlp], index % atlas.d_mlp
+            up = "../" * depth_below_layer
+            href = f"{up}N{other}/index.html" if other_layer == layer else f"{up}../L{other_layer}/N{other}/index.html"
+            return {"href": href, "label": f"L{other_layer} N{other}"}
+
         return {"prev": link(-1), "next": link(1)}
 
 
-def render_neuron(site: Site, data: LayerData, neuron: int, folder: Path) -> None:
-    """Write one neuron's sidecar (.json and .js), its page and its feature pages into `folder`."""
+def render_neuron(site: Site, data: LayerData, neuron: int, folder: Path) -> tuple[int, ...]:
+    """Write one neuron's sidecar (and its file:// twin), its page and its feature pages into `folder`.
+
+    Returns (examples, clusters, sidecar bytes, neuron page bytes, feature pages bytes, file:// twin bytes)."""
     atlas = site.atlas
     env = environment()
     sidecar = neuron_sidecar(atlas, data, neuron)
-    payload = dumps(sidecar)
     folder.mkdir(parents=True)
-    (folder / "neuron.json").write_bytes(payload + b"\n")
-    (folder / "neuron.js").write_bytes(js_wrapper("neuron", payload))
+    sidecar_bytes, twin_bytes = write_data_file(folder / "neuron.json", "neuron", sidecar)
     layer = data.layer
     start = int(data.offsets[neuron])
     count = sidecar["examples"]["count"]
+    labels = data.labels[start:start + count]
     features = []
     for k, cluster in enumerate(sidecar["clusters"]):
-        members = np.flatnonzero(data.labels[start:start + count] == k) + start
-        features.append({
-            "k": k, "size": cluster["size"], "share": fmt(100.0 * cluster["size"] / count, 3) + "%",
-            "central": static_example(atlas, data, start + cluster["central"]),
-            "mean_act": fmt(float(data.act[members].mean()), 4) if len(members) else "–",
-        })
+        members = np.flatnonzero(labels == k) + start
+        features.append({"k": k, "size": cluster["size"], "share": fmt(100.0 * cluster["size"] / count, 3) + "%",
+                         "central": static_example(atlas, data, start + cluster["central"]),
+                         "mean_act": fmt(float(data.act[members].mean()), 4) if len(members) else "–"})
     metrics = sidecar["metrics"]
     metric_rows = [
         ("Max activation", fmt(sidecar["max_activation"], 4)), ("Examples", str(metrics["n_examples"])),
@@ -604,51 +618,59 @@ def render_neuron(site: Site, data: LayerData, neuron: int, folder: Path) -> Non
 
     distances = data.linkage[int(data.linkage_offsets[neuron]):int(data.linkage_offsets[neuron + 1]), 2]
     cut_max = max(1.0, math.ceil(float(distances.max()) * 20) / 20) if len(distances) else 1.0
-    path = neuron_path(site.model, layer, neuron)
-    context = site.page(3, path, f"L{layer} N{neuron} · {site.model}", f"{site.model} layer {layer} neuron {neuron}",
-                        "neuron", layer=layer, neuron=neuron, features=features, metric_rows=metric_rows,
-                        promoted=logit_list("top"), suppressed=logit_list("bottom"), count=count,
-                        threshold=atlas.cfg.cluster_threshold, cut_max=cut_max,
-                        nav=site.nav(layer, neuron, "../../"))
-    (folder / "index.html").write_text(env.get_template("neuron.html").render(context), encoding="utf-8")
+    context = site.page(3, neuron_path(site.model, layer, neuron), f"L{layer} N{neuron} · {site.model}",
+                        f"{site.model} layer {layer} neuron {neuron}", "neuron", layer=layer, neuron=neuron,
+                        features=features, metric_rows=metric_rows, promoted=logit_list("top"),
+                        suppressed=logit_list("bottom"), count=count, threshold=atlas.cfg.cluster_threshold,
+                        cut_max=cut_max, nav=site.nav(layer, neuron, 1))
+    page = env.get_template("neuron.html").render(context).encode()
+    (folder / "index.html").write_bytes(page)
     feature_template = env.get_template("feature.html")
+    nav = site.nav(layer, neuron, 2)
+    feature_bytes = 0
     for feature in features:
         k = feature["k"]
-        path = neuron_path(site.model, layer, neuron, k)
-        context = site.page(4, path, f"L{layer} N{neuron} F{k} · {site.model}",
+        context = site.page(4, neuron_path(site.model, layer, neuron, k), f"L{layer} N{neuron} F{k} · {site.model}",
                             f"{site.model} layer {layer} neuron {neuron} feature {k}", "feature", layer=layer,
                             neuron=neuron, feature=feature, count=count, n_clusters=len(features),
-                            max_activation=fmt(sidecar["max_activation"], 4), nav=site.nav(layer, neuron, "../../../"))
+                            max_activation=fmt(sidecar["max_activation"], 4), nav=nav)
+        html = feature_template.render(context).encode()
         (folder / f"F{k}").mkdir()
-        (folder / f"F{k}" / "index.html").write_text(feature_template.render(context), encoding="utf-8")
+        (folder / f"F{k}" / "index.html").write_bytes(html)
+        feature_bytes += len(html)
+    return count, len(features), sidecar_bytes, len(page), feature_bytes, twin_bytes
 
 
 # Worker state: set in the parent before the pool forks, so workers share it copy-on-write.
 _job: dict = {}
 
 
-def _render_range(neurons: range) -> int:
+def _render_range(neurons: range) -> list[tuple[int, ...]]:
     site, data, base = _job["site"], _job["data"], _job["base"]
-    for neuron in neurons:
-        render_neuron(site, data, neuron, base / f"N{neuron}")
-    return len(neurons)
+    return [render_neuron(site, data, neuron, base / f"N{neuron}") for neuron in neurons]
 
 
 def worker_count(cfg: AtlasConfig) -> int:
     return cfg.workers or os.cpu_count() or 1
 
 
-def render_layer(site: Site, data: LayerData, base: Path, workers: int) -> None:
+def render_layer(site: Site, data: LayerData, base: Path, workers: int, bar) -> list[tuple[int, ...]]:
+    """Render every neuron of a layer, across `workers` forked processes; returns render_neuron's tuples."""
     _job.update(site=site, data=data, base=base)
     d_mlp = site.atlas.d_mlp
+    sizes: list[tuple[int, ...]] = []
     if workers <= 1 or d_mlp < 64 or "fork" not in multiprocessing.get_all_start_methods():
-        _render_range(range(d_mlp))
-        return
-    chunk = max(8, min(128, d_mlp // (workers * 8) or 1))
+        for neuron in range(d_mlp):
+            sizes.extend(_render_range(range(neuron, neuron + 1)))
+            bar.update(1)
+        return sizes
+    chunk = max(8, min(64, d_mlp // (workers * 8) or 1))
     ranges = [range(start, min(d_mlp, start + chunk)) for start in range(0, d_mlp, chunk)]
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork")) as pool:
-        for _ in pool.map(_render_range, ranges):
-            pass
+        for part in pool.map(_render_range, ranges):
+            sizes.extend(part)
+            bar.update(len(part))
+    return sizes
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -675,28 +697,20 @@ def neuron_table(atlas: Atlas) -> dict:
 
 def token_index(atlas: Atlas, central_tokens: dict[int, np.ndarray], central_neurons: dict[int, np.ndarray]) -> dict:
     """Token id -> neurons (row in the neuron table) whose feature clusters' central examples peak on that token,
-    most such clusters first, then by row."""
-    ids, rows = [], []
-    for position, layer in enumerate(atlas.layers):
-        ids.append(central_tokens[layer].astype(np.int64))
-        rows.append(central_neurons[layer].astype(np.int64) + position * atlas.d_mlp)
-    token = np.concatenate(ids) if ids else np.zeros(0, np.int64)
-    row = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-    pairs, counts = np.unique(np.stack([token, row], axis=1), axis=0, return_counts=True) if len(token) else \
-        (np.zeros((0, 2), np.int64), np.zeros(0, np.int64))
-    order = np.lexsort((pairs[:, 1], -counts, pairs[:, 0]))
-    pairs = pairs[order]
+    those with most such clusters first, then by row."""
+    token = np.concatenate([central_tokens[layer].astype(np.int64) for layer in atlas.layers] or [np.zeros(0, int)])
+    row = np.concatenate([central_neurons[layer].astype(np.int64) + position * atlas.d_mlp
+                          for position, layer in enumerate(atlas.layers)] or [np.zeros(0, int)])
+    if len(token):
+        pairs, counts = np.unique(np.stack([token, row], axis=1), axis=0, return_counts=True)
+    else:
+        pairs, counts = np.zeros((0, 2), np.int64), np.zeros(0, np.int64)
+    pairs = pairs[np.lexsort((pairs[:, 1], -counts, pairs[:, 0]))]
     unique_tokens, starts = np.unique(pairs[:, 0], return_index=True)
-    ends = np.r_[starts[1:], len(pairs)]
+    ends = np.r_[starts[1:], len(pairs)].astype(np.int64)
     return {"schema_version": SIDECAR_SCHEMA, "kind": "token-index", "model": atlas.cfg.name,
             "layers": atlas.layers, "d_mlp": atlas.d_mlp, "token_ids": [int(t) for t in unique_tokens],
             "neurons": [[int(r) for r in pairs[s:e, 1]] for s, e in zip(starts, ends)]}
-
-
-def write_data(folder: Path, name: str, document: dict) -> None:
-    payload = dumps(document)
-    (folder / f"{name}.json").write_bytes(payload + b"\n")
-    (folder / f"{name}.js").write_bytes(js_wrapper(name, payload))
 
 
 def central_tokens_of(data: LayerData, window_before: int) -> tuple[np.ndarray, np.ndarray]:
@@ -708,7 +722,7 @@ def central_tokens_of(data: LayerData, window_before: int) -> tuple[np.ndarray, 
 
 
 def random_neuron(atlas: Atlas) -> tuple[int, int]:
-    """A fixed 'random' neuron for the static link (JavaScript picks a fresh one on each click)."""
+    """A fixed 'random' neuron (from cfg.seed) for the static link; JavaScript picks a fresh one on each click."""
     with_examples = np.flatnonzero(atlas.metrics["n_examples"] > 0)
     pool = with_examples if len(with_examples) else np.arange(atlas.n_neurons)
     row = int(np.random.default_rng(atlas.cfg.seed).choice(pool))
@@ -716,6 +730,7 @@ def random_neuron(atlas: Atlas) -> tuple[int, int]:
 
 
 def model_pages(site: Site, model_dir: Path, root_dir: Path) -> None:
+    """The landing page, the model index, the method page and one static table per layer."""
     atlas = site.atlas
     env = environment()
     meta = atlas.meta
@@ -724,38 +739,37 @@ def model_pages(site: Site, model_dir: Path, root_dir: Path) -> None:
     coverage = {
         "layers": atlas.layers, "n_layers": meta.get("n_layers", len(atlas.layers)), "d_mlp": atlas.d_mlp,
         "n_neurons": atlas.n_neurons, "n_sequences": int(meta["n_sequences"]), "n_tokens": int(meta["n_tokens"]),
-        "context_length": meta.get("context_length"), "dataset": site.prov["dataset"],
+        "context_length": meta.get("context_length", "?"), "dataset": site.prov["dataset"],
         "with_examples": int((table["n_examples"] > 0).sum()), "n_features": int(table["n_clusters"].sum()),
-        "max_examples": meta.get("max_examples"), "threshold": meta.get("threshold"),
+        "max_examples": meta.get("max_examples", "?"), "threshold": meta.get("threshold", "?"),
         "random": f"L{rand[0]}/N{rand[1]}/index.html",
     }
-    model_title = f"{site.model} · Neuron Atlas"
-    context = site.page(1, f"{site.model}/", model_title, f"{site.model}", "model", coverage=coverage)
-    (model_dir / "index.html").write_text(env.get_template("model.html").render(context), encoding="utf-8")
-    context = site.page(0, "", "Neuron Atlas", "index", "home", coverage=coverage)
-    (root_dir / "index.html").write_text(env.get_template("home.html").render(context), encoding="utf-8")
+
+    def write(path: Path, template: str, context: dict) -> None:
+        path.write_bytes(env.get_template(template).render(context).encode())
+
+    write(root_dir / "index.html", "home.html", site.page(0, "", "Neuron Atlas", "index", "home", coverage=coverage))
+    write(model_dir / "index.html", "model.html",
+          site.page(1, f"{site.model}/", f"{site.model} · Neuron Atlas", site.model, "model", coverage=coverage))
     (model_dir / "method").mkdir()
-    context = site.page(2, f"{site.model}/method/", f"Method · {site.model}", f"{site.model} method", "method",
-                        report=report_rows(atlas.report), cfg={"threshold": atlas.cfg.cluster_threshold,
-                                                               "space": atlas.cfg.neighbour_space,
-                                                               "count": atlas.cfg.neighbour_count,
-                                                               "neighbour_threshold": atlas.cfg.neighbour_threshold,
-                                                               "window_before": atlas.cfg.window_before,
-                                                               "window_after": atlas.cfg.window_after},
-                        coverage=coverage)
-    (model_dir / "method" / "index.html").write_text(env.get_template("method.html").render(context),
-                                                     encoding="utf-8")
-    layer_template = env.get_template("layer.html")
+    method = {"threshold": atlas.cfg.cluster_threshold, "space": atlas.cfg.neighbour_space,
+              "count": atlas.cfg.neighbour_count, "neighbour_threshold": atlas.cfg.neighbour_threshold,
+              "window_before": atlas.cfg.window_before, "window_after": atlas.cfg.window_after}
+    write(model_dir / "method" / "index.html", "method.html",
+          site.page(2, f"{site.model}/method/", f"Method · {site.model}", f"{site.model} method", "method",
+                    report=report_rows(atlas.report), method=method, coverage=coverage))
     for position, layer in enumerate(atlas.layers):
         rows = slice(position * atlas.d_mlp, (position + 1) * atlas.d_mlp)
-        neurons = [{"n": n, "max": fmt(table["max_activation"][rows][n], 3),
-                    "ex": int(table["n_examples"][rows][n]), "k": int(table["n_clusters"][rows][n]),
-                    "share": fmt(table["largest_share"][rows][n]), "intra": fmt(table["intra_distance"][rows][n]),
-                    "inter": fmt(table["inter_distance"][rows][n])} for n in range(atlas.d_mlp)]
+        column = {name: table[name][rows] for name in ("max_activation", "n_examples", "n_clusters",
+                                                       "largest_share", "intra_distance", "inter_distance")}
+        neurons = [{"n": n, "max": fmt(column["max_activation"][n], 3), "ex": int(column["n_examples"][n]),
+                    "k": int(column["n_clusters"][n]), "share": fmt(column["largest_share"][n]),
+                    "intra": fmt(column["intra_distance"][n]), "inter": fmt(column["inter_distance"][n])}
+                   for n in range(atlas.d_mlp)]
         (model_dir / f"L{layer}").mkdir(exist_ok=True)
-        context = site.page(2, f"{site.model}/L{layer}/", f"Layer {layer} · {site.model}",
-                            f"{site.model} layer {layer}", "layer", layer=layer, neurons=neurons)
-        (model_dir / f"L{layer}" / "index.html").write_text(layer_template.render(context), encoding="utf-8")
+        write(model_dir / f"L{layer}" / "index.html", "layer.html",
+              site.page(2, f"{site.model}/L{layer}/", f"Layer {layer} · {site.model}", f"{site.model} layer {layer}",
+                        "layer", layer=layer, neurons=neurons))
 
 
 def report_rows(report: dict) -> list[dict]:
@@ -764,8 +778,9 @@ def report_rows(report: dict) -> list[dict]:
     paper = report.get("paper", {})
     for name in sorted(set(spaces) | set(paper)):
         ours, theirs = spaces.get(name, {}), paper.get(name, {})
+        counts = [ours.get(key) for key in ("n_neurons_intra", "n_neurons_inter", "n_neurons") if key in ours]
         rows.append({"space": clean_text(str(name)), "intra": fmt(ours.get("median_intra")),
-                     "inter": fmt(ours.get("median_inter")), "n": fmt(ours.get("n_neurons")),
+                     "inter": fmt(ours.get("median_inter")), "n": " / ".join(fmt(c) for c in counts) or "–",
                      "paper_intra": fmt(theirs.get("median_intra")), "paper_inter": fmt(theirs.get("median_inter"))})
     return rows
 
@@ -787,23 +802,62 @@ def copy_static(target: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Entry point and statistics
+# Statistics, the up-to-date stamp, and the entry point
 
 
-def site_bytes(folder: Path) -> int:
-    total = 0
+def site_bytes(folder: Path) -> tuple[int, int]:
+    """(published bytes, file:// twin bytes) of every file under `folder`."""
+    published = twins = 0
     for directory, _, files in os.walk(folder):
         for name in files:
-            total += os.path.getsize(os.path.join(directory, name))
-    return total
+            size = os.path.getsize(os.path.join(directory, name))
+            if name.endswith(FILE_COPY_SUFFIX):
+                twins += size
+            else:
+                published += size
+    return published, twins
 
 
-def render_stats(site_dir: Path, neurons: int, seconds: float) -> dict:
-    """Bytes per neuron (total site bytes / neurons) and render throughput (neurons/s)."""
-    total = site_bytes(site_dir)
-    return {"kind": STATS_KIND, "schema_version": STATS_SCHEMA, "neurons": neurons, "total_bytes": total,
-            "bytes_per_neuron": round(total / neurons, 1) if neurons else 0.0, "seconds": round(seconds, 3),
-            "neurons_per_second": round(neurons / seconds, 1) if seconds > 0 else 0.0}
+def size_projection(sizes: np.ndarray, shared: float, examples: int = 100, clusters=(3, 5, 10)) -> dict:
+    """Bytes per published neuron projected to `examples` examples and k clusters per neuron, from a least-squares
+    fit over this atlas's neurons: sidecar ≈ a + b·examples + c·k, pages ≈ d + e·k. `shared` (index pages, layer
+    tables, vocabulary, neuron table, token index, per neuron) is added as measured."""
+    rich = sizes[sizes[:, 0] >= 2]
+    if len(rich) < 3:
+        return {}
+    design = np.stack([np.ones(len(rich)), rich[:, 0], rich[:, 1]], axis=1).astype(np.float64)
+    sidecar = np.linalg.lstsq(design, rich[:, 2].astype(np.float64), rcond=None)[0]
+    pages = np.linalg.lstsq(design[:, [0, 2]], (rich[:, 3] + rich[:, 4]).astype(np.float64), rcond=None)[0]
+    return {str(k): round(float(sidecar @ [1, examples, k] + pages @ [1, k] + shared)) for k in clusters}
+
+
+def fingerprint(cfg: AtlasConfig) -> str:
+    """What the site depends on: config, upstream stage metas, this code, templates and static files."""
+    import hashlib
+
+    paths = AtlasPaths.of(cfg)
+    digest = hashlib.sha256()
+    for part in (cfg.config_hash(), cfg.site_url, str(Path(cfg.site_dir).resolve()), __version__,
+                 str(SIDECAR_SCHEMA)):
+        digest.update(part.encode() + b"\0")
+    sources = [paths.collect_meta, paths.embed_meta, paths.cluster_meta, paths.importance_meta,
+               paths.neighbours_meta, paths.report, Path(__file__)]
+    sources += sorted(TEMPLATES.glob("*")) + sorted(STATIC.glob("*"))
+    for source in sources:
+        digest.update(str(source.name).encode() + b"\0")
+        digest.update(source.read_bytes() if source.is_file() else b"missing")
+    return digest.hexdigest()[:16]
+
+
+def up_to_date(cfg: AtlasConfig, stamp: str) -> dict | None:
+    stats_path = AtlasPaths.of(cfg).stage("render") / "stats.json"
+    if not (Path(cfg.site_dir) / "index.html").is_file():
+        return None
+    try:
+        stats = read_json(stats_path, STATS_KIND, STATS_SCHEMA)
+    except ArtefactError:
+        return None
+    return stats if stats.get("fingerprint") == stamp else None
 
 
 def recover_interrupted(site_dir: Path) -> None:
@@ -812,43 +866,65 @@ def recover_interrupted(site_dir: Path) -> None:
     if not site_dir.exists() and old.is_dir():
         log.warning("render: restoring %s from an interrupted swap", site_dir)
         os.replace(old, site_dir)
-    for stale in sorted(site_dir.parent.glob(f".{site_dir.name}.*.tmp")) if site_dir.parent.is_dir() else []:
-        log.warning("render: removing %s left by an interrupted render", stale)
-        shutil.rmtree(stale, ignore_errors=True)
+    if site_dir.parent.is_dir():
+        for stale in sorted(site_dir.parent.glob(f".{site_dir.name}.*.tmp")):
+            log.warning("render: removing %s left by an interrupted render", stale)
+            shutil.rmtree(stale, ignore_errors=True)
 
 
-def run(cfg: AtlasConfig, vocabulary: list[str] | None = None) -> dict:
-    """Render the whole site into cfg.site_dir (atomically) and write out_dir/render/stats.json.
+def run(cfg: AtlasConfig, vocabulary: list[str] | None = None, force: bool = False) -> dict:
+    """Render the whole site into cfg.site_dir (atomically) and write out_dir/render/stats.json: bytes per neuron
+    (published files / neurons, and all local files / neurons), seconds, neurons per second, and a projection of
+    bytes per neuron at 100 examples. Skips when the site is up to date with its inputs (unless `force`).
 
-    `vocabulary` (token id -> string) replaces the tokenizer; tests use it for hostile tokens."""
+    `vocabulary` (token id -> string) replaces the model's tokenizer; tests use it for hostile tokens."""
+    from builder.stage import progress
+
+    stamp = fingerprint(cfg)
+    if vocabulary is None and not force:
+        done = up_to_date(cfg, stamp)
+        if done is not None:
+            log.info("render: up to date (%s)", cfg.site_dir)
+            return done
     started = time.perf_counter()
     atlas = load_atlas(cfg, vocabulary)
     site = Site(atlas)
     site_dir = Path(cfg.site_dir)
     recover_interrupted(site_dir)
     workers = worker_count(cfg)
-    central_tokens, central_neurons = {}, {}
+    central_tokens, central_neurons, sizes = {}, {}, []
     with atomic_dir(site_dir) as tmp:
         (tmp / ".nojekyll").write_bytes(b"")
         copy_static(tmp / "static")
         model_dir = tmp / cfg.name
-        (model_dir / "data").mkdir(parents=True)
-        write_data(model_dir / "data", "vocab", {"schema_version": SIDECAR_SCHEMA, "kind": "vocab",
-                                                 "model": cfg.name, "tokens": atlas.vocab})
-        (model_dir / "data" / "atlas.json").write_bytes(dumps(atlas_manifest(atlas)) + b"\n")
-        write_data(model_dir / "data", "neurons", neuron_table(atlas))
+        data_dir = model_dir / "data"
+        data_dir.mkdir(parents=True)
+        write_data_file(data_dir / "vocab.json", "vocab", {"schema_version": SIDECAR_SCHEMA, "kind": "vocab",
+                                                           "model": cfg.name, "tokens": atlas.vocab})
+        (data_dir / "atlas.json").write_bytes(dumps(atlas_manifest(atlas)) + b"\n")
+        write_data_file(data_dir / "neurons.json", "neurons", neuron_table(atlas))
         model_pages(site, model_dir, tmp)
-        for layer in atlas.layers:
-            data = load_layer(atlas, layer)
-            central_tokens[layer], central_neurons[layer] = central_tokens_of(data, cfg.window_before)
-            render_layer(site, data, model_dir / f"L{layer}", workers)
-            log.info("render: layer %d done", layer)
-        write_data(model_dir / "data", "tokens", token_index(atlas, central_tokens, central_neurons))
-        stats = render_stats(tmp, atlas.n_neurons, time.perf_counter() - started)
-    _job.clear()
-    stats["seconds"] = round(time.perf_counter() - started, 3)
-    stats["neurons_per_second"] = round(atlas.n_neurons / stats["seconds"], 1) if stats["seconds"] else 0.0
+        with progress(total=atlas.n_neurons, desc="render", unit="neuron") as bar:
+            for layer in atlas.layers:
+                data = load_layer(atlas, layer)
+                central_tokens[layer], central_neurons[layer] = central_tokens_of(data, cfg.window_before)
+                sizes += render_layer(site, data, model_dir / f"L{layer}", workers, bar)
+                _job.clear()
+        write_data_file(data_dir / "tokens.json", "tokens", token_index(atlas, central_tokens, central_neurons))
+        published, twins = site_bytes(tmp)
+    seconds = time.perf_counter() - started
+    n = atlas.n_neurons
+    per_neuron = np.array(sizes, np.int64).reshape(-1, 6)
+    shared = (published - per_neuron[:, 2:5].sum()) / n if n else 0.0
+    stats = {"kind": STATS_KIND, "schema_version": STATS_SCHEMA, "fingerprint": stamp, "neurons": n,
+             "total_bytes": published, "bytes_per_neuron": round(published / n, 1) if n else 0.0,
+             "local_bytes_per_neuron": round((published + twins) / n, 1) if n else 0.0,
+             "mean_examples": round(float(per_neuron[:, 0].mean()), 2) if n else 0.0,
+             "mean_clusters": round(float(per_neuron[:, 1].mean()), 2) if n else 0.0,
+             "projected_bytes_per_neuron_at_100_examples": size_projection(per_neuron, shared),
+             "seconds": round(seconds, 3), "neurons_per_second": round(n / seconds, 1) if seconds > 0 else 0.0}
     write_json(AtlasPaths.of(cfg).stage("render") / "stats.json", stats)
-    log.info("render: %d neurons in %.1f s (%.0f neurons/s), %.1f KB per neuron, site %s", stats["neurons"],
-             stats["seconds"], stats["neurons_per_second"], stats["bytes_per_neuron"] / 1000, site_dir)
+    log.info("render: %d neurons in %.1f s (%.0f neurons/s); %.1f KB per neuron published (%.1f KB with the file:// "
+             "copies); site %s", n, seconds, stats["neurons_per_second"], stats["bytes_per_neuron"] / 1000,
+             stats["local_bytes_per_neuron"] / 1000, site_dir)
     return stats

@@ -43,7 +43,7 @@ def run(cfg: AtlasConfig) -> None:
         log.info("report: up to date")
         print_report(read_json(paths.report, KIND, SCHEMA_VERSION))
         return
-    meta = read_collect_meta(paths)
+    meta = read_collect_meta(paths, cfg)
     embedding = read_metrics_table(paths)
     intra, inter = [], []
     with progress(total=len(meta["layers"]) * meta["d_mlp"], desc="report", unit="neuron") as bar:

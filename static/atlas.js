@@ -1,7 +1,7 @@
 /* Neuron Atlas: the only script of the site. No framework and no network beyond the site's own files.
  *
- * Data arrives as globals assigned by the site's data scripts (window.ATLAS_DATA[key] = <JSON>, see
- * docs/sidecar-schema.md), loaded with <script src> so pages work over file:// as well as http(s).
+ * Data comes from the site's JSON files (docs/sidecar-schema.md): fetched over http(s); over file://, where Chromium
+ * refuses fetch(), from each file's twin X.json.js (window.ATLAS_DATA[key] = <the same JSON>) through <script src>.
  * Safety: dataset text is hostile, so text is only ever inserted with textContent (never innerHTML), and styles
  * only through the CSSOM (the Content-Security-Policy forbids inline script and inline style attributes).
  */
@@ -67,6 +67,28 @@
     if (value === null || value === undefined || !isFinite(value)) return "\u2013";
     return Number(value).toPrecision(digits || 3).replace(/(\.\d*?)0+$/, "$1").replace(/\.$/, "");
   }
+
+  /* The JSON document `url` (relative to this page), stored under `key` once loaded. */
+  function loadData(key, url) {
+    if (data(key)) return Promise.resolve(data(key));
+    var loaded;
+    if (window.location.protocol === "file:") {
+      loaded = loadScript(url + ".js").then(function () {
+        if (!data(key)) throw new Error(url + ".js did not define " + key);
+        return data(key);
+      });
+    } else {
+      loaded = fetch(url).then(function (response) {
+        if (!response.ok) throw new Error("cannot load " + url + " (HTTP " + response.status + ")");
+        return response.json();
+      }).then(function (document) {
+        (window.ATLAS_DATA = window.ATLAS_DATA || {})[key] = document;
+        return document;
+      });
+    }
+    return loaded;
+  }
+  Atlas.loadData = loadData;
 
   function loadScript(src) {
     return new Promise(function (resolve, reject) {
@@ -269,7 +291,8 @@
   }
 
   function renderCluster(section, N, vocab, k, shown) {
-    var box = section.querySelector(".examples");
+    var box = el("div", { class: "examples" });
+    section.appendChild(box);
     var order = clusterOrder(N, k);
     var append = function (from, to) {
       for (var j = from; j < to; j++) box.appendChild(renderExample(N, vocab, order[j]));
@@ -293,8 +316,8 @@
   function renderSimilar(section, N, k, open) {
     var rows = [];
     for (var i = 0; i < N.neighbours.length; i += 5) if (N.neighbours[i] === k) rows.push(i);
-    var box = section.querySelector(".similar");
-    if (!box) return;
+    var box = el("div", { class: "similar" });
+    section.appendChild(box);
     var details = el("details", open ? { open: "" } : {});
     details.appendChild(el("summary", null, "Similar features (" + rows.length + ")"));
     if (!rows.length) details.appendChild(el("p", null, "No feature above the similarity threshold."));
@@ -440,14 +463,18 @@
   // ------------------------------------------------------------------------------------------------ pages
 
   async function initNeuron() {
-    var raw = data("neuron");
-    var vocab = (data("vocab") || {}).tokens || [];
-    if (!raw) { document.querySelector("main").prepend(el("p", { class: "error" }, "This page's data file is missing.")); return; }
+    var featureId = body().feature;
+    var loaded = await Promise.all([loadData("neuron", featureId === undefined ? "neuron.json" : "../neuron.json"),
+                                    loadData("vocab", modelRoot() + "data/vocab.json")]);
+    var raw = loaded[0], vocab = loaded[1].tokens;
     var N = await decodeNeuron(raw);
     Atlas.neuron = N;
     currentLabels = N.labels;
-    var featureId = body().feature;
-    document.querySelectorAll(".swatch").forEach(function (s) { s.style.backgroundColor = colour(Number(s.dataset.cluster)); });
+    document.querySelectorAll("section.feature[id] h3").forEach(function (h) {
+      var swatch = el("span", { class: "swatch", "aria-hidden": "true" });
+      swatch.style.backgroundColor = colour(Number(h.parentNode.dataset.cluster));
+      h.prepend(swatch);
+    });
     drawHistogram(document.getElementById("hist"), raw.histogram, raw.max_activation, raw.provenance.threshold);
     document.querySelectorAll("section.feature").forEach(function (section) {
       var k = Number(section.dataset.cluster);
@@ -484,10 +511,10 @@
   // The model index: sortable, filterable, paged table of every neuron, and search.
   var PAGE = 50;
 
-  function initModel() {
-    var table = data("neurons");
+  async function initModel() {
     var tbody = document.querySelector("#neurons tbody");
-    if (!table || !tbody) return;
+    if (!tbody) return;
+    var table = await loadData("neurons", "data/neurons.json");
     var cols = table.columns, d = table.d_mlp, layers = table.layers;
     var total = layers.length * d;
     var state = { col: "row", dir: 1, page: 0 };
@@ -566,8 +593,8 @@
   async function tokenSearch(query, results) {
     results.textContent = "Searching\u2026";
     try {
-      if (!data("vocab")) await loadScript(modelRoot() + "data/vocab.js");
-      if (!data("tokens")) await loadScript(modelRoot() + "data/tokens.js");
+      await Promise.all([loadData("vocab", modelRoot() + "data/vocab.json"),
+                         loadData("tokens", modelRoot() + "data/tokens.json")]);
     } catch (error) {
       results.textContent = "The token index could not be loaded.";
       return;
@@ -651,6 +678,15 @@
   function initChrome() {
     var header = document.querySelector("header.top");
     if (header) {
+      var form = el("form", { class: "search", role: "search" });
+      var input = el("input", { type: "search", id: "q", name: "q", placeholder: "L3 N42, 3/42 or a token",
+                                "aria-label": "Search neurons (L3 N42, 3/42) or tokens", autocomplete: "off" });
+      form.appendChild(input);
+      form.addEventListener("submit", function (e) {
+        e.preventDefault();
+        search(input.value);
+      });
+      header.appendChild(form);
       var button = el("button", { type: "button", id: "theme" });
       var label = function () {
         var dark = effectiveTheme() === "dark";
@@ -683,13 +719,6 @@
         else fallback();
       });
       cite.after(copy);
-    }
-    var form = document.querySelector("form.search");
-    if (form) {
-      form.addEventListener("submit", function (e) {
-        e.preventDefault();
-        search(document.getElementById("q").value);
-      });
     }
     document.querySelectorAll("a.random").forEach(function (a) {
       a.addEventListener("click", function (e) { e.preventDefault(); randomNeuron(); });
@@ -730,7 +759,7 @@
     try {
       if (kind === "neuron" || kind === "feature") await initNeuron();
       if (kind === "model") {
-        initModel();
+        await initModel();
         var query = queryFromLocation();
         if (query) { document.getElementById("q").value = query; search(query); }
       }

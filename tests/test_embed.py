@@ -194,7 +194,8 @@ def test_embed_refuses_a_collect_artefact_from_a_different_model_of_the_same_sha
     tokenizer.save_pretrained(twin)
     cfg = make_config(tiny_gpt2)
     collect.run(cfg)
-    with pytest.raises(ArtefactError, match="re-run collect"):
+    # the config hash names the model, so the stale collect artefact is refused before any identity check
+    with pytest.raises(ArtefactError, match="run `atlas collect`"):
         embed.run(dataclasses.replace(cfg, model=str(twin)))
 
 
