@@ -66,9 +66,9 @@ REPO = Path(__file__).resolve().parents[1]
 TEMPLATES = REPO / "templates"
 STATIC = REPO / "static"
 
-# No inline script or style may run; scripts and styles only from the site itself. (`'self'` also matches file: URLs
-# for a page opened over file://.)
-CSP = "default-src 'self'; script-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'"
+# No inline script or style may run; scripts, styles and data only from the site itself (`'self'` also matches file:
+# URLs for a page opened over file://). A constant, so templates may print it unescaped.
+CSP = "default-src 'self'; script-src 'self'; object-src 'none'; base-uri 'none'"
 
 MISSING_U8 = 255  # quantised activation/importance: outside the sequence / not scored
 QUANT_LEVELS = 254  # uint8 codes 0..254 span the range
@@ -613,8 +613,9 @@ def render_neuron(site: Site, data: LayerData, neuron: int, folder: Path) -> tup
         ("Inter-cluster distance", fmt(metrics["inter_distance"]))]
 
     def logit_list(side: str) -> list[dict]:
-        return [{"text": display_token(atlas.vocab[i]) if i < len(atlas.vocab) else f"<{i}>", "value": fmt(v, 3)}
-                for i, v in sidecar["logits"][side]]
+        texts = [(display_token(atlas.vocab[i]) if i < len(atlas.vocab) else f"<{i}>", v)
+                 for i, v in sidecar["logits"][side]]
+        return [{"text": text, "value": fmt(v, 3), "bidi": bool(BIDI_CONTROLS.search(text))} for text, v in texts]
 
     distances = data.linkage[int(data.linkage_offsets[neuron]):int(data.linkage_offsets[neuron + 1]), 2]
     cut_max = max(1.0, math.ceil(float(distances.max()) * 20) / 20) if len(distances) else 1.0
@@ -654,17 +655,20 @@ def worker_count(cfg: AtlasConfig) -> int:
     return cfg.workers or os.cpu_count() or 1
 
 
+POOL_MIN_NEURONS = 64  # fewer neurons per layer than this render in-process (forking costs more than it saves)
+
+
 def render_layer(site: Site, data: LayerData, base: Path, workers: int, bar) -> list[tuple[int, ...]]:
     """Render every neuron of a layer, across `workers` forked processes; returns render_neuron's tuples."""
     _job.update(site=site, data=data, base=base)
     d_mlp = site.atlas.d_mlp
     sizes: list[tuple[int, ...]] = []
-    if workers <= 1 or d_mlp < 64 or "fork" not in multiprocessing.get_all_start_methods():
+    if workers <= 1 or d_mlp < POOL_MIN_NEURONS or "fork" not in multiprocessing.get_all_start_methods():
         for neuron in range(d_mlp):
             sizes.extend(_render_range(range(neuron, neuron + 1)))
             bar.update(1)
         return sizes
-    chunk = max(8, min(64, d_mlp // (workers * 8) or 1))
+    chunk = max(1, min(64, d_mlp // (workers * 8)))
     ranges = [range(start, min(d_mlp, start + chunk)) for start in range(0, d_mlp, chunk)]
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork")) as pool:
         for part in pool.map(_render_range, ranges):

@@ -385,7 +385,7 @@
   }
 
   function Dendrogram(box, N, onCut) {
-    var n = N.n, W = 600, H = 220, left = 34, bottom = 14, top = 8;
+    var n = N.n, W = 900, H = 190, left = 34, bottom = 12, top = 8;
     var md = maxDistances(N.children, N.distance, n);
     var ymax = Math.max(Number(document.getElementById("cut").max) || 1, md.length ? md[md.length - 1] : 0) * 1.02;
     var y = function (d) { return top + (1 - d / ymax) * (H - top - bottom); };

@@ -59,7 +59,7 @@ def write_artefacts(cfg: AtlasConfig, seed: int = 0) -> None:
     tokens = rng.integers(len(HOSTILE) + 1, len(VOCAB), size=(N_SEQ, CONTEXT)).astype(np.int32)
     tokens[:, 0] = 0
     # Hostile tokens everywhere they can do harm: at max tokens and in context.
-    tokens[1, 5:5 + len(HOSTILE)] = list(HOSTILE_ID.values())
+    tokens[1, 1:1 + len(HOSTILE)] = list(HOSTILE_ID.values())  # all inside the window of position 5
     tokens[3, 7] = HOSTILE_ID["script"]
     tokens[4, 2:6] = [HOSTILE_ID["img"], HOSTILE_ID["rtl"], HOSTILE_ID["template"], HOSTILE_ID["surrogate"]]
 
@@ -97,12 +97,14 @@ def write_artefacts(cfg: AtlasConfig, seed: int = 0) -> None:
                   vector_pos=np.array(poss, np.int32), vectors=vectors,
                   histogram=histograms(rng), histogram_edges=collect.HISTOGRAM_EDGES)
         top = rng.integers(1, len(VOCAB), size=(D_MLP, 10)).astype(np.int32)
-        top[0, :3] = [HOSTILE_ID["script"], HOSTILE_ID["img"], HOSTILE_ID["newline"]]
+        top[0, :5] = [HOSTILE_ID[name] for name in ("script", "img", "newline", "template", "entity")]
+        bottom = rng.integers(1, len(VOCAB), size=(D_MLP, 10)).astype(np.int32)
+        bottom[0, :3] = [HOSTILE_ID[name] for name in ("rtl", "zero_width", "surrogate")]
         write_npz(paths.layer_weights(layer), embed.LAYER_KIND, embed.SCHEMA_VERSION,
                   w_in=rng.normal(size=(D_MODEL, D_MLP)).astype(np.float32), b_in=np.zeros(D_MLP, np.float32),
                   logit_top_ids=top, logit_top_values=np.sort(rng.uniform(0.5, 3, (D_MLP, 10)))[:, ::-1].astype(
                       np.float32),
-                  logit_bottom_ids=rng.integers(1, len(VOCAB), size=(D_MLP, 10)).astype(np.int32),
+                  logit_bottom_ids=bottom,
                   logit_bottom_values=np.sort(rng.uniform(-3, -0.5, (D_MLP, 10))).astype(np.float32))
         results = []
         for neuron, count in enumerate(counts):

@@ -1,0 +1,348 @@
+"""The rendered site in a real headless Chromium (Debian's /usr/bin/chromium, driven by Playwright; never
+`playwright install`): pages load without console errors under the strict CSP, tokens are coloured and show their
+values, importance and dendrogram re-cutting work, keyboard navigation, search and the neuron table work, hostile
+tokens run nothing, and the site works from a sub-path, over file:// and on a phone-sized screen. A screenshot of a
+neuron page is saved to test-artifacts/neuron.png.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import re
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import render_fixtures as fx
+from builder.cluster import ranked_labels, read_layer_clusters
+from builder.paths import AtlasPaths
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "tiny-atlas"
+NEURON = f"{MODEL}/L0/N0/index.html"
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format, *args):  # noqa: A002 - the base class's name
+        pass
+
+
+def serve(directory: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler,
+                                                                                 directory=str(directory)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/"
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """The synthetic site at www/sub/path/atlas, served at the root of one server and below /sub/path/ of another."""
+    folder = tmp_path_factory.mktemp("browser")
+    cfg = fx.build_site(folder, site_dir=str(folder / "www" / "sub" / "path" / "atlas"))
+    root_server, root_url = serve(Path(cfg.site_dir))
+    sub_server, sub_url = serve(folder / "www")
+    yield {"cfg": cfg, "dir": Path(cfg.site_dir), "url": root_url, "sub": sub_url + "sub/path/atlas/"}
+    root_server.shutdown()
+    sub_server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.is_file():
+        pytest.fail("Chromium is missing: run `make browser` (apt-get install chromium); never `playwright install`")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        yield chromium
+        chromium.close()
+
+
+class Tab:
+    """A fresh page that records console errors, uncaught exceptions and dialogs."""
+
+    def __init__(self, browser, **options):
+        self.context = browser.new_context(**options)
+        self.page = self.context.new_page()
+        self.errors: list[str] = []
+        self.dialogs: list[str] = []
+        self.page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.page.on("dialog", self._dialog)
+
+    def _dialog(self, dialog):
+        self.dialogs.append(dialog.message)
+        dialog.dismiss()
+
+    def open(self, url: str):
+        self.page.goto(url)
+        self.page.wait_for_selector("html[data-ready=true]", timeout=10_000)
+        return self.page
+
+    def close(self):
+        self.context.close()
+
+
+@pytest.fixture
+def tab(browser):
+    opened = Tab(browser)
+    yield opened
+    opened.close()
+
+
+def indexed_word(site) -> str:
+    """A plain word that the token index lists (some feature's central example peaks on it)."""
+    import json
+
+    index = json.loads((site["dir"] / MODEL / "data" / "tokens.json").read_text())
+    words = [fx.VOCAB[t] for t in index["token_ids"] if fx.VOCAB[t] in fx.WORDS and fx.VOCAB[t].strip().isalpha()]
+    assert words, "the fixture's token index lists no plain word"
+    return words[0]
+
+
+def alpha(colour: str) -> float:
+    """Opacity of a computed CSS colour ('rgb(…)' is opaque, 'rgba(…, a)' has alpha a)."""
+    numbers = [float(x) for x in re.findall(r"[\d.]+", colour)]
+    return numbers[3] if colour.startswith("rgba") else 1.0
+
+
+def token_colours(page, selector: str = ".example") -> list[str]:
+    return page.eval_on_selector(selector, "card => [...card.querySelectorAll('.tok')].map("
+                                           "t => getComputedStyle(t).backgroundColor)")
+
+
+def test_a_neuron_page_loads_without_console_errors(site, tab):
+    page = tab.open(site["url"] + NEURON)
+    assert page.locator(".example").count() == 8  # every example of the neuron, central ones first
+    assert page.locator("#dendro svg .leaf").count() == 8
+    assert page.locator("#hist svg .bar").count() > 10
+    assert page.locator("section.feature .similar details").count() == len(page.locator("section.feature").all())
+    assert tab.errors == []
+
+
+def test_high_activation_tokens_get_a_visibly_different_background(site, tab):
+    page = tab.open(site["url"] + NEURON)
+    styles = page.eval_on_selector(".example", """card => [...card.querySelectorAll('.tok')].map(t => ({
+        max: t.classList.contains('max'), act: t._act, bg: getComputedStyle(t).backgroundColor}))""")
+    top = next(s for s in styles if s["max"])
+    low = min(styles, key=lambda s: abs(s["act"]))
+    assert top["bg"] != low["bg"]
+    assert alpha(top["bg"]) > 0.75 and alpha(low["bg"]) < 0.25
+
+
+def test_the_importance_toggle_changes_token_colours(site, tab):
+    page = tab.open(site["url"] + NEURON)
+    before = token_colours(page)
+    toggle = page.locator(".example .imp-toggle").first
+    toggle.click()
+    assert toggle.get_attribute("aria-pressed") == "true"
+    after = token_colours(page)
+    assert after != before
+    assert any("0, 160, 90" in colour for colour in after)  # the importance (green) scale
+    toggle.click()
+    assert token_colours(page) == before
+    page.click("#imp-all")
+    assert all(t.get_attribute("aria-pressed") == "true" for t in page.locator(".imp-toggle").all())
+
+
+def test_tokens_show_their_value_on_focus_and_arrows_move_between_them(site, tab):
+    page = tab.open(site["url"] + NEURON)
+    first = page.locator(".example .tok.max").first
+    assert first.get_attribute("tabindex") == "0"
+    first.focus()
+    tip = page.locator("#atlas-tip")
+    assert tip.is_visible() and "activation" in tip.text_content() and "offset 0" in tip.text_content()
+    page.keyboard.press("ArrowRight")
+    assert page.evaluate("document.activeElement._offset") == 1
+    assert "offset +1" in tip.text_content()
+    page.locator(".example .tok").first.hover()
+    assert tip.is_visible()
+
+
+def test_keyboard_shortcuts_move_between_neurons_and_focus_search(site, tab):
+    page = tab.open(site["url"] + NEURON)
+    page.keyboard.press("j")
+    page.wait_for_url("**/L0/N1/index.html")
+    page.keyboard.press("k")
+    page.wait_for_url("**/L0/N0/index.html")
+    page.keyboard.press("n")
+    page.wait_for_url("**/L0/N1/index.html")
+    page.keyboard.press("p")
+    page.wait_for_url("**/L0/N0/index.html")
+    page.wait_for_selector("html[data-ready=true]")
+    page.keyboard.press("/")
+    assert page.evaluate("document.activeElement.id") == "q"
+    page.keyboard.type("j")  # typing in the search box is not a shortcut
+    assert page.url.endswith("/L0/N0/index.html")
+    page.keyboard.press("Escape")
+    page.keyboard.press("r")
+    page.wait_for_url(re.compile(r".*/tiny-atlas/L[02]/N[0-4]/index\.html$"))
+    assert tab.errors == []
+
+
+def test_hostile_tokens_fire_no_dialog_and_show_their_text_literally(site, tab):
+    page = tab.open(site["url"] + NEURON)
+    texts = page.eval_on_selector_all(".tok", "tokens => tokens.map(t => t.textContent)")
+    for hostile in ("</script><script>alert(1)</script>", "\"><img src=x onerror=alert(1)>", "{{7*7}}", "&amp;",
+                    "\u202eevil\u202c", "zero\u200bwidth\u200d", "lone\ufffdsurrogate"):
+        assert hostile in texts, hostile
+    for locator in page.locator(".tok").all()[:60]:
+        locator.hover()  # the tooltip shows each token too
+    page.locator("#q").fill("<img src=x onerror=alert(1)>")
+    page.locator("#q").press("Enter")
+    page.wait_for_url("**/tiny-atlas/index.html#q=*")
+    page.wait_for_selector("#results p")
+    assert "<img src=x onerror=alert(1)>" in page.text_content("#results")
+    page.wait_for_timeout(300)
+    assert page.locator("img").count() == 0
+    assert tab.dialogs == [] and tab.errors == []
+
+
+def test_dragging_the_threshold_recuts_the_dendrogram_like_scipy(site, tab):
+    from scipy.cluster.hierarchy import fcluster
+
+    page = tab.open(site["url"] + NEURON)
+    clusters = read_layer_clusters(AtlasPaths.of(site["cfg"]), 0)
+    tree = clusters["linkage"][clusters["linkage_offsets"][0]:clusters["linkage_offsets"][1]]
+    for t in (0.05, 0.2, 0.35, 0.5, 0.8, 1.1, 1.6):
+        expected = ranked_labels(fcluster(tree, t=t, criterion="distance"))
+        found = page.evaluate("t => Array.from(Atlas.fcluster(Atlas.neuron.children, Atlas.neuron.distance, "
+                              "Atlas.neuron.n, t))", t)
+        assert found == expected.tolist(), t
+    leaves = lambda: page.eval_on_selector_all("#dendro .leaf", "ls => ls.map(l => l.style.fill)")  # noqa: E731
+    at_default = leaves()
+    assert len(set(at_default)) == 2 and page.text_content("#cut-k").startswith("2 clusters")
+    page.locator("#cut").fill("0.01")
+    assert page.text_content("#cut-k").startswith("8 clusters") and len(set(leaves())) == 8
+    assert page.text_content("#cut-out") == "0.01"
+    page.locator("#cut").fill("2")
+    assert page.text_content("#cut-k").startswith("1 cluster") and len(set(leaves())) == 1
+    chips = page.eval_on_selector_all(".example", "cards => cards.map(c => c.style.borderLeftColor)")
+    assert len(set(chips)) == 1
+
+
+def test_a_feature_page_shows_its_cluster_from_the_neuron_sidecar(site, tab):
+    import json
+
+    doc = json.loads((site["dir"] / MODEL / "L0" / "N0" / "neuron.json").read_text())
+    page = tab.open(site["url"] + f"{MODEL}/L0/N0/F1/index.html")
+    assert page.locator(".example").count() == doc["clusters"][1]["size"]
+    assert page.locator(".ex-static").first.is_hidden()  # replaced by the coloured version
+    links = page.eval_on_selector_all(".similar a", "as => as.map(a => a.getAttribute('href'))")
+    for href in links:
+        assert re.fullmatch(r"(\.\./)+L\d/N\d/F\d/index\.html", href)
+    assert page.locator(".crumbs a", has_text="Neuron 0").get_attribute("href") == "../index.html"
+    assert tab.errors == []
+
+
+def test_the_index_table_sorts_filters_and_search_finds_neurons_and_tokens(site, tab):
+    page = tab.open(site["url"] + f"{MODEL}/index.html")
+    rows = lambda: page.eval_on_selector_all("#neurons tbody tr td:first-child", "ts => ts.map(t => t.textContent)")  # noqa: E731
+    assert rows()[:3] == ["L0 N0", "L0 N1", "L0 N2"] and len(rows()) == 10
+    page.click("th button[data-col=n_examples]")
+    counts = page.eval_on_selector_all("#neurons tbody tr td:nth-child(3)", "ts => ts.map(t => +t.textContent)")
+    assert counts == sorted(counts, reverse=True) and counts[0] == 8
+    assert page.get_attribute("th:has(button[data-col=n_examples])", "aria-sort") == "descending"
+    page.select_option("#f-layer", "2")
+    assert all(r.startswith("L2 ") for r in rows()) and len(rows()) == 5
+    page.fill("#f-k", "2")
+    assert 0 < len(rows()) < 5
+    page.fill("#q", "2/3")
+    page.press("#q", "Enter")
+    page.wait_for_url("**/tiny-atlas/L2/N3/index.html")
+    tab.open(site["url"] + f"{MODEL}/index.html")
+    word = indexed_word(site)
+    page.fill("#q", f"  {word.strip().upper()} ")  # matched ignoring case and surrounding spaces
+    page.press("#q", "Enter")
+    page.wait_for_selector("#results .token-hit")
+    assert f'"{word}"' in page.text_content("#results")
+    assert page.locator("#results .token-hit a").count() >= 1
+    page.fill("#q", "L7 N0")
+    page.press("#q", "Enter")
+    assert "No neuron L7 N0" in page.text_content("#results")
+    assert tab.errors == []
+
+
+def test_dark_mode_follows_the_system_and_the_toggle_persists(site, browser):
+    dark = Tab(browser, color_scheme="dark")
+    try:
+        page = dark.open(site["url"] + NEURON)
+        background = lambda: page.evaluate("getComputedStyle(document.body).backgroundColor")  # noqa: E731
+        assert background() == "rgb(20, 22, 25)"
+        page.click("#theme")
+        assert page.get_attribute("html", "data-theme") == "light" and background() == "rgb(253, 253, 252)"
+        page.reload()
+        page.wait_for_selector("html[data-ready=true]")
+        assert page.get_attribute("html", "data-theme") == "light" and background() == "rgb(253, 253, 252)"
+        page.click("#theme")
+        assert background() == "rgb(20, 22, 25)"
+    finally:
+        dark.close()
+
+
+def test_focus_is_visible_on_links_and_tokens(site, tab):
+    page = tab.open(site["url"] + NEURON)
+    page.keyboard.press("Tab")
+    outline = page.evaluate("getComputedStyle(document.activeElement).outlineStyle")
+    assert outline not in ("", "none")
+    page.locator(".tok.max").first.focus()
+    assert page.evaluate("getComputedStyle(document.activeElement).outlineStyle") not in ("", "none")
+
+
+def test_pages_fit_a_phone_screen(site, browser):
+    phone = Tab(browser, viewport={"width": 375, "height": 740}, device_scale_factor=2, is_mobile=True)
+    try:
+        for path in (NEURON, f"{MODEL}/index.html", f"{MODEL}/L0/N0/F0/index.html"):
+            page = phone.open(site["url"] + path)
+            overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
+            assert overflow <= 1, f"{path} is {overflow}px wider than a phone"
+        assert phone.errors == []
+    finally:
+        phone.close()
+
+
+def test_the_site_works_from_a_sub_path(site, tab):
+    page = tab.open(site["sub"] + NEURON)
+    assert page.locator(".example").count() == 8
+    assert page.evaluate("getComputedStyle(document.querySelector('dl.metrics')).display") == "grid"  # CSS loaded
+    page.click(".crumbs a:has-text('tiny-atlas')")
+    page.wait_for_selector("#neurons tbody tr")
+    assert "/sub/path/atlas/tiny-atlas/index.html" in page.url
+    page.click("#neurons tbody tr a >> nth=1")
+    page.wait_for_url("**/sub/path/atlas/tiny-atlas/L0/N1/index.html")
+    assert tab.errors == []
+
+
+def test_the_site_works_over_file_urls(site, tab):
+    page = tab.open((site["dir"] / MODEL / "L0" / "N0" / "index.html").as_uri())
+    assert page.locator(".example").count() == 8 and page.locator("#dendro svg").count() == 1
+    page = tab.open((site["dir"] / MODEL / "L0" / "N0" / "F0" / "index.html").as_uri())
+    assert page.locator(".example").count() >= 1
+    page = tab.open((site["dir"] / MODEL / "index.html").as_uri())
+    assert page.locator("#neurons tbody tr").count() == 10
+    page.fill("#q", indexed_word(site))
+    page.press("#q", "Enter")
+    page.wait_for_selector("#results .token-hit")
+    page = tab.open((site["dir"] / "index.html").as_uri())
+    page.click("a.random")
+    page.wait_for_url(re.compile(r".*/L\d/N\d/index\.html$"))
+    assert tab.errors == []
+
+
+def test_a_screenshot_of_a_neuron_page_is_saved(site, browser):
+    shot = Tab(browser, viewport={"width": 1200, "height": 900})
+    try:
+        page = shot.open(site["url"] + NEURON)
+        target = ROOT / "test-artifacts" / "neuron.png"
+        target.parent.mkdir(exist_ok=True)
+        page.screenshot(path=str(target), full_page=True)
+        assert target.stat().st_size > 20_000
+        assert np.frombuffer(target.read_bytes()[:8], np.uint8).tolist() == [137, 80, 78, 71, 13, 10, 26, 10]
+    finally:
+        shot.close()

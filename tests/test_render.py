@@ -1,0 +1,509 @@
+"""The renderer on a tiny synthetic atlas (tests/render_fixtures.py): hostile tokens render literally and safely, the
+compact encodings round-trip within their stated error, URLs and links are as documented, every page carries the
+CSP, renders are byte-identical and atomic, missing inputs are named with the stage that writes them, and the output
+matches the golden site in tests/golden/site.
+
+Regenerate the golden site after an intended output change with:
+
+    ATLAS_UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/test_render.py -k golden
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+import re
+import shutil
+import subprocess
+import zlib
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+
+import render_fixtures as fx
+from builder import render
+from builder.artefacts import read_npz
+from builder.cluster import read_layer_clusters
+from builder.collect import read_layer_examples, read_tokens
+from builder.config import AtlasConfig
+from builder.errors import ArtefactError
+from builder.importance import read_layer_importance
+from builder.paths import AtlasPaths
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = Path(__file__).parent / "golden" / "site"
+MODEL = "tiny-atlas"
+
+
+def site_files(site: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(site)): p.read_bytes() for p in sorted(site.rglob("*")) if p.is_file()}
+
+
+def html_pages(site: Path) -> list[Path]:
+    return sorted(site.rglob("*.html"))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> tuple[AtlasConfig, Path]:
+    folder = tmp_path_factory.mktemp("render")
+    cfg = fx.build_site(folder)
+    return cfg, Path(cfg.site_dir)
+
+
+def sidecar(site: Path, layer: int, neuron: int) -> dict:
+    return json.loads((site / MODEL / f"L{layer}" / f"N{neuron}" / "neuron.json").read_text(encoding="utf-8"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hostile text
+
+
+def test_hostile_tokens_appear_only_escaped_in_html(built):
+    _, site = built
+    raw_markup = ["<script>alert", "<img src=x", "onerror=alert(1)>"]
+    for page in html_pages(site):
+        text = page.read_text(encoding="utf-8")
+        for needle in raw_markup:
+            assert needle not in text, f"{page} contains unescaped {needle!r}"
+    neuron_page = (site / MODEL / "L0" / "N0" / "index.html").read_text(encoding="utf-8")
+    assert "&lt;/script&gt;&lt;script&gt;alert(1)&lt;/script&gt;" in neuron_page
+    assert "&#34;&gt;&lt;img src=x onerror=alert(1)&gt;" in neuron_page
+    assert "<code>{{7*7}}</code>" in neuron_page and "<code>&amp;amp;</code>" in neuron_page  # not evaluated
+    assert "<bdi><code>\u202eevil\u202c</code></bdi>" in neuron_page  # bidi override isolated, kept literally
+    assert "<code>zero\u200bwidth\u200d</code>" in neuron_page
+    assert "<code>lone\ufffdsurrogate</code>" in neuron_page
+    assert "<code>\u21b5</code>" in neuron_page  # a newline token, visible
+
+
+def test_pages_run_no_inline_script_and_load_only_the_site_script(built):
+    _, site = built
+    for page in html_pages(site):
+        text = page.read_text(encoding="utf-8")
+        tags = re.findall(r"<script\b[^>]*>", text)
+        assert tags, f"{page} loads no script"
+        for tag in tags:
+            assert re.fullmatch(r'<script src="(\.\./)*static/atlas\.js">', tag), f"{page}: {tag}"
+        assert len(re.findall(r"<script\b[^>]*></script>", text)) == len(tags), f"{page} has inline script"
+        for tag in re.findall(r"<[a-zA-Z][^>]*>", text):  # real tags only: escaped text has no '<'
+            assert re.search(r"\son[a-z]+\s*=", tag) is None, f"{page} has an inline event handler: {tag}"
+            assert re.search(r"\sstyle\s*=", tag) is None, f"{page} has an inline style attribute: {tag}"
+
+
+def test_every_page_has_a_csp_meta_forbidding_inline_script_before_any_resource(built):
+    _, site = built
+    for page in html_pages(site):
+        text = page.read_text(encoding="utf-8")
+        match = re.search(r'<meta http-equiv="Content-Security-Policy" content="([^"]+)">', text)
+        assert match, f"{page} lacks a CSP meta tag"
+        policy = html.unescape(match.group(1))
+        assert "script-src 'self'" in policy and "unsafe-inline" not in policy and "unsafe-eval" not in policy
+        assert "default-src 'self'" in policy and "object-src 'none'" in policy
+        first_resource = min(text.index(tag) for tag in ("<script", "<link") if tag in text)
+        assert match.start() < first_resource, f"{page}: CSP must precede scripts and styles"
+
+
+def test_hostile_tokens_survive_the_json_files_exactly(built):
+    _, site = built
+    vocab = json.loads((site / MODEL / "data" / "vocab.json").read_text(encoding="utf-8"))["tokens"]
+    expected = [render.clean_text(token) for token in fx.VOCAB]
+    assert vocab == expected
+    assert vocab[fx.HOSTILE_ID["script"]] == "</script><script>alert(1)</script>"
+    assert vocab[fx.HOSTILE_ID["surrogate"]] == "lone\ufffdsurrogate"
+    twin = (site / MODEL / "data" / "vocab.json.js").read_bytes()
+    assert twin == render.js_wrapper("vocab", (site / MODEL / "data" / "vocab.json").read_bytes().rstrip(b"\n"))
+
+
+def test_lone_surrogates_become_replacement_characters_and_pairs_are_joined():
+    assert render.clean_text("a\ud800b") == "a\ufffdb"
+    assert render.clean_text("\udfff") == "\ufffd"
+    assert render.clean_text("\ud83d\ude00") == "\U0001F600"  # a valid pair written as two code units
+    assert render.clean_text("plain é 😀") == "plain é 😀"
+    render.clean_text("x\ud800").encode("utf-8")  # encodable afterwards
+
+
+def test_control_characters_display_as_symbols_and_bidi_text_stays_literal():
+    assert render.display_token("a\nb\tc\x00\x7f") == "a\u21b5b\u21e5c\u2400\u2421"
+    assert render.display_token("\u202eevil\u200b") == "\u202eevil\u200b"
+
+
+def test_bibtex_fields_escape_tex_specials():
+    assert render.bibtex_escape("a_b%c&d#e{f}g$h") == r"a\_b\%c\&d\#e\{f\}g\$h"
+    assert render.bibtex_escape("x\\y^z~") == r"x\textbackslash{}y\^{}z\~{}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Encodings
+
+
+@pytest.mark.parametrize("dtype", ["u1", "u2", "u4", "i4", "f4"])
+def test_packed_arrays_round_trip_exactly(dtype):
+    rng = np.random.default_rng(3)
+    values = (rng.normal(size=57) * 1000).astype(np.dtype(f"<{dtype}")) if dtype in ("i4", "f4") else \
+        rng.integers(0, np.iinfo(np.dtype(dtype)).max, size=57).astype(np.dtype(f"<{dtype}"))
+    text = render.pack(values, dtype)
+    assert re.fullmatch(r"[A-Za-z0-9+/=]+", text)
+    assert np.array_equal(render.unpack(text, dtype), values)
+    assert zlib.decompress(base64.b64decode(text)) == values.tobytes()
+
+
+def test_quantised_activations_are_within_half_a_step_and_keep_missing_values():
+    rng = np.random.default_rng(0)
+    window = rng.normal(1.0, 3.0, size=(40, 25)).astype(np.float32)
+    window[rng.random(window.shape) < 0.1] = np.nan
+    lo, hi = render.activation_range(window, 5.0)
+    assert lo <= np.nanmin(window) and hi >= max(5.0, np.nanmax(window))
+    codes = render.quantise_activations(window, lo, hi)
+    assert codes.dtype == np.uint8 and codes.max() == render.MISSING_U8 and codes[~np.isnan(window)].max() <= 254
+    decoded = render.dequantise_activations(codes, lo, hi)
+    assert np.array_equal(np.isnan(decoded), np.isnan(window))
+    step = (hi - lo) / 254
+    assert np.nanmax(np.abs(decoded - window)) <= step / 2 + 1e-9
+    assert np.nanmax(np.abs(decoded - window)) > step / 10  # the bound is tight enough to mean something
+
+
+def test_quantised_importances_are_within_half_a_step():
+    rng = np.random.default_rng(1)
+    scores = rng.uniform(0, 1, size=(30, 21)).astype(np.float32)
+    scores[:, :3] = np.nan
+    decoded = render.dequantise_importance(render.quantise_importance(scores))
+    assert np.array_equal(np.isnan(decoded), np.isnan(scores))
+    assert np.nanmax(np.abs(decoded - scores)) <= 0.5 / 254 + 1e-9
+
+
+def test_sidecar_decodes_back_to_the_artefacts(built):
+    cfg, site = built
+    paths = AtlasPaths.of(cfg)
+    examples = read_layer_examples(paths, 0)
+    clusters = read_layer_clusters(paths, 0)
+    scores = read_layer_importance(paths, 0)["importance"]
+    tokens = read_tokens(paths)
+    neuron = 0
+    part = examples.neuron_slice(neuron)
+    doc = sidecar(site, 0, neuron)
+    ex = doc["examples"]
+    n, width = ex["count"], cfg.window_before + 1 + cfg.window_after
+    assert n == part.stop - part.start == 8
+    lo, hi = ex["activation_range"]
+    decoded = render.dequantise_activations(render.unpack(ex["activation"], "u1").reshape(n, width), lo, hi)
+    window = examples.window[part]
+    assert np.array_equal(np.isnan(decoded), np.isnan(window))
+    assert np.nanmax(np.abs(decoded - window)) <= (hi - lo) / 508 + 1e-6
+    importance = render.dequantise_importance(render.unpack(ex["importance"], "u1").reshape(n, -1))
+    assert np.nanmax(np.abs(importance - scores[part])) <= 1 / 508 + 1e-6
+    ids = render.unpack(ex["tokens"], ex["token_dtype"]).reshape(n, width)
+    seq, pos = render.unpack(ex["sequence"], "u4"), render.unpack(ex["position"], "u4")
+    assert np.array_equal(seq, examples.seq[part]) and np.array_equal(pos, examples.pos[part])
+    assert np.array_equal(ids[:, cfg.window_before], tokens[seq, pos])  # the max token
+    assert np.array_equal(render.unpack(ex["cluster"], "u4"), clusters["labels"][part])
+    links = clusters["linkage"][clusters["linkage_offsets"][neuron]:clusters["linkage_offsets"][neuron + 1]]
+    assert np.array_equal(render.unpack(doc["linkage"]["children"], "u4").reshape(-1, 2), links[:, :2])
+    assert np.allclose(render.unpack(doc["linkage"]["distance"], "f4"), links[:, 2], atol=1e-6)
+    assert [c["size"] for c in doc["clusters"]] == list(np.bincount(clusters["labels"][part]))
+
+
+def test_sidecar_has_the_documented_schema(built):
+    _, site = built
+    doc = sidecar(site, 0, 0)
+    assert doc["schema_version"] == render.SIDECAR_SCHEMA == 1
+    assert doc["kind"] == "neuron" and doc["model"] == MODEL and (doc["layer"], doc["neuron"]) == (0, 0)
+    assert set(doc) == {"schema_version", "kind", "model", "layer", "neuron", "path", "max_activation", "metrics",
+                        "cluster_threshold", "window", "examples", "clusters", "linkage", "neighbours", "histogram",
+                        "logits", "provenance"}
+    assert set(doc["examples"]) == {"count", "token_dtype", "tokens", "activation_range", "activation",
+                                    "importance", "sequence", "position", "cluster"}
+    assert set(doc["provenance"]) == {"model", "model_revision", "dataset", "n_sequences", "n_tokens", "threshold",
+                                      "code_version", "config_hash", "build_date"}
+    assert doc["path"] == f"{MODEL}/L0/N0/"
+    schema_doc = (ROOT / "docs" / "sidecar-schema.md").read_text()
+    for key in list(doc) + list(doc["examples"]):
+        assert f"`{key}`" in schema_doc, f"{key} is not documented in docs/sidecar-schema.md"
+
+
+def test_neighbours_in_the_sidecar_point_at_existing_feature_pages(built):
+    cfg, site = built
+    table = read_npz(AtlasPaths.of(cfg).neighbours, "neighbours", 1)
+    found = 0
+    for page in (site / MODEL).glob("L*/N*/neuron.json"):
+        doc = json.loads(page.read_text())
+        rows = render.unpack(doc["neighbours"], "i4").reshape(-1, 5)
+        for source, layer, neuron, cluster, similarity in rows:
+            assert 0 <= source < len(doc["clusters"])
+            assert (site / MODEL / f"L{layer}" / f"N{neuron}" / f"F{cluster}" / "index.html").is_file()
+            assert 5000 <= similarity <= 10000  # fixture similarities are in [0.5, 1]
+            found += 1
+    assert found == int((table["neighbour_index"] >= 0).sum()) > 0
+
+
+def test_dead_and_single_example_neurons_render_without_features_or_dendrogram(built):
+    _, site = built
+    dead = site / MODEL / "L0" / "N2"
+    assert sidecar(site, 0, 2)["examples"]["count"] == 0 and not list(dead.glob("F*"))
+    assert "No example reached the threshold" in (dead / "index.html").read_text()
+    single = (site / MODEL / "L0" / "N1" / "index.html").read_text()
+    assert 'id="dendro"' not in single and 'id="F0"' in single
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layout and links
+
+
+def test_urls_follow_the_documented_layout(built):
+    cfg, site = built
+    paths = AtlasPaths.of(cfg)
+    for name in ("index.html", ".nojekyll", "static/atlas.js", "static/atlas.css", f"{MODEL}/index.html",
+                 f"{MODEL}/method/index.html", f"{MODEL}/data/atlas.json", f"{MODEL}/data/vocab.json",
+                 f"{MODEL}/data/neurons.json", f"{MODEL}/data/tokens.json", f"{MODEL}/data/vocab.json.js"):
+        assert (site / name).is_file(), name
+    for layer in fx.LAYERS:
+        assert (site / MODEL / f"L{layer}" / "index.html").is_file()
+        offsets = read_layer_clusters(paths, layer)["cluster_offsets"]
+        for neuron in range(fx.D_MLP):
+            folder = site / MODEL / f"L{layer}" / f"N{neuron}"
+            for name in ("index.html", "neuron.json", "neuron.json.js"):
+                assert (folder / name).is_file()
+            features = sorted(p.name for p in folder.glob("F*"))
+            assert features == sorted(f"F{k}" for k in range(int(offsets[neuron + 1] - offsets[neuron])))
+
+
+def test_every_relative_link_and_resource_resolves_to_a_file(built):
+    _, site = built
+    checked = 0
+    for page in html_pages(site):
+        for target in re.findall(r'(?:href|src)="([^"]+)"', page.read_text(encoding="utf-8")):
+            assert not re.match(r"[a-z]+:|/", target), f"{page} has a non-relative link {target}"
+            path = (page.parent / target.split("#")[0]).resolve()
+            assert path.is_file(), f"{page.relative_to(site)} links to missing {target}"
+            assert site.resolve() in path.parents
+            checked += 1
+    assert checked > 200
+
+
+def test_neuron_pages_link_to_their_neighbours_across_layers(built):
+    _, site = built
+    last_of_l0 = (site / MODEL / "L0" / f"N{fx.D_MLP - 1}" / "index.html").read_text()
+    assert f'rel="next" href="../../L2/N0/index.html"' in last_of_l0
+    first = (site / MODEL / "L0" / "N0" / "index.html").read_text()
+    assert 'rel="prev"' not in first and 'rel="next" href="../N1/index.html"' in first
+
+
+def test_citations_name_the_exact_page_and_its_provenance(tmp_path):
+    cfg = fx.build_site(tmp_path, site_url="https://example.org/atlas/")
+    page = (Path(cfg.site_dir) / MODEL / "L0" / "N0" / "F1" / "index.html").read_text()
+    assert r"\url{https://example.org/atlas/tiny-atlas/L0/N0/F1/}" in page
+    assert "@misc{neuronatlas:tiny-atlas:L0:N0:F1," in page
+    for fact in ("revision rev-1", "corpus.jsonl", "24 sequences", "384 tokens", "threshold 0.75", "code 0.1.0",
+                 f"config {cfg.config_hash()}", "date = {2024-01-01}"):
+        assert fact in page, fact
+    relative = fx.build_site(tmp_path / "relative")
+    assert r"\url{tiny-atlas/L0/N0/F1/}" in (Path(relative.site_dir) / MODEL / "L0" / "N0" / "F1" /
+                                             "index.html").read_text()
+
+
+def test_model_index_states_coverage_and_the_method_page_shows_the_report(built):
+    _, site = built
+    index = (site / MODEL / "index.html").read_text()
+    assert "layers 0, 2 of the 3 layers" in index and "384 tokens in 24 sequences" in index
+    method = (site / MODEL / "method" / "index.html").read_text()
+    assert "0.35" in method and "0.31" in method and "0.73" in method and "6 / 5" in method
+
+
+def test_neuron_table_and_token_index_cover_every_neuron_and_feature(built):
+    cfg, site = built
+    paths = AtlasPaths.of(cfg)
+    table = json.loads((site / MODEL / "data" / "neurons.json").read_text())
+    assert table["layers"] == list(fx.LAYERS) and table["d_mlp"] == fx.D_MLP
+    assert table["columns"]["n_examples"] == [c for layer in fx.LAYERS for c in fx.EXAMPLE_COUNTS[layer]]
+    index = json.loads((site / MODEL / "data" / "tokens.json").read_text())
+    lookup = dict(zip(index["token_ids"], index["neurons"]))
+    tokens = read_tokens(paths)
+    for position, layer in enumerate(fx.LAYERS):
+        examples, clusters = read_layer_examples(paths, layer), read_layer_clusters(paths, layer)
+        for neuron in range(fx.D_MLP):
+            for central in clusters["cluster_central"][clusters["cluster_offsets"][neuron]:
+                                                       clusters["cluster_offsets"][neuron + 1]]:
+                token = int(tokens[examples.seq[central], examples.pos[central]])
+                assert position * fx.D_MLP + neuron in lookup[token]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Determinism, atomicity, inputs
+
+
+def test_two_renders_of_the_same_inputs_are_byte_identical(built, tmp_path):
+    cfg, site = built
+    again = AtlasConfig(**{**cfg.to_dict(), "site_dir": str(tmp_path / "again")})
+    render.run(again, vocabulary=fx.VOCAB)
+    assert site_files(tmp_path / "again") == site_files(site)
+
+
+def test_rendering_across_worker_processes_gives_the_same_site(built, tmp_path, monkeypatch):
+    cfg, site = built
+    monkeypatch.setattr(render, "POOL_MIN_NEURONS", 1)
+    parallel = AtlasConfig(**{**cfg.to_dict(), "site_dir": str(tmp_path / "parallel"), "workers": 2})
+    render.run(parallel, vocabulary=fx.VOCAB)
+    assert site_files(tmp_path / "parallel") == site_files(site)
+
+
+def test_a_render_that_fails_midway_leaves_the_previous_site_intact(tmp_path, monkeypatch):
+    cfg = fx.build_site(tmp_path)
+    site = Path(cfg.site_dir)
+    before = site_files(site)
+    real = render.render_neuron
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("disk on fire")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(render, "render_neuron", flaky)
+    changed = AtlasConfig(**{**cfg.to_dict(), "site_url": "https://changed.example/"})
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        render.run(changed, vocabulary=fx.VOCAB)
+    assert site_files(site) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["build", "site"]  # no temporary folder left behind
+
+
+def test_an_interrupted_swap_is_recovered_before_rendering(tmp_path):
+    cfg = fx.build_site(tmp_path)
+    site = Path(cfg.site_dir)
+    before = site_files(site)
+    os.replace(site, site.with_name(".site.old"))  # killed between the two renames of the swap
+    (tmp_path / ".site.abc.tmp").mkdir()  # and a half-written site from another kill
+    render.recover_interrupted(site)
+    assert site_files(site) == before and not (tmp_path / ".site.abc.tmp").exists()
+
+
+@pytest.mark.parametrize("artefact, stage", [("neighbours/neighbours.npz", "neighbours"),
+                                             ("report/comparison.json", "report"),
+                                             ("importance/L2.npz", "importance"),
+                                             ("collect/meta.json", "collect")])
+def test_a_missing_artefact_is_named_with_the_stage_that_writes_it(tmp_path, artefact, stage):
+    cfg = fx.render_config(tmp_path)
+    fx.write_artefacts(cfg)
+    (Path(cfg.out_dir) / artefact).unlink()
+    with pytest.raises(ArtefactError) as error:
+        render.run(cfg, vocabulary=fx.VOCAB)
+    message = error.value.message
+    assert artefact.split("/")[-1] in message and f"atlas {stage}" in message and "\n" not in message
+    assert not Path(cfg.site_dir).exists()
+
+
+def test_artefacts_built_with_another_config_are_refused(tmp_path):
+    cfg = fx.render_config(tmp_path)
+    fx.write_artefacts(cfg)
+    other = AtlasConfig(**{**cfg.to_dict(), "threshold": 0.5})
+    with pytest.raises(ArtefactError, match="another config"):
+        render.run(other, vocabulary=fx.VOCAB)
+
+
+def test_stats_report_bytes_per_neuron_and_throughput(built):
+    cfg, site = built
+    stats = json.loads((AtlasPaths.of(cfg).stage("render") / "stats.json").read_text())
+    published, twins = render.site_bytes(site)
+    neurons = len(fx.LAYERS) * fx.D_MLP
+    assert stats["neurons"] == neurons and stats["total_bytes"] == published
+    assert stats["bytes_per_neuron"] == pytest.approx(published / neurons, abs=0.1)
+    assert stats["local_bytes_per_neuron"] == pytest.approx((published + twins) / neurons, abs=0.1)
+    assert twins > 0 and stats["seconds"] > 0 and stats["neurons_per_second"] > 0
+    projection = stats["projected_bytes_per_neuron_at_100_examples"]
+    assert projection["3"] < projection["5"] < projection["10"]
+
+
+def test_an_up_to_date_site_is_not_rendered_again(tmp_path, monkeypatch):
+    cfg = fx.render_config(tmp_path)
+    fx.write_artefacts(cfg)
+    monkeypatch.setattr(render, "load_vocabulary", lambda cfg, min_size=0: list(fx.VOCAB))
+    render.run(cfg)
+    index = Path(cfg.site_dir) / "index.html"
+    stamp = index.stat().st_mtime_ns
+    render.run(cfg)
+    assert index.stat().st_mtime_ns == stamp
+    render.run(AtlasConfig(**{**cfg.to_dict(), "site_url": "https://example.org/"}))  # citations change
+    assert index.stat().st_mtime_ns != stamp
+
+
+def test_the_vocabulary_comes_from_the_model_tokenizer(tmp_path, tokenizer):
+    cfg = fx.render_config(tmp_path, model="embedded:smollm2-135m-instruct")
+    vocab = render.load_vocabulary(cfg, min_size=len(tokenizer) + 2)
+    assert len(vocab) == len(tokenizer) + 2 and vocab[-1] == f"<{len(tokenizer) + 1}>"
+    for token_id in (0, 1, 42, 1000, len(tokenizer) - 1):
+        assert vocab[token_id] == tokenizer.decode([token_id], clean_up_tokenization_spaces=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Golden site
+
+
+def normalised(files: dict[str, bytes]) -> dict[str, bytes]:
+    """The golden comparison covers generated files; static/ is a verbatim copy of the repo's static/."""
+    return {name: data for name, data in files.items() if not name.startswith("static/")}
+
+
+def test_golden_site_matches_expected_output(tmp_path, monkeypatch):
+    # Pin what legitimately changes elsewhere (the config schema, the package version) so only rendering is compared.
+    monkeypatch.setattr(AtlasConfig, "config_hash", lambda self: "c0ffee123456")
+    monkeypatch.setattr(render, "__version__", "0.0.0-golden")
+    cfg = fx.build_site(tmp_path, site_url="https://example.org/atlas")
+    files = normalised(site_files(Path(cfg.site_dir)))
+    if os.environ.get("ATLAS_UPDATE_GOLDEN"):
+        shutil.rmtree(GOLDEN, ignore_errors=True)
+        for name, data in files.items():
+            (GOLDEN / name).parent.mkdir(parents=True, exist_ok=True)
+            (GOLDEN / name).write_bytes(data)
+    expected = normalised(site_files(GOLDEN)) if GOLDEN.is_dir() else {}
+    assert expected, "no golden site; run ATLAS_UPDATE_GOLDEN=1 pytest tests/test_render.py -k golden"
+    assert sorted(files) == sorted(expected), "the set of files differs from tests/golden/site"
+    for name in expected:
+        assert files[name] == expected[name], f"{name} differs from tests/golden/site/{name}"
+    assert site_files(Path(cfg.site_dir) / "static") == site_files(ROOT / "static")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Deploy
+
+
+def git(*args, cwd: Path) -> str:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@example.org"}
+    return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout
+
+
+def test_deploy_publishes_the_site_to_a_gh_pages_branch_without_the_file_copies(built, tmp_path):
+    _, site = built
+    remote = tmp_path / "remote.git"
+    git("init", "--bare", "-q", str(remote), cwd=tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    git("init", "-q", cwd=work)
+    (work / "README").write_text("x")
+    git("add", "README", cwd=work)
+    git("commit", "-q", "-m", "init", cwd=work)
+    git("remote", "add", "origin", str(remote), cwd=work)
+    shutil.copytree(site, work / "site")
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@example.org"}
+
+    def deploy() -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(ROOT / "scripts" / "deploy.sh"), "site"], cwd=work, env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    result = deploy()
+    assert result.returncode == 0, result.stderr
+    published = set(git("ls-tree", "-r", "--name-only", "gh-pages", cwd=remote).split())
+    expected = {name for name in site_files(site) if not name.endswith(".json.js")}
+    assert published == expected
+    assert git("status", "--porcelain", cwd=work) == "?? site/\n"  # the working tree and index are untouched
+    assert git("rev-parse", "--abbrev-ref", "HEAD", cwd=work).strip() in ("master", "main")
+    head = git("rev-parse", "gh-pages", cwd=remote)
+    again = deploy()
+    assert again.returncode == 0 and "nothing to publish" in again.stderr
+    assert git("rev-parse", "gh-pages", cwd=remote) == head
+    missing = subprocess.run(["bash", str(ROOT / "scripts" / "deploy.sh"), "nowhere"], cwd=work, env=env,
+                             capture_output=True, text=True)
+    assert missing.returncode != 0 and "nowhere" in missing.stderr
