@@ -183,8 +183,9 @@ def bench_render_and_memory(cfg: AtlasConfig) -> None:
         stats = json.loads(stats_path.read_text())
         per_neuron = stats["bytes_per_neuron"]
         line("render: bytes per neuron (target ≤ 27 KB)", f"{per_neuron / 1000:.1f} KB")
-        line("render: projected GPT-2-small site (limit 1 GB)", f"{per_neuron * GPT2_NEURONS / 1e9:.2f} GB "
-             f"({per_neuron * GPT2_NEURONS / 1e9:.2f}× of 1 GB)")
+        for clusters, projected in sorted(stats.get("projected_bytes_per_neuron_at_100_examples", {}).items()):
+            line(f"render: projected GPT-2-small site, 100 examples, {clusters} clusters/neuron (limit 1 GB)",
+                 f"{projected / 1000:.1f} KB/neuron, {projected * GPT2_NEURONS / 1e9:.2f}× of 1 GB")
         rate = stats["neurons"] / stats["seconds"]
         line("render: throughput", f"{rate:,.0f} neurons/s")
         line("render: projected reference render (target < 10 min)", f"{GPT2_NEURONS / rate / 60:.1f} min")

@@ -246,6 +246,7 @@ class Atlas:
     report: dict
     histogram_edges: np.ndarray
     vocab: list[str]
+    provenance: dict | None = None  # filled once by load_atlas (config_hash() is not free)
 
     @property
     def n_neurons(self) -> int:
@@ -294,8 +295,10 @@ def load_atlas(cfg: AtlasConfig, vocabulary: list[str] | None = None) -> Atlas:
         referenced = int(tokens.max()) + 1 if tokens.size else 0
         vocabulary = load_vocabulary(cfg, referenced)
     vocab = [clean_text(str(token)) for token in vocabulary]
-    return Atlas(cfg=cfg, meta=meta, layers=layers, d_mlp=int(meta["d_mlp"]), tokens=tokens, metrics=metrics,
-                 neighbours=neighbours, report=report, histogram_edges=np.asarray(edges, np.float64), vocab=vocab)
+    atlas = Atlas(cfg=cfg, meta=meta, layers=layers, d_mlp=int(meta["d_mlp"]), tokens=tokens, metrics=metrics,
+                  neighbours=neighbours, report=report, histogram_edges=np.asarray(edges, np.float64), vocab=vocab)
+    atlas.provenance = provenance(atlas)
+    return atlas
 
 
 def load_vocabulary(cfg: AtlasConfig, min_size: int = 0) -> list[str]:
@@ -483,6 +486,9 @@ def neuron_path(model: str, layer: int, neuron: int, feature: int | None = None)
 
 
 def provenance(atlas: Atlas) -> dict:
+    """Where the atlas's data comes from, as every page and sidecar shows it."""
+    if atlas.provenance is not None:
+        return atlas.provenance
     meta = atlas.meta
     dataset = meta.get("dataset", "")
     return {
@@ -502,12 +508,16 @@ def static_example(atlas: Atlas, data: LayerData, index: int) -> dict:
     """One example as readable static text: tokens (with the max token marked), exact activation, where it is."""
     wb = atlas.cfg.window_before
     sentinel = np.iinfo(data.window_tokens.dtype).max
-    parts = []
+    parts: list[dict] = []
     for column, token in enumerate(data.window_tokens[index].tolist()):
         if token == sentinel:
             continue
         text = display_token(atlas.vocab[token]) if token < len(atlas.vocab) else f"<{token}>"
-        parts.append({"text": text, "max": column == wb, "bidi": bool(BIDI_CONTROLS.search(text))})
+        part = {"text": text, "max": column == wb, "bidi": bool(BIDI_CONTROLS.search(text))}
+        if parts and not (part["max"] or part["bidi"] or parts[-1]["max"] or parts[-1]["bidi"]):
+            parts[-1]["text"] += text  # runs of plain tokens are one text node
+        else:
+            parts.append(part)
     return {"tokens": parts, "act": fmt(float(data.act[index]), 4), "seq": int(data.seq[index]),
             "pos": int(data.pos[index])}
 
@@ -833,6 +843,14 @@ def size_projection(sizes: np.ndarray, shared: float, examples: int = 100, clust
     sidecar = np.linalg.lstsq(design, rich[:, 2].astype(np.float64), rcond=None)[0]
     pages = np.linalg.lstsq(design[:, [0, 2]], (rich[:, 3] + rich[:, 4]).astype(np.float64), rcond=None)[0]
     return {str(k): round(float(sidecar @ [1, examples, k] + pages @ [1, k] + shared)) for k in clusters}
+
+
+def read_stats(cfg: AtlasConfig) -> dict:
+    """The last render's figures (out_dir/render/stats.json), for `make bench`: bytes_per_neuron (published site bytes
+    / neurons; the GitHub Pages budget is 27 KB), local_bytes_per_neuron (with the file:// twins), neurons, seconds,
+    neurons_per_second, mean_examples, mean_clusters and projected_bytes_per_neuron_at_100_examples (keyed by the
+    mean number of feature clusters per neuron, "3", "5" and "10")."""
+    return read_json(AtlasPaths.of(cfg).stage("render") / "stats.json", STATS_KIND, STATS_SCHEMA)
 
 
 def fingerprint(cfg: AtlasConfig) -> str:

@@ -404,7 +404,7 @@ def test_artefacts_built_with_another_config_are_refused(tmp_path):
 
 def test_stats_report_bytes_per_neuron_and_throughput(built):
     cfg, site = built
-    stats = json.loads((AtlasPaths.of(cfg).stage("render") / "stats.json").read_text())
+    stats = render.read_stats(cfg)
     published, twins = render.site_bytes(site)
     neurons = len(fx.LAYERS) * fx.D_MLP
     assert stats["neurons"] == neurons and stats["total_bytes"] == published
