@@ -183,7 +183,8 @@ def bench_render_and_memory(cfg: AtlasConfig) -> None:
         stats = json.loads(stats_path.read_text())
         per_neuron = stats["bytes_per_neuron"]
         line("render: bytes per neuron (target ≤ 27 KB)", f"{per_neuron / 1000:.1f} KB")
-        for clusters, projected in sorted(stats.get("projected_bytes_per_neuron_at_100_examples", {}).items()):
+        projections = stats.get("projected_bytes_per_neuron_at_100_examples", {})
+        for clusters, projected in sorted(projections.items(), key=lambda item: int(item[0])):
             line(f"render: projected GPT-2-small site, 100 examples, {clusters} clusters/neuron (limit 1 GB)",
                  f"{projected / 1000:.1f} KB/neuron, {projected * GPT2_NEURONS / 1e9:.2f}× of 1 GB")
         rate = stats["neurons"] / stats["seconds"]
