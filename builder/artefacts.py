@@ -47,7 +47,7 @@ def _disk_error(path: Path, error: OSError) -> AtlasError:
         return AtlasError(f"no space left on device while writing {path}; free disk space or set out_dir elsewhere")
     if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return AtlasError(f"cannot write {path} (permission denied); choose a writable out_dir/site_dir")
-    return AtlasError(f"cannot write {path} ({error.strerror}); check the output folder")
+    return AtlasError(f"cannot write {path} ({error.strerror}); choose a writable out_dir/site_dir")
 
 
 def write_bytes(path: Path, data: bytes) -> None:

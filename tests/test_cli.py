@@ -82,6 +82,8 @@ def cases(tmp_path_factory, tiny_gpt2, corpus_file) -> dict[str, Case]:
     malformed.write_text('{"text": "an unterminated record"\n')
     bad_toml = root / "bad.toml"
     bad_toml.write_text('name = "unterminated\n')
+    blocker = root / "a-file"
+    blocker.write_text("a file where the output folder should go")
 
     # A finished collect to corrupt: truncate one layer, or mark the artefacts as an older schema version.
     finished = tiny_config_dict(tiny_gpt2, corpus_file, root / "finished")
@@ -126,6 +128,8 @@ def cases(tmp_path_factory, tiny_gpt2, corpus_file) -> dict[str, Case]:
                                   fresh=True),
         "unknown-config-key": Case("collect", config("key", treshold=0.5),
                                    ("unknown config key 'treshold'", "did you mean 'threshold'"), fresh=True),
+        "unwritable-out-dir": Case("collect", config("unwritable", out_dir=str(blocker / "build")),
+                                   ("cannot write", "a-file")),
         "missing-config": Case("collect", root / "absent.toml", ("config file", "not found"), fresh=True),
         "invalid-toml": Case("collect", bad_toml, ("not valid TOML",), fresh=True),
         "truncated-collect-layer": Case("embed", config("truncated"), ("L0.npz", "corrupt or truncated")),
