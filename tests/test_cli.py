@@ -128,8 +128,9 @@ def cases(tmp_path_factory, tiny_gpt2, corpus_file) -> dict[str, Case]:
                                   fresh=True),
         "unknown-config-key": Case("collect", config("key", treshold=0.5),
                                    ("unknown config key 'treshold'", "did you mean 'threshold'"), fresh=True),
-        "unwritable-out-dir": Case("collect", config("unwritable", out_dir=str(blocker / "build")),
-                                   ("cannot write", "a-file")),
+        "unwritable-out-dir": Case("collect", write_config(root / "unwritable.toml",
+                                                           tiny_config_dict(tiny_gpt2, corpus_file, blocker)),
+                                   ("cannot write", "a-file", "choose a writable")),
         "missing-config": Case("collect", root / "absent.toml", ("config file", "not found"), fresh=True),
         "invalid-toml": Case("collect", bad_toml, ("not valid TOML",), fresh=True),
         "truncated-collect-layer": Case("embed", config("truncated"), ("L0.npz", "corrupt or truncated")),
@@ -202,7 +203,8 @@ def outcomes(cases, tmp_path_factory) -> dict[str, Outcome]:
 CASE_NAMES = ["unknown-hub-model", "missing-model-folder", "layer-out-of-range", "empty-jsonl", "whitespace-jsonl",
               "malformed-jsonl", "missing-data-file", "context-too-long", "threshold-above-one", "threshold-zero",
               "threshold-negative", "max-examples-zero", "unknown-config-key", "missing-config", "invalid-toml",
-              "truncated-collect-layer", "empty-collect-layer", "old-schema-collect-meta", "old-schema-collect-layer"]
+              "truncated-collect-layer", "empty-collect-layer", "old-schema-collect-meta", "old-schema-collect-layer",
+              "unwritable-out-dir"]
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
