@@ -137,7 +137,16 @@ def check_finite(features: np.ndarray, layer: int, neuron: int) -> None:
 _worker: dict = {}
 
 
-def _init_worker(root: str, site: str, layer: int, space: str, threshold: float) -> None:
+def single_threaded_blas() -> None:
+    """Workers already use every core; a multi-threaded BLAS inside each would fight them for it."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1)
+
+
+def _init_worker(root: str, site: str, layer: int, space: str, threshold: float, parallel: bool) -> None:
+    if parallel:
+        single_threaded_blas()
     paths = AtlasPaths(root=Path(root), site=Path(site))
     _worker.update(examples=read_layer_examples(paths, layer), layer=layer, space=space, threshold=threshold,
                    weights=read_layer_weights(paths, layer) if space == "embedding" else None)
@@ -160,7 +169,7 @@ def _cluster_range(neurons: range) -> list[NeuronClusters]:
 def cluster_layer(paths: AtlasPaths, layer: int, d_mlp: int, space: str, threshold: float, workers: int,
                   bar: progress | None = None) -> list[NeuronClusters]:
     """Cluster every neuron of a layer in `space` ("embedding" or "pre_mlp"), across `workers` processes."""
-    init = (str(paths.root), str(paths.site), layer, space, threshold)
+    init = (str(paths.root), str(paths.site), layer, space, threshold, workers > 1)
     chunk = max(1, min(256, d_mlp // (workers * 4) or 1))
     ranges = [range(start, min(d_mlp, start + chunk)) for start in range(0, d_mlp, chunk)]
     results: list[NeuronClusters] = []
