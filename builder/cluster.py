@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from jaxtyping import Float, Int
 from scipy.cluster.hierarchy import fcluster, linkage
-from scipy.spatial.distance import pdist, squareform
+from scipy.spatial.distance import squareform
 
 from builder import __version__
 from builder.artefacts import read_npz, write_json, write_npz

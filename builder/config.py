@@ -9,7 +9,7 @@ import difflib
 import hashlib
 import json
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from builder.errors import ConfigError
