@@ -17,7 +17,6 @@ Cluster ids are ranked by size, ties broken by first appearance in corpus order,
 from __future__ import annotations
 
 import logging
-import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from builder.config import AtlasConfig
 from builder.embed import neuron_embeddings, read_layer_weights
 from builder.errors import ArtefactError
 from builder.paths import AtlasPaths
-from builder.stage import begin_stage, peak_rss_mb, progress, stage_is_done
+from builder.stage import begin_stage, peak_rss_mb, progress, stage_is_done, worker_count
 
 log = logging.getLogger(__name__)
 
@@ -203,10 +202,6 @@ def layer_arrays(results: list[NeuronClusters], offsets: np.ndarray) -> dict[str
         "linkage": np.concatenate([r.linkage for r in results]).astype(np.float64),
         **{name: np.array([r.metrics[name] for r in results], np.float64) for name in METRIC_NAMES},
     }
-
-
-def worker_count(cfg: AtlasConfig) -> int:
-    return cfg.workers or os.cpu_count() or 1
 
 
 def run(cfg: AtlasConfig) -> None:

@@ -304,7 +304,7 @@ def run(cfg: AtlasConfig) -> None:
     model = load_model(cfg)
     layers = selected_layers(cfg, model.n_layers)
     begin_stage(paths.stage("collect"), cfg)
-    tokens = _load_or_tokenise(cfg, paths, model)
+    tokens, packing = _load_or_tokenise(cfg, paths, model)
     reference = load_reference_maxima(cfg, model.n_layers, model.d_mlp)
     collector = Collector(layers, model.d_mlp, model.d_model, cfg.context_length, cfg, reference)
     next_seq, forwarded = 0, 0
@@ -333,22 +333,24 @@ def run(cfg: AtlasConfig) -> None:
                 since_checkpoint = 0
     for layer in layers:
         write_npz(paths.layer_examples(layer), LAYER_KIND, SCHEMA_VERSION, **collector.finish(layer))
-    write_json(paths.collect_meta, collect_meta(cfg, model, layers, tokens, forwarded))
+    write_json(paths.collect_meta, collect_meta(cfg, model, layers, tokens, packing, forwarded))
     paths.collect_checkpoint.unlink(missing_ok=True)
 
 
-def _load_or_tokenise(cfg: AtlasConfig, paths: AtlasPaths, model) -> np.ndarray:
+def _load_or_tokenise(cfg: AtlasConfig, paths: AtlasPaths, model) -> tuple[np.ndarray, dict]:
+    """The packed tokens and how they were packed (with the build date), tokenising only on the first run."""
     if paths.tokens.is_file():
-        return read_npz(paths.tokens, TOKENS_KIND, SCHEMA_VERSION)["tokens"]
+        arrays = read_npz(paths.tokens, TOKENS_KIND, SCHEMA_VERSION)
+        return arrays["tokens"], json.loads(str(arrays["packing"]))
     tokens, packing = tokenise_corpus(cfg, model.tokenizer)
-    build_date = cfg.build_date or datetime.date.today().isoformat()
+    packing = {**packing, "build_date": cfg.build_date or datetime.date.today().isoformat()}
     write_npz(paths.tokens, TOKENS_KIND, SCHEMA_VERSION, tokens=tokens,
-              packing=np.array(json.dumps({**packing, "build_date": build_date}, sort_keys=True)))
-    return tokens
+              packing=np.array(json.dumps(packing, sort_keys=True)))
+    return tokens, packing
 
 
-def collect_meta(cfg: AtlasConfig, model, layers: list[int], tokens: np.ndarray, forwarded: int) -> dict:
-    packing = json.loads(str(read_npz(AtlasPaths.of(cfg).tokens, TOKENS_KIND, SCHEMA_VERSION)["packing"]))
+def collect_meta(cfg: AtlasConfig, model, layers: list[int], tokens: np.ndarray, packing: dict,
+                 forwarded: int) -> dict:
     return {
         "kind": META_KIND, "schema_version": SCHEMA_VERSION, "config_hash": cfg.config_hash(),
         "code_version": __version__, "peak_rss_mb": peak_rss_mb(), "model": cfg.model, "model_revision": model.revision,

@@ -53,6 +53,7 @@ from builder.artefacts import atomic_dir, check_schema, read_json, read_npz, wri
 from builder.config import AtlasConfig
 from builder.errors import ArtefactError, ModelError
 from builder.paths import AtlasPaths
+from builder.stage import progress, worker_count
 
 log = logging.getLogger(__name__)
 
@@ -276,10 +277,7 @@ def load_atlas(cfg: AtlasConfig, vocabulary: list[str] | None = None) -> Atlas:
 
     paths = AtlasPaths.of(cfg)
     _require(paths.collect_meta, "collect-meta", "collect")
-    meta = read_collect_meta(paths)
-    if meta.get("config_hash") != cfg.config_hash():
-        raise ArtefactError(f"the artefacts in {paths.root} were built with another config (hash "
-                            f"{meta.get('config_hash')}, this config {cfg.config_hash()}); run `atlas build` first")
+    meta = read_collect_meta(paths, cfg)
     layers = [int(layer) for layer in meta["layers"]]
     check_inputs(paths, layers)
     tokens = read_tokens(paths)
@@ -661,10 +659,6 @@ def _render_range(neurons: range) -> list[tuple[int, ...]]:
     return [render_neuron(site, data, neuron, base / f"N{neuron}") for neuron in neurons]
 
 
-def worker_count(cfg: AtlasConfig) -> int:
-    return cfg.workers or os.cpu_count() or 1
-
-
 POOL_MIN_NEURONS = 64  # fewer neurons per layer than this render in-process (forking costs more than it saves)
 
 
@@ -900,7 +894,6 @@ def run(cfg: AtlasConfig, vocabulary: list[str] | None = None, force: bool = Fal
     bytes per neuron at 100 examples. Skips when the site is up to date with its inputs (unless `force`).
 
     `vocabulary` (token id -> string) replaces the model's tokenizer; tests use it for hostile tokens."""
-    from builder.stage import progress
 
     stamp = fingerprint(cfg)
     if vocabulary is None and not force:

@@ -12,11 +12,11 @@ import numpy as np
 
 from builder import __version__
 from builder.artefacts import read_json, write_json
-from builder.cluster import cluster_layer, read_metrics_table, worker_count
+from builder.cluster import cluster_layer, read_metrics_table
 from builder.collect import read_collect_meta
 from builder.config import AtlasConfig
 from builder.paths import AtlasPaths
-from builder.stage import peak_rss_mb, progress, stage_is_done
+from builder.stage import peak_rss_mb, progress, stage_is_done, worker_count
 
 log = logging.getLogger(__name__)
 

@@ -39,6 +39,11 @@ def begin_stage(folder: Path, cfg: AtlasConfig) -> None:
         write_bytes(marker, cfg.config_hash().encode())
 
 
+def worker_count(cfg: AtlasConfig) -> int:
+    """Processes for per-neuron work: cfg.workers, or every core when 0."""
+    return cfg.workers or os.cpu_count() or 1
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far (recorded in each stage's meta; `make bench` reports it)."""
     import resource
