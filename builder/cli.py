@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import warnings
@@ -12,15 +11,11 @@ import click
 from builder.config import AtlasConfig, load_config
 from builder.errors import AtlasError
 
-# Pipeline order; each module has one entry point, run(cfg), reading upstream artefacts and writing its own folder.
-STAGES = ("collect", "embed", "cluster", "importance", "neighbours", "report", "render")
+from builder.pipeline import STAGES
+from builder.stage import Keys, run_stage, statuses
 
 
-def run_stage(name: str, cfg: AtlasConfig) -> None:
-    importlib.import_module(f"builder.{name}").run(cfg)
-
-
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     # Library warnings (deprecations inside transformers/TransformerLens) drown the one line a user needs.
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -41,9 +36,9 @@ def _quiet_libraries() -> None:
         pass
 
 
-def _load(config: str, overrides: dict) -> AtlasConfig:
-    _quiet_libraries()
-    return load_config(config, **overrides)
+def _load(config: str) -> AtlasConfig:
+    quiet_libraries()
+    return load_config(config)
 
 
 config_option = click.option("--config", "config", default="configs/embedded.toml", show_default=True,
@@ -53,7 +48,7 @@ config_option = click.option("--config", "config", default="configs/embedded.tom
 @click.group()
 @click.option("-v", "--verbose", is_flag=True, help="Log debug detail.")
 def main(verbose: bool) -> None:
-    """Neuron Atlas: build a static, citeable atlas of every MLP neuron of a language model."""
+    """Neuron Atlas: build a static, citeable atlas of the units (MLP neurons) of a language model."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(message)s")
 
 
@@ -61,16 +56,25 @@ def main(verbose: bool) -> None:
 @config_option
 def build(config: str) -> None:
     """Run every stage in order, skipping finished work."""
-    cfg = _load(config, {})
+    cfg = _load(config)
+    keys = Keys(cfg, STAGES)
     for name in STAGES:
         logging.getLogger("atlas").info("stage %s", name)
-        run_stage(name, cfg)
+        run_stage(name, cfg, keys)
+
+
+@main.command()
+@config_option
+def status(config: str) -> None:
+    """Print every stage as done, stale (and what changed) or missing."""
+    for state in statuses(_load(config)):
+        click.echo(f"{state.name:<11} {state.state}" + (f": {state.reason}" if state.reason else ""))
 
 
 def _stage_command(name: str) -> click.Command:
     @config_option
     def command(config: str) -> None:
-        run_stage(name, _load(config, {}))
+        run_stage(name, _load(config))
 
     command.__doc__ = f"Run only the {name} stage."
     return click.command(name=name)(command)
@@ -88,7 +92,7 @@ def serve(config: str, port: int) -> None:
     import functools
     import http.server
 
-    cfg = _load(config, {})
+    cfg = _load(config)
     if not os.path.isdir(cfg.site_dir):
         raise AtlasError(f"no site at {cfg.site_dir!r}; run `atlas build --config {config}` first")
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=cfg.site_dir)

@@ -1,6 +1,6 @@
-"""Cluster: each neuron's examples grouped into feature clusters by their neuron embeddings.
+"""Cluster: each unit's examples grouped into feature clusters by their neuron embeddings.
 
-Per neuron: cosine distance between example embeddings, average-linkage agglomerative clustering (scipy), cut at
+Per unit: cosine distance between example embeddings, average-linkage agglomerative clustering (scipy), cut at
 `cluster_threshold`. Kept: the full linkage matrix (pages draw and re-cut the dendrogram), each example's cluster, each
 cluster's central example, and polysemanticity metrics.
 
@@ -9,15 +9,16 @@ Defined outcomes for the edge cases:
 - one example: one cluster holding it, empty linkage, distance metrics NaN, largest share 1;
 - identical embeddings: distance 0, so always in the same cluster;
 - an all-zero embedding (cosine undefined): distance 0 to another all-zero embedding and 1 (orthogonal) to any other;
-- a non-finite value in an artefact: a one-line error naming the layer and neuron.
+- a non-finite value in an artefact: a one-line error naming the subject set and unit.
 
 Cluster ids are ranked by size, ties broken by first appearance in corpus order, so the same inputs give the same ids.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from concurrent.futures import ProcessPoolExecutor
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,23 +27,19 @@ from jaxtyping import Float, Int
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import squareform
 
-from builder import __version__
-from builder.artefacts import read_npz, write_json, write_npz
-from builder.collect import read_collect_meta, read_layer_examples
-from builder.config import AtlasConfig
-from builder.embed import neuron_embeddings, read_layer_weights
+from builder.embed import neuron_embeddings
 from builder.errors import ArtefactError
 from builder.paths import AtlasPaths
-from builder.stage import begin_stage, peak_rss_mb, progress, stage_is_done, worker_count
+from builder.schema import (CLUSTERS, METRIC_NAMES, METRICS, collect_sets, read_clusters, read_collect_meta,
+                            read_example_fields, read_examples, read_weights)
+from builder.shards import LocalExecutor, unit_ranges
+from builder.stage import StageRun, progress, worker_count
+from builder.subjects import SubjectSet
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-META_KIND = "cluster-meta"
-LAYER_KIND = "cluster-layer"
-METRICS_KIND = "cluster-metrics"
-METRIC_NAMES = ("n_examples", "n_clusters", "max_distance", "mean_distance", "intra_distance", "inter_distance",
-                "largest_share")
+# Most units one task clusters: small enough to balance a layer across workers, large enough to amortise a task.
+MAX_UNITS_PER_TASK = 256
 
 
 def cosine_distances(features: Float[np.ndarray, "n d"]) -> Float[np.ndarray, " n_pairs"]:
@@ -126,14 +123,10 @@ def polysemanticity_metrics(condensed: np.ndarray, labels: np.ndarray, sizes: np
     }
 
 
-def check_finite(features: np.ndarray, layer: int, neuron: int) -> None:
+def check_finite(features: np.ndarray, set_key: str, unit: int) -> None:
     if not np.isfinite(features).all():
-        raise ArtefactError(f"layer {layer} neuron {neuron} has non-finite values in its examples; the collect "
+        raise ArtefactError(f"{set_key} unit {unit} has non-finite values in its examples; the collect "
                             "artefact is corrupt or the model overflowed: re-run collect (try dtype = \"float32\")")
-
-
-# Workers read the layer's artefacts once (files, not globals passed around) and cluster a range of neurons.
-_worker: dict = {}
 
 
 def single_threaded_blas() -> None:
@@ -143,54 +136,59 @@ def single_threaded_blas() -> None:
     threadpool_limits(limits=1)
 
 
-def _init_worker(root: str, site: str, layer: int, space: str, threshold: float, parallel: bool) -> None:
-    if parallel:
-        single_threaded_blas()
-    paths = AtlasPaths(root=Path(root), site=Path(site))
-    _worker.update(examples=read_layer_examples(paths, layer), layer=layer, space=space, threshold=threshold,
-                   weights=read_layer_weights(paths, layer) if space == "embedding" else None)
+@dataclass(frozen=True)
+class ClusterTask:
+    """One unit range of one subject set, with everything needed to read its inputs from files."""
+
+    root: str
+    set_key: str
+    units: range
+    space: str  # "embedding" (neuron embeddings) or "pre_mlp" (the raw input vectors)
+    threshold: float
 
 
-def neuron_features(examples, weights, neuron: int, space: str) -> np.ndarray:
-    vectors = examples.neuron_vectors(neuron)
-    return neuron_embeddings(vectors, weights, neuron) if space == "embedding" else vectors
+@functools.lru_cache(maxsize=1)
+def _set_inputs(root: str, set_key: str, space: str, stamp: tuple[int, int]):
+    """A set's examples (and weights, for embeddings), read once per process for its consecutive tasks. `stamp`
+    (the collect file's size and modification time) keeps a rewritten file from being served from the cache."""
+    paths = AtlasPaths(root=Path(root), site=Path(root))
+    weights = read_weights(paths, set_key).weights if space == "embedding" else None
+    return read_examples(paths, set_key), weights
 
 
-def _cluster_range(neurons: range) -> list[NeuronClusters]:
+def unit_features(examples, weights, unit: int, space: str) -> np.ndarray:
+    vectors = examples.unit_vectors(unit)
+    return neuron_embeddings(vectors, weights, unit) if space == "embedding" else vectors
+
+
+def cluster_units(task: ClusterTask) -> list[NeuronClusters]:
+    stat = os.stat(AtlasPaths(Path(task.root), Path(task.root)).set_file("collect", task.set_key))
+    examples, weights = _set_inputs(task.root, task.set_key, task.space, (stat.st_size, stat.st_mtime_ns))
     results = []
-    for neuron in neurons:
-        features = neuron_features(_worker["examples"], _worker["weights"], neuron, _worker["space"])
-        check_finite(features, _worker["layer"], neuron)
-        results.append(cluster_neuron(features, _worker["threshold"]))
+    for unit in task.units:
+        features = unit_features(examples, weights, unit, task.space)
+        check_finite(features, task.set_key, unit)
+        results.append(cluster_neuron(features, task.threshold))
     return results
 
 
-def cluster_layer(paths: AtlasPaths, layer: int, d_mlp: int, space: str, threshold: float, workers: int,
-                  bar: progress | None = None) -> list[NeuronClusters]:
-    """Cluster every neuron of a layer in `space` ("embedding" or "pre_mlp"), across `workers` processes."""
-    init = (str(paths.root), str(paths.site), layer, space, threshold, workers > 1)
-    chunk = max(1, min(256, d_mlp // (workers * 4) or 1))
-    ranges = [range(start, min(d_mlp, start + chunk)) for start in range(0, d_mlp, chunk)]
+def cluster_set(paths: AtlasPaths, subject: SubjectSet, space: str, threshold: float, workers: int,
+                bar: progress | None = None) -> list[NeuronClusters]:
+    """Cluster every unit of a set in `space`, as unit-range tasks across `workers` processes."""
+    tasks = [ClusterTask(str(paths.root), subject.key, units, space, threshold)
+             for units in unit_ranges(subject.size, workers, MAX_UNITS_PER_TASK)]
+    pooled = workers > 1 and len(tasks) > 1  # only pool workers give up their BLAS threads
+    executor = LocalExecutor(workers, initializer=single_threaded_blas if pooled else None)
     results: list[NeuronClusters] = []
-    if workers == 1:
-        _init_worker(*init)
-        parts = map(_cluster_range, ranges)
-    else:
-        pool = ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=init)
-        parts = pool.map(_cluster_range, ranges)
-    try:
-        for part in parts:
-            results.extend(part)
-            if bar is not None:
-                bar.update(len(part))
-    finally:
-        if workers != 1:
-            pool.shutdown(cancel_futures=True)
+    for part in executor.map(cluster_units, tasks):
+        results.extend(part)
+        if bar is not None:
+            bar.update(len(part))
     return results
 
 
-def layer_arrays(results: list[NeuronClusters], offsets: np.ndarray) -> dict[str, np.ndarray]:
-    """Flatten per-neuron results; cluster centrals become indices into the layer's example arrays."""
+def set_arrays(results: list[NeuronClusters], offsets: np.ndarray) -> dict[str, np.ndarray]:
+    """Flatten per-unit results; cluster centrals become indices into the set's example arrays."""
     n_clusters = np.array([len(r.sizes) for r in results])
     n_links = np.array([len(r.linkage) for r in results])
     return {
@@ -204,46 +202,33 @@ def layer_arrays(results: list[NeuronClusters], offsets: np.ndarray) -> dict[str
     }
 
 
-def run(cfg: AtlasConfig) -> None:
-    paths = AtlasPaths.of(cfg)
-    if stage_is_done(paths.cluster_meta, META_KIND, SCHEMA_VERSION, cfg):
-        log.info("cluster: up to date")
-        return
-    meta = read_collect_meta(paths, cfg)
-    begin_stage(paths.stage("cluster"), cfg)
-    layers, d_mlp = meta["layers"], meta["d_mlp"]
-    todo = [layer for layer in layers if not _layer_done(paths, layer)]
-    with progress(total=len(layers) * d_mlp, initial=(len(layers) - len(todo)) * d_mlp, desc="cluster",
-              unit="neuron") as bar:
-        for layer in todo:
-            examples = read_layer_examples(paths, layer)
-            results = cluster_layer(paths, layer, d_mlp, "embedding", cfg.cluster_threshold, worker_count(cfg),
-                                    bar)
-            write_npz(paths.layer_clusters(layer), LAYER_KIND, SCHEMA_VERSION,
-                      **layer_arrays(results, examples.offsets))
-    tables = [read_layer_clusters(paths, layer) for layer in layers]
-    write_npz(paths.metrics_table, METRICS_KIND, SCHEMA_VERSION,
-              layer=np.repeat(np.array(layers, np.int32), d_mlp),
-              neuron=np.tile(np.arange(d_mlp, dtype=np.int32), len(layers)),
-              max_activation=np.concatenate([read_layer_examples(paths, layer).max_activation for layer in layers]),
-              **{name: np.concatenate([t[name] for t in tables]) for name in METRIC_NAMES})
-    write_json(paths.cluster_meta, {"kind": META_KIND, "schema_version": SCHEMA_VERSION,
-                                    "config_hash": cfg.config_hash(), "code_version": __version__, "peak_rss_mb": peak_rss_mb(),
-                                    "cluster_threshold": cfg.cluster_threshold, "layers": layers,
-                                    "layers_clustered_last_run": todo})
+def build(run: StageRun) -> dict:
+    paths, cfg = run.paths, run.cfg
+    sets = collect_sets(read_collect_meta(paths))
+    todo = [s for s in sets if not _set_done(paths, s.key)]
+    with progress(total=sum(s.size for s in sets), initial=sum(s.size for s in sets if s not in todo),
+                  desc="cluster", unit="unit") as bar:
+        for s in todo:
+            offsets = read_example_fields(paths, s.key, ("offsets",))["offsets"]
+            results = cluster_set(paths, s, "embedding", cfg.cluster_threshold, worker_count(cfg), bar)
+            CLUSTERS.write_npz(paths.set_file("cluster", s.key), **set_arrays(results, offsets))
+    tables = []
+    for s in sets:
+        run.record(paths.set_file("cluster", s.key), CLUSTERS)
+        tables.append(read_clusters(paths, s.key))
+    run.write_npz(METRICS, paths.metrics_table,
+                  set_index=np.repeat(np.arange(len(sets), dtype=np.int32), [s.size for s in sets]),
+                  unit=np.concatenate([np.arange(s.size, dtype=np.int32) for s in sets]),
+                  max_activation=np.concatenate([read_example_fields(paths, s.key, ("max_activation",))
+                                                 ["max_activation"] for s in sets]),
+                  **{name: np.concatenate([t[name] for t in tables]) for name in METRIC_NAMES})
+    return {"cluster_threshold": cfg.cluster_threshold, "sets": [s.key for s in sets],
+            "sets_clustered_last_run": [s.key for s in todo]}
 
 
-def _layer_done(paths: AtlasPaths, layer: int) -> bool:
+def _set_done(paths: AtlasPaths, set_key: str) -> bool:
     try:
-        read_layer_clusters(paths, layer)
+        read_clusters(paths, set_key)
     except ArtefactError:
         return False
     return True
-
-
-def read_layer_clusters(paths: AtlasPaths, layer: int) -> dict[str, np.ndarray]:
-    return read_npz(paths.layer_clusters(layer), LAYER_KIND, SCHEMA_VERSION)
-
-
-def read_metrics_table(paths: AtlasPaths) -> dict[str, np.ndarray]:
-    return read_npz(paths.metrics_table, METRICS_KIND, SCHEMA_VERSION)

@@ -1,14 +1,21 @@
-"""Collect: one streaming pass that finds each neuron's maximum and its first qualifying examples.
+"""Collect: one streaming pass that finds each unit's maximum and its first qualifying examples, for every subject
+set at once.
 
 The definition is two-pass (max M over the corpus, then the first `max_examples` sequences whose highest activation
-reaches T = threshold · M). One pass gives the same answer: each neuron keeps a running max m ≤ M and candidates with
+reaches T = threshold · M). One pass gives the same answer: each unit keeps a running max m ≤ M and candidates with
 activation ≥ threshold · m, dropped when m rises (they cannot reach T). A candidate is also dropped when at least
 `max_examples` earlier candidates have an activation at least as high: whenever it would qualify, so would they, so it
 could never be among the first `max_examples`. That bounds memory without any second pass. With reference maxima, T is
-fixed up front and a neuron is finished once it has `max_examples` examples.
+fixed up front and a unit is finished once it has `max_examples` examples.
 
-A neuron whose maximum is ≤ 0 has no examples (it is dead at this threshold: T ≥ M would select nothing meaningful).
-The pre-MLP vector depends only on (layer, sequence, position), so each is stored once and examples point to it.
+Shards: the corpus is cut into ranges of `shard_sequences`; each shard keeps candidates by these rules on its own and is
+stored as one artefact. Its running max m_s ≤ M, so no global qualifier is pruned inside a shard, and a candidate
+dominated by `max_examples` earlier ones in its shard is dominated by the same ones globally. The merge concatenates
+the shards' candidates, takes the max of the maxima, sums histograms and compacts as one process would: the result is
+the unsplit one exactly, for any split and any order of arrival.
+
+A unit whose maximum is ≤ 0 has no examples (it is dead at this threshold: T ≥ M would select nothing meaningful).
+The input vector depends only on (set, sequence, position), so each is stored once and examples point to it.
 """
 
 from __future__ import annotations
@@ -17,92 +24,83 @@ import datetime
 import json
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from builder import __version__
-from builder.artefacts import read_json, read_npz, write_json, write_npz
 from builder.config import AtlasConfig
 from builder.data import tokenise_corpus
 from builder.errors import ArtefactError, ConfigError
-from builder.paths import AtlasPaths
-from builder.stage import begin_stage, peak_rss_mb, progress, stage_is_done
+from builder.schema import COLLECT_SHARD, EXAMPLES, HISTOGRAM_EDGES, TOKENS
+from builder.shards import sequence_shards
+from builder.stage import StageRun, progress
+from builder.subjects import Readout, SubjectSet
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-META_KIND = "collect-meta"
-LAYER_KIND = "collect-layer"
-CHECKPOINT_KIND = "collect-checkpoint"
-TOKENS_KIND = "collect-tokens"
-
-# Histogram edges shared by every neuron: 0 and ±0.01·2^(k/3) up to ±~650, so any activation scale reads well.
-_GEOMETRIC = 0.01 * 2.0 ** (np.arange(0, 48) / 3.0)
-HISTOGRAM_EDGES = np.concatenate([-_GEOMETRIC[::-1], [0.0], _GEOMETRIC]).astype(np.float32)
-
-CANDIDATE_FIELDS = ("neuron", "seq", "pos", "act", "pre", "pre_linear", "window")
+CANDIDATE_FIELDS = ("unit", "seq", "pos", "act", "pre", "pre_linear", "window")
+# Candidates compared at once by keep_first_needed: the block's dominance matrix is DOMINANCE_BLOCK × group size.
+DOMINANCE_BLOCK = 2048
 
 
 @dataclass
-class LayerState:
-    """One layer's running state: maxima, candidate examples, the vectors they point to, and histograms."""
+class SetState:
+    """One subject set's running state: maxima, candidate examples, the vectors they point to, and histograms."""
 
-    running_max: Float[np.ndarray, " d_mlp"]
-    histogram: Int[np.ndarray, "d_mlp n_bins"]
+    running_max: Float[np.ndarray, " n_units"]
+    histogram: Int[np.ndarray, "n_units n_bins"]
     candidates: dict[str, np.ndarray]
     vector_keys: Int[np.ndarray, " n_vectors"]  # seq * context_length + pos, sorted
-    vectors: Float[np.ndarray, "n_vectors d_model"]
+    vectors: Float[np.ndarray, "n_vectors d_input"]
     pending: list[dict[str, np.ndarray]] = field(default_factory=list)
     pending_vectors: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
 
     @classmethod
-    def empty(cls, d_mlp: int, d_model: int, window: int) -> "LayerState":
-        candidates = {name: np.zeros(0, np.int32) for name in ("neuron", "seq", "pos")}
+    def empty(cls, n_units: int, d_input: int, window: int) -> "SetState":
+        candidates = {name: np.zeros(0, np.int32) for name in ("unit", "seq", "pos")}
         candidates.update({name: np.zeros(0, np.float32) for name in ("act", "pre", "pre_linear")})
         candidates["window"] = np.zeros((0, window), np.float32)
-        return cls(running_max=np.full(d_mlp, -np.inf, np.float32),
-                   histogram=np.zeros((d_mlp, len(HISTOGRAM_EDGES) + 1), np.int64), candidates=candidates,
-                   vector_keys=np.zeros(0, np.int64), vectors=np.zeros((0, d_model), np.float32))
+        return cls(running_max=np.full(n_units, -np.inf, np.float32),
+                   histogram=np.zeros((n_units, len(HISTOGRAM_EDGES) + 1), np.int64), candidates=candidates,
+                   vector_keys=np.zeros(0, np.int64), vectors=np.zeros((0, d_input), np.float32))
 
 
 def candidate_mask(seq_max: Tensor, thresholds: Tensor, maxima: Tensor) -> Tensor:
-    """Which (sequence, neuron) pairs may still qualify: reach threshold·m, for neurons with a positive max."""
+    """Which (sequence, unit) pairs may still qualify: reach threshold·m, for units with a positive max."""
     return (seq_max >= thresholds) & (maxima > 0)
 
 
-def keep_first_needed(neuron: np.ndarray, act: np.ndarray, max_examples: int) -> np.ndarray:
+def keep_first_needed(unit: np.ndarray, act: np.ndarray, max_examples: int) -> np.ndarray:
     """Mask of candidates (given in corpus order) that fewer than `max_examples` earlier candidates of the same
-    neuron dominate (activation ≥ theirs). The rest can never be among a neuron's first `max_examples` qualifiers."""
-    keep = np.ones(len(neuron), bool)
-    order = np.argsort(neuron, kind="stable")
-    sorted_neurons = neuron[order]
-    starts = np.flatnonzero(np.r_[True, sorted_neurons[1:] != sorted_neurons[:-1]])
+    unit dominate (activation ≥ theirs). The rest can never be among a unit's first `max_examples` qualifiers."""
+    keep = np.ones(len(unit), bool)
+    order = np.argsort(unit, kind="stable")
+    sorted_units = unit[order]
+    starts = np.flatnonzero(np.r_[True, sorted_units[1:] != sorted_units[:-1]])
     ends = np.r_[starts[1:], len(order)]
     for start, end in zip(starts, ends):
         if end - start <= max_examples:
             continue
         members = order[start:end]
         group_act = act[members]
-        for begin in range(0, len(members), 2048):
-            block = group_act[begin:begin + 2048]
+        for begin in range(0, len(members), DOMINANCE_BLOCK):
+            block = group_act[begin:begin + DOMINANCE_BLOCK]
             earlier = np.arange(len(members))[None, :] < np.arange(begin, begin + len(block))[:, None]
             dominating = ((group_act[None, :] >= block[:, None]) & earlier).sum(axis=1)
             keep[members[begin:begin + len(block)]] = dominating < max_examples
     return keep
 
 
-def select_examples(neuron: np.ndarray, seq: np.ndarray, act: np.ndarray, thresholds: np.ndarray,
+def select_examples(unit: np.ndarray, seq: np.ndarray, act: np.ndarray, thresholds: np.ndarray,
                     max_examples: int) -> np.ndarray:
-    """Indices of the final examples: per neuron, the first max_examples (by sequence) reaching its threshold,
-    ordered by (neuron, sequence)."""
-    qualifies = act >= thresholds[neuron]
+    """Indices of the final examples: per unit, the first max_examples (by sequence) reaching its threshold,
+    ordered by (unit, sequence)."""
+    qualifies = act >= thresholds[unit]
     index = np.flatnonzero(qualifies)
-    index = index[np.lexsort((seq[index], neuron[index]))]
-    rank = _rank_within_group(neuron[index])
+    index = index[np.lexsort((seq[index], unit[index]))]
+    rank = _rank_within_group(unit[index])
     return index[rank < max_examples]
 
 
@@ -115,81 +113,101 @@ def _rank_within_group(sorted_groups: np.ndarray) -> np.ndarray:
 
 
 class Collector:
-    """Streams batches of hook values into per-layer state. Pure numpy/torch: no model, no files."""
+    """Streams batches of hook values into per-set state. Pure numpy/torch: no model, no files.
 
-    def __init__(self, layers: list[int], d_mlp: int, d_model: int, context_length: int, cfg: AtlasConfig,
-                 reference_maxima: np.ndarray | None = None):
-        self.layers = layers
+    A collector sees any contiguous or non-contiguous part of the corpus (a shard); `absorb` merges another
+    collector's state exactly (see the module docstring and docs/architecture.md)."""
+
+    def __init__(self, sets: list[SubjectSet], context_length: int, threshold: float, max_examples: int,
+                 window_before: int, window_after: int, reference_maxima: dict[str, np.ndarray] | None = None):
+        self.sets = {s.key: s for s in sets}
         self.context_length = context_length
-        self.threshold = cfg.threshold
-        self.max_examples = cfg.max_examples
-        self.window_before = cfg.window_before
-        self.window_after = cfg.window_after
+        self.threshold = threshold
+        self.max_examples = max_examples
+        self.window_before = window_before
+        self.window_after = window_after
         self.reference = reference_maxima
-        self.states = {layer: LayerState.empty(d_mlp, d_model, self.window_width) for layer in layers}
+        self.states = {s.key: SetState.empty(s.size, s.d_input, self.window_width) for s in sets}
+
+    @classmethod
+    def for_config(cls, sets: list[SubjectSet], cfg: AtlasConfig,
+                   reference_maxima: dict[str, np.ndarray] | None = None) -> "Collector":
+        return cls(sets, cfg.context_length, cfg.threshold, cfg.max_examples, cfg.window_before, cfg.window_after,
+                   reference_maxima)
 
     @property
     def window_width(self) -> int:
         return self.window_before + 1 + self.window_after
 
-    def update(self, layer: int, first_seq: int, post: Float[Tensor, "batch pos d_mlp"],
-               pre: Float[Tensor, "batch pos d_mlp"], pre_linear: Float[Tensor, "batch pos d_mlp"] | None,
-               normalized: Float[Tensor, "batch pos d_model"]) -> None:
-        state = self.states[layer]
+    def _maxima(self, key: str) -> np.ndarray:
+        return self.reference[key] if self.reference is not None else self.states[key].running_max
+
+    def update(self, key: str, first_seq: int, readout: Readout) -> None:
+        """Feed one batch of sequences (corpus indices first_seq …) of subject set `key`."""
+        state = self.states[key]
+        post, pre, pre_linear = readout.post, readout.pre, readout.pre_linear
         seq_max, argmax = post.max(dim=1)
         batch_max = seq_max.max(dim=0).values.float().cpu().numpy()
         state.running_max = np.maximum(state.running_max, batch_max)
         bins = torch.bucketize(post.float(), torch.as_tensor(HISTOGRAM_EDGES, device=post.device))
-        d_mlp = post.shape[-1]
-        flat = (bins + torch.arange(d_mlp, device=post.device) * (len(HISTOGRAM_EDGES) + 1)).reshape(-1)
+        n_units = post.shape[-1]
+        flat = (bins + torch.arange(n_units, device=post.device) * (len(HISTOGRAM_EDGES) + 1)).reshape(-1)
         state.histogram += torch.bincount(flat, minlength=state.histogram.size).reshape(
             state.histogram.shape).cpu().numpy()
 
-        maxima = self.reference[layer] if self.reference is not None else state.running_max
-        maxima_t = torch.as_tensor(maxima, device=post.device)
+        maxima_t = torch.as_tensor(self._maxima(key), device=post.device)
         mask = candidate_mask(seq_max, self.threshold * maxima_t, maxima_t)
-        rows, neurons = torch.nonzero(mask, as_tuple=True)
+        rows, units = torch.nonzero(mask, as_tuple=True)
         if len(rows) == 0:
             return
-        positions = argmax[rows, neurons]
+        positions = argmax[rows, units]
         offsets = torch.arange(-self.window_before, self.window_after + 1, device=post.device)
         window_pos = positions[:, None] + offsets[None, :]
         inside = (window_pos >= 0) & (window_pos < post.shape[1])
-        window = post[rows[:, None], window_pos.clamp(0, post.shape[1] - 1), neurons[:, None]]
+        window = post[rows[:, None], window_pos.clamp(0, post.shape[1] - 1), units[:, None]]
         window = torch.where(inside, window, torch.full_like(window, float("nan")))
         chunk = {
-            "neuron": neurons.cpu().numpy().astype(np.int32),
+            "unit": units.cpu().numpy().astype(np.int32),
             "seq": (rows + first_seq).cpu().numpy().astype(np.int32),
             "pos": positions.cpu().numpy().astype(np.int32),
-            "act": seq_max[rows, neurons].float().cpu().numpy(),
-            "pre": pre[rows, positions, neurons].float().cpu().numpy(),
-            "pre_linear": (pre_linear[rows, positions, neurons].float().cpu().numpy() if pre_linear is not None
+            "act": seq_max[rows, units].float().cpu().numpy(),
+            "pre": pre[rows, positions, units].float().cpu().numpy(),
+            "pre_linear": (pre_linear[rows, positions, units].float().cpu().numpy() if pre_linear is not None
                            else np.zeros(len(rows), np.float32)),
             "window": window.float().cpu().numpy(),
         }
         keys = chunk["seq"].astype(np.int64) * self.context_length + chunk["pos"]
         unique_keys, first = np.unique(keys, return_index=True)
-        vectors = normalized[rows[first], positions[first]].float().cpu().numpy()
+        vectors = readout.input[rows[first], positions[first]].float().cpu().numpy()
         state.pending.append(chunk)
         state.pending_vectors.append((unique_keys, vectors))
 
+    def absorb(self, arrays: dict[str, np.ndarray]) -> None:
+        """Merge another collector's `state_arrays()` (a shard) into this one. Exact in any order: compaction sorts
+        by (unit, sequence), maxima combine by max and histograms by sum."""
+        for key, state in self.states.items():
+            state.running_max = np.maximum(state.running_max, arrays[f"{key}.running_max"])
+            state.histogram = state.histogram + arrays[f"{key}.histogram"]
+            state.pending.append({name: arrays[f"{key}.c.{name}"] for name in CANDIDATE_FIELDS})
+            state.pending_vectors.append((arrays[f"{key}.vector_keys"], arrays[f"{key}.vectors"]))
+        self.compact()
+
     def compact(self) -> None:
         """Merge pending candidates and drop every one that can no longer be selected, and unused vectors."""
-        for layer, state in self.states.items():
+        for key, state in self.states.items():
             if not state.pending:
                 continue
             merged = {name: np.concatenate([state.candidates[name]] + [c[name] for c in state.pending])
                       for name in CANDIDATE_FIELDS}
             state.pending.clear()
-            order = np.lexsort((merged["seq"], merged["neuron"]))
+            order = np.lexsort((merged["seq"], merged["unit"]))
             merged = {name: values[order] for name, values in merged.items()}
-            maxima = self.reference[layer] if self.reference is not None else state.running_max
-            alive = merged["act"] >= self.threshold * maxima[merged["neuron"]]
+            alive = merged["act"] >= self.threshold * self._maxima(key)[merged["unit"]]
             merged = {name: values[alive] for name, values in merged.items()}
             if self.reference is not None:
-                keep = _rank_within_group(merged["neuron"]) < self.max_examples
+                keep = _rank_within_group(merged["unit"]) < self.max_examples
             else:
-                keep = keep_first_needed(merged["neuron"], merged["act"], self.max_examples)
+                keep = keep_first_needed(merged["unit"], merged["act"], self.max_examples)
             state.candidates = {name: values[keep] for name, values in merged.items()}
             all_keys = np.concatenate([state.vector_keys] + [k for k, _ in state.pending_vectors])
             all_vectors = np.concatenate([state.vectors] + [v for _, v in state.pending_vectors])
@@ -200,17 +218,16 @@ class Collector:
             take = first[np.isin(unique_keys, needed)]
             state.vector_keys, state.vectors = all_keys[take], all_vectors[take]
 
-    def finish(self, layer: int) -> dict[str, np.ndarray]:
-        """The layer's final artefact arrays: examples grouped by neuron in corpus order."""
+    def finish(self, key: str) -> dict[str, np.ndarray]:
+        """The set's final artefact arrays: examples grouped by unit in corpus order."""
         self.compact()
-        state = self.states[layer]
+        state = self.states[key]
         observed = state.running_max
-        maxima = self.reference[layer] if self.reference is not None else observed
+        maxima = self._maxima(key)
         thresholds = np.where(maxima > 0, self.threshold * maxima, np.inf).astype(np.float32)
         c = state.candidates
-        chosen = select_examples(c["neuron"], c["seq"], c["act"], thresholds, self.max_examples)
-        d_mlp = len(maxima)
-        counts = np.bincount(c["neuron"][chosen], minlength=d_mlp)
+        chosen = select_examples(c["unit"], c["seq"], c["act"], thresholds, self.max_examples)
+        counts = np.bincount(c["unit"][chosen], minlength=len(maxima))
         keys = c["seq"][chosen].astype(np.int64) * self.context_length + c["pos"][chosen]
         vector_keys, vector_index = np.unique(keys, return_inverse=True)
         lookup = np.searchsorted(state.vector_keys, vector_keys)
@@ -228,189 +245,148 @@ class Collector:
             "histogram_edges": HISTOGRAM_EDGES,
         }
 
-    # Checkpoints hold the compacted state of every layer under prefixed names.
     def state_arrays(self) -> dict[str, np.ndarray]:
+        """The compacted state of every set under `{key}.`-prefixed names: a shard's artefact."""
         self.compact()
         arrays = {}
-        for layer, state in self.states.items():
-            arrays[f"L{layer}.running_max"] = state.running_max
-            arrays[f"L{layer}.histogram"] = state.histogram
-            arrays[f"L{layer}.vector_keys"] = state.vector_keys
-            arrays[f"L{layer}.vectors"] = state.vectors
+        for key, state in self.states.items():
+            arrays[f"{key}.running_max"] = state.running_max
+            arrays[f"{key}.histogram"] = state.histogram
+            arrays[f"{key}.vector_keys"] = state.vector_keys
+            arrays[f"{key}.vectors"] = state.vectors
             for name in CANDIDATE_FIELDS:
-                arrays[f"L{layer}.c.{name}"] = state.candidates[name]
+                arrays[f"{key}.c.{name}"] = state.candidates[name]
         return arrays
 
-    def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
-        for layer, state in self.states.items():
-            state.running_max = arrays[f"L{layer}.running_max"]
-            state.histogram = arrays[f"L{layer}.histogram"]
-            state.vector_keys = arrays[f"L{layer}.vector_keys"]
-            state.vectors = arrays[f"L{layer}.vectors"]
-            state.candidates = {name: arrays[f"L{layer}.c.{name}"] for name in CANDIDATE_FIELDS}
 
-
-def hook_names(layer: int, gated: bool) -> list[str]:
-    names = [f"blocks.{layer}.ln2.hook_normalized", f"blocks.{layer}.mlp.hook_pre", f"blocks.{layer}.mlp.hook_post"]
-    return names + ([f"blocks.{layer}.mlp.hook_pre_linear"] if gated else [])
-
-
-def forward_with_hooks(bridge, tokens: Tensor, layers: list[int], gated: bool) -> dict[str, Tensor]:
-    """One forward pass that stops after the deepest selected layer, keeping only the hooks collect needs."""
+def forward_with_hooks(bridge, tokens: Tensor, sets: list[SubjectSet]) -> dict[str, Tensor]:
+    """One forward pass that stops after the deepest block any set reads, keeping only the hooks the sets need."""
     captured: dict[str, Tensor] = {}
 
     def keep(value: Tensor, hook) -> None:
         captured[hook.name] = value.detach()
 
-    hooks = [(name, keep) for layer in layers for name in hook_names(layer, gated)]
+    hooks = [(name, keep) for s in sets for name in s.hooks()]
     with torch.no_grad():
-        bridge.run_with_hooks(tokens, return_type=None, stop_at_layer=max(layers) + 1, fwd_hooks=hooks)
+        bridge.run_with_hooks(tokens, return_type=None, stop_at_layer=max(s.layer for s in sets) + 1,
+                              fwd_hooks=hooks)
     return captured
 
 
-def collect_batch(collector: Collector, bridge, batch: Tensor, first_seq: int, gated: bool) -> None:
-    """Forward one batch of sequences (starting at corpus index first_seq) and feed every layer's hooks."""
-    captured = forward_with_hooks(bridge, batch, collector.layers, gated)
-    for layer in collector.layers:
-        collector.update(layer, first_seq, captured[f"blocks.{layer}.mlp.hook_post"],
-                         captured[f"blocks.{layer}.mlp.hook_pre"],
-                         captured.get(f"blocks.{layer}.mlp.hook_pre_linear"),
-                         captured[f"blocks.{layer}.ln2.hook_normalized"])
+def collect_batch(collector: Collector, bridge, batch: Tensor, first_seq: int) -> None:
+    """Forward one batch of sequences (starting at corpus index first_seq) and feed every set's hooks."""
+    sets = list(collector.sets.values())
+    captured = forward_with_hooks(bridge, batch, sets)
+    for s in sets:
+        collector.update(s.key, first_seq, s.read(captured))
 
 
-def load_reference_maxima(cfg: AtlasConfig, n_layers: int, d_mlp: int) -> np.ndarray | None:
+def load_reference_maxima(cfg: AtlasConfig, sets: list[SubjectSet], n_layers: int
+                          ) -> dict[str, np.ndarray] | None:
+    """Reference maxima per set: an .npz with an array per set key, or (MLP layers) an .npy [n_layers, d_mlp]."""
     if not cfg.reference_maxima:
         return None
+    sizes = {s.key: s.size for s in sets}
+    fix = (f"give an .npz with one array per subject set ({', '.join(f'{k}: [{n}]' for k, n in sizes.items())}) "
+           f"or an .npy of shape [{n_layers}, {max(sizes.values())}]")
     try:
-        maxima = np.load(cfg.reference_maxima, allow_pickle=False)
-        if not isinstance(maxima, np.ndarray):
-            raise ValueError("an .npz archive, not a single array")
+        loaded = np.load(cfg.reference_maxima, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            if any(getattr(s, "kind", "") != "mlp" for s in sets) or loaded.ndim != 2 \
+                    or loaded.shape != (n_layers, max(sizes.values())):
+                raise ConfigError(f"reference_maxima has shape {loaded.shape!r}; {fix}")
+            maxima = {s.key: loaded[s.layer] for s in sets}
+        else:
+            with loaded:
+                missing = [k for k in sizes if k not in loaded.files]
+                if missing:
+                    raise ConfigError(f"reference_maxima has no array {missing[0]!r}; {fix}")
+                maxima = {k: loaded[k] for k in sizes}
     except (OSError, ValueError) as error:
-        raise ConfigError(f"cannot read reference_maxima {cfg.reference_maxima!r} ({error}); give a .npy file of "
-                          f"shape [{n_layers}, {d_mlp}]") from None
-    if maxima.shape != (n_layers, d_mlp) or not np.isfinite(maxima).all():
-        raise ConfigError(f"reference_maxima must be a finite array of shape [{n_layers}, {d_mlp}], got "
-                          f"{maxima.shape!r}; regenerate it for this model")
-    return maxima.astype(np.float32)
+        raise ConfigError(f"cannot read reference_maxima {cfg.reference_maxima!r} ({error}); {fix}") from None
+    for key, values in maxima.items():
+        if values.shape != (sizes[key],) or not np.isfinite(values).all():
+            raise ConfigError(f"reference_maxima for {key} must be finite with shape [{sizes[key]}], got "
+                              f"{values.shape!r}; regenerate it for this model")
+    return {key: values.astype(np.float32) for key, values in maxima.items()}
 
 
-def run(cfg: AtlasConfig) -> None:
+def build(run: StageRun) -> dict:
+    """The collect stage: tokenise once, run every sequence shard not yet done, merge the shards exactly."""
     from builder.models import load_model, selected_layers
+    from builder.subjects import model_subject_sets
 
-    paths = AtlasPaths.of(cfg)
-    if stage_is_done(paths.collect_meta, META_KIND, SCHEMA_VERSION, cfg):
-        log.info("collect: up to date")
-        return
+    cfg, paths = run.cfg, run.paths
     model = load_model(cfg)
     layers = selected_layers(cfg, model.n_layers)
-    begin_stage(paths.stage("collect"), cfg)
-    tokens, packing = _load_or_tokenise(cfg, paths, model)
-    reference = load_reference_maxima(cfg, model.n_layers, model.d_mlp)
-    collector = Collector(layers, model.d_mlp, model.d_model, cfg.context_length, cfg, reference)
-    next_seq, forwarded = 0, 0
-    if paths.collect_checkpoint.is_file():
-        try:
-            arrays = read_npz(paths.collect_checkpoint, CHECKPOINT_KIND, SCHEMA_VERSION)
-            collector.load_state_arrays(arrays)
-            next_seq = int(arrays["next_seq"])
-            log.info("collect: resuming at sequence %d of %d", next_seq, len(tokens))
-        except (ArtefactError, KeyError):
-            log.warning("collect: checkpoint unreadable, starting over")
-            collector = Collector(layers, model.d_mlp, model.d_model, cfg.context_length, cfg, reference)
-    since_checkpoint = 0
-    with progress(total=len(tokens), initial=next_seq, desc="collect", unit="seq") as bar:
-        while next_seq < len(tokens):
-            batch = torch.as_tensor(tokens[next_seq:next_seq + cfg.batch_size], dtype=torch.long,
-                                    device=model.device)
-            collect_batch(collector, model.bridge, batch, next_seq, model.gated)
-            next_seq += len(batch)
-            forwarded += len(batch)
-            since_checkpoint += len(batch)
-            bar.update(len(batch))
-            if since_checkpoint >= cfg.checkpoint_every and next_seq < len(tokens):
-                write_npz(paths.collect_checkpoint, CHECKPOINT_KIND, SCHEMA_VERSION, next_seq=np.array(next_seq),
-                          **collector.state_arrays())
-                since_checkpoint = 0
-    for layer in layers:
-        write_npz(paths.layer_examples(layer), LAYER_KIND, SCHEMA_VERSION, **collector.finish(layer))
-    write_json(paths.collect_meta, collect_meta(cfg, model, layers, tokens, packing, forwarded))
-    paths.collect_checkpoint.unlink(missing_ok=True)
+    sets = model_subject_sets(model, layers)
+    reference = load_reference_maxima(cfg, sets, model.n_layers)
+    tokens, packing = _load_or_tokenise(run, model)
+    shards = sequence_shards(len(tokens), cfg.shard_sequences)
+    _remove_other_splits(paths.shard("collect", 0, 0).parent, {paths.shard("collect", r.start, r.stop).name
+                                                                 for r in shards})
+    todo = [r for r in shards if not _shard_done(paths.shard("collect", r.start, r.stop))]
+    if len(todo) < len(shards):
+        log.info("collect: %d of %d shards already done", len(shards) - len(todo), len(shards))
+    forwarded = 0
+    with progress(total=len(tokens), initial=len(tokens) - sum(len(r) for r in todo), desc="collect",
+                  unit="seq") as bar:
+        for shard in todo:
+            collector = Collector.for_config(sets, cfg, reference)
+            for first in range(shard.start, shard.stop, cfg.batch_size):
+                end = min(shard.stop, first + cfg.batch_size)
+                batch = torch.as_tensor(tokens[first:end], dtype=torch.long, device=model.device)
+                collect_batch(collector, model.bridge, batch, first)
+                forwarded += end - first
+                bar.update(end - first)
+            COLLECT_SHARD.write_npz(paths.shard("collect", shard.start, shard.stop), **collector.state_arrays())
+    merged = Collector.for_config(sets, cfg, reference)
+    for shard in shards:
+        merged.absorb(COLLECT_SHARD.read_npz(paths.shard("collect", shard.start, shard.stop)))
+    for s in sets:
+        run.write_npz(EXAMPLES, paths.set_file("collect", s.key), **merged.finish(s.key))
+    return {"model": cfg.model, "model_revision": model.revision, "n_layers": model.n_layers,
+            "d_model": model.d_model, "d_mlp": model.d_mlp, "gated": model.gated, "layers": layers,
+            "subject_sets": [s.describe() for s in sets],
+            "dataset": [_file_name(f) for f in cfg.data_files] if cfg.data_files else cfg.dataset,
+            "n_sequences": int(len(tokens)), "n_tokens": int(tokens.size), "context_length": cfg.context_length,
+            "packing": packing, "threshold": cfg.threshold, "max_examples": cfg.max_examples,
+            "reference_maxima": bool(cfg.reference_maxima), "window_before": cfg.window_before,
+            "window_after": cfg.window_after, "n_shards": len(shards), "shards_run_last_run": len(todo),
+            "forwarded_sequences_last_run": forwarded, "build_date": packing["build_date"]}
 
 
-def _load_or_tokenise(cfg: AtlasConfig, paths: AtlasPaths, model) -> tuple[np.ndarray, dict]:
-    """The packed tokens and how they were packed (with the build date), tokenising only on the first run."""
-    if paths.tokens.is_file():
-        arrays = read_npz(paths.tokens, TOKENS_KIND, SCHEMA_VERSION)
-        return arrays["tokens"], json.loads(str(arrays["packing"]))
-    tokens, packing = tokenise_corpus(cfg, model.tokenizer)
-    packing = {**packing, "build_date": cfg.build_date or datetime.date.today().isoformat()}
-    write_npz(paths.tokens, TOKENS_KIND, SCHEMA_VERSION, tokens=tokens,
-              packing=np.array(json.dumps(packing, sort_keys=True)))
-    return tokens, packing
+def _file_name(path: str) -> str:
+    from pathlib import Path
+
+    return Path(path).name
 
 
-def collect_meta(cfg: AtlasConfig, model, layers: list[int], tokens: np.ndarray, packing: dict,
-                 forwarded: int) -> dict:
-    return {
-        "kind": META_KIND, "schema_version": SCHEMA_VERSION, "config_hash": cfg.config_hash(),
-        "code_version": __version__, "peak_rss_mb": peak_rss_mb(), "model": cfg.model, "model_revision": model.revision,
-        "n_layers": model.n_layers, "d_model": model.d_model, "d_mlp": model.d_mlp, "gated": model.gated,
-        "layers": layers, "dataset": [Path(f).name for f in cfg.data_files] if cfg.data_files else cfg.dataset,
-        "n_sequences": int(len(tokens)), "n_tokens": int(tokens.size), "context_length": cfg.context_length,
-        "packing": packing, "threshold": cfg.threshold, "max_examples": cfg.max_examples,
-        "reference_maxima": bool(cfg.reference_maxima), "window_before": cfg.window_before,
-        "window_after": cfg.window_after, "forwarded_sequences_last_run": forwarded,
-        "build_date": packing["build_date"],
-    }
-
-
-@dataclass(frozen=True)
-class LayerExamples:
-    """The collect artefact of one layer, read back. Examples are grouped by neuron (offsets) in corpus order."""
-
-    max_activation: Float[np.ndarray, " d_mlp"]
-    offsets: Int[np.ndarray, " d_mlp_plus_1"]
-    seq: Int[np.ndarray, " n_examples"]
-    pos: Int[np.ndarray, " n_examples"]
-    act: Float[np.ndarray, " n_examples"]
-    pre: Float[np.ndarray, " n_examples"]
-    pre_linear: Float[np.ndarray, " n_examples"]
-    window: Float[np.ndarray, "n_examples window"]
-    vector_index: Int[np.ndarray, " n_examples"]
-    vectors: Float[np.ndarray, "n_vectors d_model"]
-    vector_seq: Int[np.ndarray, " n_vectors"]
-    vector_pos: Int[np.ndarray, " n_vectors"]
-    observed_max: Float[np.ndarray, " d_mlp"]
-    histogram: Int[np.ndarray, "d_mlp n_bins"]
-    histogram_edges: Float[np.ndarray, " n_edges"]
-
-    def neuron_slice(self, neuron: int) -> slice:
-        return slice(int(self.offsets[neuron]), int(self.offsets[neuron + 1]))
-
-    def neuron_vectors(self, neuron: int) -> Float[np.ndarray, "n_examples d_model"]:
-        return self.vectors[self.vector_index[self.neuron_slice(neuron)]]
-
-
-def read_layer_examples(paths: AtlasPaths, layer: int) -> LayerExamples:
-    arrays = read_npz(paths.layer_examples(layer), LAYER_KIND, SCHEMA_VERSION)
+def _shard_done(path) -> bool:
     try:
-        examples = LayerExamples(**arrays)
-    except TypeError:
-        raise ArtefactError(f"{paths.layer_examples(layer)} lacks expected arrays; delete it and re-run collect") \
-            from None
-    if examples.offsets[-1] != len(examples.seq):
-        raise ArtefactError(f"{paths.layer_examples(layer)} is inconsistent; delete it and re-run collect")
-    return examples
+        COLLECT_SHARD.check_readable(path)
+    except ArtefactError:
+        return False
+    return True
 
 
-def read_collect_meta(paths: AtlasPaths, cfg: AtlasConfig | None = None) -> dict:
-    """The collect meta; given the current config, also refuse artefacts collected under another one."""
-    meta = read_json(paths.collect_meta, META_KIND, SCHEMA_VERSION)
-    if cfg is not None and meta.get("config_hash") != cfg.config_hash():
-        raise ArtefactError(f"the collect artefacts in {paths.stage('collect')} were made with another config "
-                            "(model, data or selection); run `atlas collect` (or `atlas build`) again")
-    return meta
+def _remove_other_splits(folder, keep: set[str]) -> None:
+    """Shards of another `shard_sequences` (a changed machine setting) cannot be merged with this split's."""
+    if folder.is_dir():
+        for stale in folder.iterdir():
+            if stale.name not in keep:
+                stale.unlink()
 
 
-def read_tokens(paths: AtlasPaths) -> np.ndarray:
-    return read_npz(paths.tokens, TOKENS_KIND, SCHEMA_VERSION)["tokens"]
+def _load_or_tokenise(run: StageRun, model) -> tuple[np.ndarray, dict]:
+    """The packed tokens and how they were packed (with the build date), tokenising only on the first run."""
+    cfg, path = run.cfg, run.paths.tokens
+    try:
+        arrays = TOKENS.read_npz(path)
+        tokens, packing = arrays["tokens"], json.loads(str(arrays["packing"]))
+    except (ArtefactError, KeyError, ValueError):
+        tokens, packing = tokenise_corpus(cfg, model.tokenizer)
+        packing = {**packing, "build_date": cfg.build_date or datetime.date.today().isoformat()}
+        TOKENS.write_npz(path, tokens=tokens, packing=np.array(json.dumps(packing, sort_keys=True)))
+    run.record(path, TOKENS)
+    return tokens, packing

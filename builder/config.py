@@ -15,6 +15,9 @@ from pathlib import Path
 from builder.errors import ConfigError
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+# Importance batches the masked runs of this many consecutive sequences (aligned to multiples of it); shards must
+# not cut such a batch, or a different split would batch other rows together and change float rounding.
+SHARD_MULTIPLE = 16
 
 
 @dataclass(frozen=True)
@@ -55,13 +58,16 @@ class AtlasConfig:
     threshold: float = 0.75
     # Keep the first max_examples qualifying sequences in corpus order (not the top ones: diversity matters).
     max_examples: int = 100
-    # Optional .npy file of reference maxima, shape [n_layers, d_mlp], measured on a larger dataset.
+    # Optional reference maxima measured on a larger dataset: an .npz file with one array per subject set key
+    # (`L3` -> [d_mlp]), or an .npy file of shape [n_layers, d_mlp] for MLP layers. Keyed by content, not path.
     reference_maxima: str = ""
     # Tokens shown (and scored for importance) before the max token, and after it.
     window_before: int = 20
     window_after: int = 4
-    # Collect checkpoints every this many sequences so a killed run resumes.
-    checkpoint_every: int = 64
+    # Per-sequence stages (collect, importance) work in shards of this many consecutive sequences: each shard is one
+    # artefact, the unit of resume after a kill and of parallel work. A multiple of 16, importance's batch of
+    # sequences, so every split batches the same sequences together and gives the same numbers.
+    shard_sequences: int = 64
     # Cut the average-linkage dendrogram at this cosine distance.
     cluster_threshold: float = 0.5
     # Worker processes for per-neuron stages (0 = all cores).
@@ -92,7 +98,8 @@ class AtlasConfig:
         _check(self.max_sequences >= 0, "max_sequences must be 0 (no limit) or more", self.max_sequences)
         _check(self.window_before >= 0, "window_before must be 0 or more", self.window_before)
         _check(self.window_after >= 0, "window_after must be 0 or more", self.window_after)
-        _check(self.checkpoint_every >= 1, "checkpoint_every must be at least 1", self.checkpoint_every)
+        _check(self.shard_sequences >= SHARD_MULTIPLE and self.shard_sequences % SHARD_MULTIPLE == 0,
+               f"shard_sequences must be a positive multiple of {SHARD_MULTIPLE}", self.shard_sequences)
         _check(0 < self.cluster_threshold <= 2, "cluster_threshold must be in (0, 2]", self.cluster_threshold)
         _check(self.workers >= 0, "workers must be 0 (all cores) or more", self.workers)
         _check(self.neighbour_count >= 1, "neighbour_count must be at least 1", self.neighbour_count)
@@ -108,12 +115,9 @@ class AtlasConfig:
         _check(bool(self.dataset) or bool(self.data_files), "set dataset (hub name) or data_files (local files)",
                self.dataset)
 
-    @property
-    def out_path(self) -> Path:
-        return Path(self.out_dir)
-
     def config_hash(self) -> str:
-        """Hash of everything that changes the atlas's content (paths and dates excluded)."""
+        """Hash of everything that changes the atlas's content (paths and dates excluded), shown in provenance.
+        Which stages a change re-runs is decided by each stage's own key (builder/stage.py), not by this."""
         content = {k: v for k, v in asdict(self).items() if k not in _NOT_CONTENT}
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -121,7 +125,7 @@ class AtlasConfig:
         return asdict(self)
 
 
-_NOT_CONTENT = {"out_dir", "site_dir", "site_url", "build_date", "device", "workers", "checkpoint_every",
+_NOT_CONTENT = {"out_dir", "site_dir", "site_url", "build_date", "device", "workers", "shard_sequences",
                 "batch_size"}
 
 
@@ -145,6 +149,8 @@ def config_from_dict(raw: dict, base_dir: Path | None = None) -> AtlasConfig:
     if base_dir is not None and "data_files" in values:
         values["data_files"] = tuple(str((base_dir / p).resolve()) if not Path(p).is_absolute() else p
                                      for p in values["data_files"])
+    if base_dir is not None and values.get("reference_maxima") and not Path(values["reference_maxima"]).is_absolute():
+        values["reference_maxima"] = str((base_dir / values["reference_maxima"]).resolve())
     for key, value in values.items():
         expected = type(known[key].default)
         if not isinstance(value, expected) and not (expected is float and isinstance(value, int)):

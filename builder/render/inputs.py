@@ -1,0 +1,160 @@
+"""Everything render reads, through the schema module only: the atlas-wide inputs once, each subject set's arrays
+when its pages are written."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from builder import schema
+from builder.config import AtlasConfig
+from builder.errors import ArtefactError, ModelError
+from builder.paths import AtlasPaths
+from builder.render.codec import token_dtype
+from builder.render.text import clean_text
+from builder.subjects import SubjectIndex, SubjectSet
+
+
+@dataclass
+class Atlas:
+    """Everything atlas-wide the pages need, read once."""
+
+    cfg: AtlasConfig
+    meta: dict  # collect's meta
+    index: SubjectIndex
+    tokens: np.ndarray
+    metrics: dict[str, np.ndarray]
+    neighbours: dict[str, np.ndarray]
+    report: dict
+    histogram_edges: np.ndarray
+    vocab: list[str]
+
+    @property
+    def sets(self) -> list[SubjectSet]:
+        return self.index.sets
+
+    @property
+    def n_units(self) -> int:
+        return len(self.index)
+
+
+def load_atlas(cfg: AtlasConfig, vocabulary: list[str] | None = None) -> Atlas:
+    paths = AtlasPaths.of(cfg)
+    meta = schema.read_collect_meta(paths)
+    index = SubjectIndex(schema.collect_sets(meta))
+    tokens = schema.read_tokens(paths)
+    metrics = schema.read_metrics_table(paths)
+    order = list(zip(metrics["set_index"].tolist(), metrics["unit"].tolist()))
+    if order != [(i, u) for i, s in enumerate(index.sets) for u in range(s.size)]:
+        raise ArtefactError("the cluster metrics table does not list this atlas's units in order; re-run "
+                            "`atlas cluster`")
+    neighbours = schema.read_neighbours(paths)
+    report = schema.read_report(paths)
+    edges = (schema.read_example_fields(paths, index.keys[0], ("histogram_edges",))["histogram_edges"]
+             if index.sets else schema.HISTOGRAM_EDGES)
+    if vocabulary is None:
+        vocabulary = load_vocabulary(cfg, int(tokens.max()) + 1 if tokens.size else 0)
+    return Atlas(cfg=cfg, meta=meta, index=index, tokens=tokens, metrics=metrics, neighbours=neighbours,
+                 report=report, histogram_edges=np.asarray(edges, np.float64),
+                 vocab=[clean_text(str(token)) for token in vocabulary])
+
+
+def load_vocabulary(cfg: AtlasConfig, min_size: int = 0) -> list[str]:
+    """Every token id's display string, `tokenizer.decode([id])`, from the model's tokenizer only (no weights).
+    Ids the tokenizer lacks (a padded embedding matrix) read as `<id>`."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers import AutoTokenizer
+
+    from builder.models import hub_options, resolve_model_source
+
+    source, local = resolve_model_source(cfg.model)
+    options = {} if local else {"revision": cfg.model_revision, **hub_options(cfg.model, cfg.model_revision)}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **options)
+    except (OSError, ValueError) as error:
+        raise ModelError(f"cannot load the tokenizer of {cfg.model!r} ({str(error).splitlines()[0]}); check the "
+                         "model name or run with network access once") from None
+    size = len(tokenizer)
+    strings = tokenizer.batch_decode([[i] for i in range(size)], skip_special_tokens=False,
+                                     clean_up_tokenization_spaces=False)
+    return list(strings) + [f"<{i}>" for i in range(size, max(size, min_size))]
+
+
+@dataclass
+class SetData:
+    """One subject set's arrays, as its pages need them."""
+
+    subject: SubjectSet
+    offsets: np.ndarray
+    seq: np.ndarray
+    pos: np.ndarray
+    act: np.ndarray
+    window: np.ndarray  # [n_ex, W] float32, NaN outside the sequence
+    window_tokens: np.ndarray  # [n_ex, W] token ids, sentinel outside the sequence
+    importance: np.ndarray  # [n_ex, window_before + 1]
+    max_activation: np.ndarray
+    histogram: np.ndarray
+    labels: np.ndarray
+    cluster_offsets: np.ndarray
+    cluster_central: np.ndarray
+    cluster_size: np.ndarray
+    linkage_offsets: np.ndarray
+    linkage: np.ndarray
+    metric: dict[str, np.ndarray]
+    logits: dict[str, np.ndarray]
+    feature_start: np.ndarray  # [n_units + 1] rows of the neighbours feature table per unit
+
+
+def load_set(atlas: Atlas, subject: SubjectSet) -> SetData:
+    paths = AtlasPaths.of(atlas.cfg)
+    examples = schema.read_example_fields(paths, subject.key, ("offsets", "seq", "pos", "act", "window",
+                                                                "max_activation", "histogram"))
+    logits = schema.read_logits(paths, subject.key)
+    clusters = schema.read_clusters(paths, subject.key)
+    scores = schema.read_importance(paths, subject.key)["importance"]
+    n_ex = int(examples["offsets"][-1])
+    wb, wa = atlas.cfg.window_before, atlas.cfg.window_after
+    window = examples["window"]
+    if (len(examples["offsets"]) != subject.size + 1 or window.shape != (n_ex, wb + 1 + wa)
+            or scores.shape != (n_ex, wb + 1) or len(clusters["labels"]) != n_ex
+            or len(clusters["cluster_offsets"]) != subject.size + 1):
+        raise ArtefactError(f"{subject.key}: the collect, cluster and importance artefacts disagree in shape (window "
+                            f"{window.shape}, importance {scores.shape}); re-run `atlas build` with this config")
+    context = atlas.tokens.shape[1]
+    positions = examples["pos"].astype(np.int64)[:, None] + np.arange(-wb, wa + 1)[None, :]
+    inside = (positions >= 0) & (positions < context)
+    dtype = np.dtype(f"<{token_dtype(len(atlas.vocab))}")
+    sentinel = np.iinfo(dtype).max
+    gathered = atlas.tokens[examples["seq"].astype(np.int64)[:, None], np.clip(positions, 0, context - 1)]
+    return SetData(
+        subject=subject, offsets=examples["offsets"].astype(np.int64), seq=examples["seq"], pos=examples["pos"],
+        act=examples["act"], window=np.where(inside, window, np.nan).astype(np.float32),
+        window_tokens=np.where(inside, gathered, sentinel).astype(dtype), importance=scores,
+        max_activation=examples["max_activation"], histogram=examples["histogram"], labels=clusters["labels"],
+        cluster_offsets=clusters["cluster_offsets"].astype(np.int64),
+        cluster_central=clusters["cluster_central"].astype(np.int64), cluster_size=clusters["cluster_size"],
+        linkage_offsets=clusters["linkage_offsets"].astype(np.int64), linkage=clusters["linkage"],
+        metric={name: clusters[name] for name in schema.METRIC_NAMES}, logits=logits,
+        feature_start=feature_rows(atlas, subject, clusters))
+
+
+def feature_rows(atlas: Atlas, subject: SubjectSet, clusters: dict[str, np.ndarray]) -> np.ndarray:
+    """[n_units + 1] CSR into the neighbours feature table for this set, checked against the cluster artefact."""
+    table = atlas.neighbours
+    owner = atlas.index.offsets[table["feature_set"]] + table["feature_unit"].astype(np.int64)
+    rows = atlas.index.rows(subject.key)
+    start = np.searchsorted(owner, np.arange(rows.start, rows.stop + 1, dtype=np.int64), side="left")
+    counts = np.diff(start)
+    ordered = bool(np.all(np.diff(owner) >= 0)) if len(owner) else True
+    if not ordered or not np.array_equal(counts, np.diff(clusters["cluster_offsets"])):
+        raise ArtefactError(f"the neighbours artefact does not match {subject.key}'s clusters (feature counts "
+                            "differ); re-run `atlas neighbours`")
+    span = slice(int(start[0]), int(start[-1]))
+    local = table["feature_cluster"][span].astype(np.int64)
+    within = np.arange(len(local)) - np.repeat(start[:-1] - start[0], counts)
+    if not np.array_equal(local, within):
+        raise ArtefactError(f"the neighbours artefact lists {subject.key}'s features out of order; re-run "
+                            "`atlas neighbours`")
+    return start.astype(np.int64)

@@ -1,0 +1,217 @@
+"""Page contexts and the one jinja2 environment: templates get plain dicts, data reaches pages only as escaped text
+or through external JSON."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+
+from builder.render.codec import write_data_file
+from builder.render.inputs import Atlas, SetData
+from builder.render.sidecars import static_example, unit_path, unit_sidecar
+from builder.render.text import clean_text, display_token, fmt, has_bidi
+from builder.subjects import SubjectSet, UnitId
+
+REPO = Path(__file__).resolve().parents[2]
+TEMPLATES = REPO / "templates"
+
+# No inline script or style may run; scripts, styles and data only from the site itself (`'self'` also matches file:
+# URLs for a page opened over file://). A constant, so templates may print it unescaped.
+CSP = "default-src 'self'; script-src 'self'; object-src 'none'; base-uri 'none'"
+# The dendrogram slider's range is rounded up to a multiple of 1 / CUT_STEPS_PER_UNIT.
+CUT_STEPS_PER_UNIT = 20
+
+_ENV = None
+
+
+def environment():
+    """The one jinja2 Environment: autoescape on, StrictUndefined, compiled once per process."""
+    global _ENV
+    if _ENV is None:
+        import jinja2
+
+        _ENV = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), autoescape=True,
+                                  undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+                                  keep_trailing_newline=True)
+        _ENV.filters["fmt"] = fmt
+    return _ENV
+
+
+def bibtex(atlas: Atlas, prov: dict, path: str, title: str) -> str:
+    """BibTeX for the page at `path` (absolute when site_url is set, else the relative path)."""
+    from builder.render.text import bibtex_escape
+
+    url = f"{atlas.cfg.site_url.rstrip('/')}/{path}" if atlas.cfg.site_url else path
+    key = "neuronatlas:" + re.sub(r"[^A-Za-z0-9:.-]", "-", path.strip("/").replace("/", ":"))
+    note = (f"Model {prov['model']} (revision {prov['model_revision']}); dataset {prov['dataset']}, "
+            f"{prov['n_sequences']} sequences, {prov['n_tokens']} tokens; threshold {prov['threshold']}; "
+            f"code {prov['code_version']}; config {prov['config_hash']}")
+    year = prov["build_date"][:4]
+    return (f"@misc{{{key},\n  title = {{{{Neuron Atlas}}: {bibtex_escape(title)}}},\n"
+            f"  howpublished = {{\\url{{{url.replace('%', '%25').replace('#', '%23')}}}}},\n"
+            f"  note = {{{bibtex_escape(note)}}},\n  year = {{{bibtex_escape(year)}}},\n"
+            f"  date = {{{bibtex_escape(prov['build_date'])}}}\n}}\n")
+
+
+class Site:
+    """Page contexts shared by every page of a model."""
+
+    def __init__(self, atlas: Atlas, prov: dict):
+        self.atlas = atlas
+        self.model = atlas.cfg.name
+        self.prov = prov
+        self.common = {"csp": CSP, "model": self.model, "prov": prov,
+                       "sets": [{"key": s.key, "slug": s.slug, "layer": s.layer} for s in atlas.sets],
+                       "sets_attr": ",".join(f"{s.key}:{s.layer}:{s.size}" for s in atlas.sets)}
+
+    def page(self, depth: int, path: str, title: str, cite_title: str, kind: str, **context) -> dict:
+        """Context of a page `depth` folders below the site root (the model index is at depth 1)."""
+        root = "../" * depth
+        model_root = "../" * (depth - 1) if depth >= 1 else self.model + "/"
+        return {**self.common, "root": root, "model_root": model_root, "path": path, "title": title,
+                "cite": bibtex(self.atlas, self.prov, path, cite_title), "kind": kind, **context}
+
+    def nav(self, unit_id: UnitId, depth_below_set: int) -> dict:
+        """Previous/next unit links (across sets, in index order) from a page `depth_below_set` folders below the
+        set's folder."""
+        index = self.atlas.index
+
+        def link(step: int):
+            row = index.row(unit_id) + step
+            if not 0 <= row < len(index):
+                return None
+            other = index.unit(row)
+            subject = index.get(other.set_key)
+            up = "../" * depth_below_set
+            href = (f"{up}N{other.unit}/index.html" if other.set_key == unit_id.set_key
+                    else f"{up}../{subject.slug}/N{other.unit}/index.html")
+            return {"href": href, "label": f"{subject.slug} N{other.unit}"}
+
+        return {"prev": link(-1), "next": link(1)}
+
+
+def render_unit(site: Site, data: SetData, unit: int, folder: Path) -> tuple[int, ...]:
+    """Write one unit's sidecar (and its file:// twin), its page and its feature pages into `folder`.
+
+    Returns (examples, clusters, sidecar bytes, unit page bytes, feature pages bytes, file:// twin bytes)."""
+    atlas = site.atlas
+    env = environment()
+    subject = data.subject
+    sidecar = unit_sidecar(atlas, data, unit, site.prov)
+    folder.mkdir(parents=True)
+    sidecar_bytes, twin_bytes = write_data_file(folder / "neuron.json", "neuron", sidecar)
+    start = int(data.offsets[unit])
+    count = sidecar["examples"]["count"]
+    labels = data.labels[start:start + count]
+    features = []
+    for k, cluster in enumerate(sidecar["clusters"]):
+        members = np.flatnonzero(labels == k) + start
+        features.append({"k": k, "size": cluster["size"], "share": fmt(100.0 * cluster["size"] / count, 3) + "%",
+                         "central": static_example(atlas, data, start + cluster["central"]),
+                         "mean_act": fmt(float(data.act[members].mean()), 4) if len(members) else "–"})
+    metrics = sidecar["metrics"]
+    metric_rows = [
+        ("Max activation", fmt(sidecar["max_activation"], 4)), ("Examples", str(metrics["n_examples"])),
+        ("Feature clusters", str(metrics["n_clusters"])), ("Largest cluster share", fmt(metrics["largest_share"])),
+        ("Max distance", fmt(metrics["max_distance"])), ("Mean distance", fmt(metrics["mean_distance"])),
+        ("Intra-cluster distance", fmt(metrics["intra_distance"])),
+        ("Inter-cluster distance", fmt(metrics["inter_distance"]))]
+
+    def logit_list(side: str) -> list[dict]:
+        texts = [(display_token(atlas.vocab[i]) if i < len(atlas.vocab) else f"<{i}>", v)
+                 for i, v in sidecar["logits"][side]]
+        return [{"text": text, "value": fmt(v, 3), "bidi": has_bidi(text)} for text, v in texts]
+
+    distances = data.linkage[int(data.linkage_offsets[unit]):int(data.linkage_offsets[unit + 1]), 2]
+    cut_max = (max(1.0, math.ceil(float(distances.max()) * CUT_STEPS_PER_UNIT) / CUT_STEPS_PER_UNIT)
+               if len(distances) else 1.0)
+    name = f"{subject.slug} N{unit}"
+    unit_id = UnitId(subject.key, unit)
+    context = site.page(3, unit_path(site.model, subject, unit), f"{name} · {site.model}",
+                        f"{site.model} {subject.label} neuron {unit}", "neuron", layer=subject.layer, neuron=unit,
+                        features=features, metric_rows=metric_rows, promoted=logit_list("top"),
+                        suppressed=logit_list("bottom"), count=count, threshold=atlas.cfg.cluster_threshold,
+                        cut_max=cut_max, nav=site.nav(unit_id, 1))
+    page = env.get_template("neuron.html").render(context).encode()
+    (folder / "index.html").write_bytes(page)
+    feature_template = env.get_template("feature.html")
+    nav = site.nav(unit_id, 2)
+    feature_bytes = 0
+    for feature in features:
+        k = feature["k"]
+        context = site.page(4, unit_path(site.model, subject, unit, k), f"{name} F{k} · {site.model}",
+                            f"{site.model} {subject.label} neuron {unit} feature {k}", "feature",
+                            layer=subject.layer, neuron=unit, feature=feature, count=count,
+                            n_clusters=len(features), max_activation=fmt(sidecar["max_activation"], 4), nav=nav)
+        html = feature_template.render(context).encode()
+        (folder / f"F{k}").mkdir()
+        (folder / f"F{k}" / "index.html").write_bytes(html)
+        feature_bytes += len(html)
+    return count, len(features), sidecar_bytes, len(page), feature_bytes, twin_bytes
+
+
+def random_unit(atlas: Atlas) -> tuple[SubjectSet, int]:
+    """A fixed 'random' unit (from cfg.seed) for the static link; JavaScript picks a fresh one on each click."""
+    with_examples = np.flatnonzero(atlas.metrics["n_examples"] > 0)
+    pool = with_examples if len(with_examples) else np.arange(atlas.n_units)
+    unit_id = atlas.index.unit(int(np.random.default_rng(atlas.cfg.seed).choice(pool)))
+    return atlas.index.get(unit_id.set_key), unit_id.unit
+
+
+def report_rows(report: dict) -> list[dict]:
+    rows = []
+    spaces = report.get("spaces", {})
+    paper = report.get("paper", {})
+    for name in sorted(set(spaces) | set(paper)):
+        ours, theirs = spaces.get(name, {}), paper.get(name, {})
+        counts = [ours.get(key) for key in ("n_neurons_intra", "n_neurons_inter", "n_neurons") if key in ours]
+        rows.append({"space": clean_text(str(name)), "intra": fmt(ours.get("median_intra")),
+                     "inter": fmt(ours.get("median_inter")), "n": " / ".join(fmt(c) for c in counts) or "–",
+                     "paper_intra": fmt(theirs.get("median_intra")), "paper_inter": fmt(theirs.get("median_inter"))})
+    return rows
+
+
+def model_pages(site: Site, model_dir: Path, root_dir: Path) -> None:
+    """The landing page, the model index, the method page and one static table per subject set."""
+    atlas = site.atlas
+    env = environment()
+    meta = atlas.meta
+    table = atlas.metrics
+    random_set, random_unit_index = random_unit(atlas)
+    coverage = {
+        "layers": [s.layer for s in atlas.sets], "n_layers": meta.get("n_layers", len(atlas.sets)),
+        "d_mlp": meta.get("d_mlp"), "n_neurons": atlas.n_units, "n_sequences": int(meta["n_sequences"]),
+        "n_tokens": int(meta["n_tokens"]), "context_length": meta.get("context_length", "?"),
+        "dataset": site.prov["dataset"], "with_examples": int((table["n_examples"] > 0).sum()),
+        "n_features": int(table["n_clusters"].sum()), "max_examples": meta.get("max_examples", "?"),
+        "threshold": meta.get("threshold", "?"), "random": f"{random_set.slug}/N{random_unit_index}/index.html",
+    }
+
+    def write(path: Path, template: str, context: dict) -> None:
+        path.write_bytes(env.get_template(template).render(context).encode())
+
+    write(root_dir / "index.html", "home.html", site.page(0, "", "Neuron Atlas", "index", "home", coverage=coverage))
+    write(model_dir / "index.html", "model.html",
+          site.page(1, f"{site.model}/", f"{site.model} · Neuron Atlas", site.model, "model", coverage=coverage))
+    (model_dir / "method").mkdir()
+    method = {"threshold": atlas.cfg.cluster_threshold, "space": atlas.cfg.neighbour_space,
+              "count": atlas.cfg.neighbour_count, "neighbour_threshold": atlas.cfg.neighbour_threshold,
+              "window_before": atlas.cfg.window_before, "window_after": atlas.cfg.window_after}
+    write(model_dir / "method" / "index.html", "method.html",
+          site.page(2, f"{site.model}/method/", f"Method · {site.model}", f"{site.model} method", "method",
+                    report=report_rows(atlas.report), method=method, coverage=coverage))
+    for subject in atlas.sets:
+        rows = atlas.index.rows(subject.key)
+        column = {name: table[name][rows] for name in ("max_activation", "n_examples", "n_clusters",
+                                                       "largest_share", "intra_distance", "inter_distance")}
+        units = [{"n": n, "max": fmt(column["max_activation"][n], 3), "ex": int(column["n_examples"][n]),
+                  "k": int(column["n_clusters"][n]), "share": fmt(column["largest_share"][n]),
+                  "intra": fmt(column["intra_distance"][n]), "inter": fmt(column["inter_distance"][n])}
+                 for n in range(subject.size)]
+        (model_dir / subject.slug).mkdir(exist_ok=True)
+        write(model_dir / subject.slug / "index.html", "layer.html",
+              site.page(2, f"{site.model}/{subject.slug}/", f"Layer {subject.layer} · {site.model}",
+                        f"{site.model} {subject.label}", "layer", layer=subject.layer, neurons=units))

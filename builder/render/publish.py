@@ -1,0 +1,161 @@
+"""Assembling the site: model-wide files and pages, every unit's files fanned out as unit-range tasks, sizes and
+speed, all inside a temporary folder swapped into place at the end."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from builder.artefacts import atomic_dir
+from builder.config import AtlasConfig
+from builder.render.codec import FILE_COPY_SUFFIX, dumps, write_data_file
+from builder.render.inputs import Atlas, load_atlas, load_set
+from builder.render.pages import REPO, Site, model_pages, render_unit
+from builder.render.sidecars import (atlas_manifest, central_tokens_of, provenance, token_index, unit_table,
+                                     vocab_file)
+from builder.shards import LocalExecutor, unit_ranges
+from builder.stage import progress, worker_count
+
+log = logging.getLogger(__name__)
+
+STATIC = REPO / "static"
+POOL_MIN_UNITS = 64  # atlases with fewer units render in-process (starting workers costs more than it saves)
+MAX_UNITS_PER_TASK = 64
+SIZE_FIELDS = 6  # render_unit's tuple: examples, clusters, sidecar, page, feature pages, file:// twin bytes
+
+
+@dataclass(frozen=True)
+class RenderTask:
+    """One unit range of one subject set, written into the set's folder of the temporary site."""
+
+    set_key: str
+    units: range
+    folder: str
+
+
+# A worker's inputs, built by `start_worker` from its explicit arguments (the config and the vocabulary) in each
+# worker process; never inherited from the parent.
+_worker: dict = {}
+
+
+def start_worker(cfg: AtlasConfig, vocabulary: list[str]) -> None:
+    atlas = load_atlas(cfg, vocabulary)
+    _worker.clear()
+    _worker.update(atlas=atlas, site=Site(atlas, provenance(atlas)), sets={})
+
+
+def render_units(task: RenderTask) -> tuple[list[tuple[int, ...]], np.ndarray, np.ndarray]:
+    """Render a task's units; returns their size tuples and their features' central max tokens and units."""
+    atlas, site = _worker["atlas"], _worker["site"]
+    if task.set_key not in _worker["sets"]:
+        _worker["sets"] = {task.set_key: load_set(atlas, atlas.index.get(task.set_key))}
+    data = _worker["sets"][task.set_key]
+    sizes = [render_unit(site, data, unit, Path(task.folder) / f"N{unit}") for unit in task.units]
+    tokens, units = central_tokens_of(data, atlas.cfg.window_before)
+    mine = (units >= task.units.start) & (units < task.units.stop)
+    return sizes, tokens[mine], units[mine]
+
+
+def copy_static(target: Path) -> None:
+    target.mkdir()
+    for source in sorted(STATIC.iterdir()):
+        if source.is_file() and not source.name.startswith("."):
+            shutil.copyfile(source, target / source.name)
+
+
+def site_bytes(folder: Path) -> tuple[int, int]:
+    """(published bytes, file:// twin bytes) of every file under `folder`."""
+    published = twins = 0
+    for directory, _, files in os.walk(folder):
+        for name in files:
+            size = os.path.getsize(os.path.join(directory, name))
+            if name.endswith(FILE_COPY_SUFFIX):
+                twins += size
+            else:
+                published += size
+    return published, twins
+
+
+def size_projection(sizes: np.ndarray, shared: float, examples: int = 100, clusters=(3, 5, 10)) -> dict:
+    """Bytes per published unit projected to `examples` examples and k clusters per unit, from a least-squares
+    fit over this atlas's units: sidecar ≈ a + b·examples + c·k, pages ≈ d + e·k. `shared` (index pages, set
+    tables, vocabulary, unit table, token index, per unit) is added as measured."""
+    rich = sizes[sizes[:, 0] >= 2]
+    if len(rich) < 3:
+        return {}
+    design = np.stack([np.ones(len(rich)), rich[:, 0], rich[:, 1]], axis=1).astype(np.float64)
+    sidecar = np.linalg.lstsq(design, rich[:, 2].astype(np.float64), rcond=None)[0]
+    pages = np.linalg.lstsq(design[:, [0, 2]], (rich[:, 3] + rich[:, 4]).astype(np.float64), rcond=None)[0]
+    return {str(k): round(float(sidecar @ [1, examples, k] + pages @ [1, k] + shared)) for k in clusters}
+
+
+def recover_interrupted(site_dir: Path) -> None:
+    """Undo what a render killed mid-swap can leave: the old site moved aside, or a stale temporary folder."""
+    old = site_dir.with_name(f".{site_dir.name}.old")
+    if not site_dir.exists() and old.is_dir():
+        log.warning("render: restoring %s from an interrupted swap", site_dir)
+        os.replace(old, site_dir)
+    if site_dir.parent.is_dir():
+        for stale in sorted(site_dir.parent.glob(f".{site_dir.name}.*.tmp")):
+            log.warning("render: removing %s left by an interrupted render", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def render_site(cfg: AtlasConfig, vocabulary: list[str] | None = None) -> dict:
+    """Render the whole site into cfg.site_dir (atomically); returns its figures: bytes per unit (published files /
+    units, and all local files / units), seconds, units per second, and a projection of bytes per unit at 100
+    examples. `vocabulary` (token id -> string) replaces the model's tokenizer; tests use it for hostile tokens."""
+    started = time.perf_counter()
+    atlas = load_atlas(cfg, vocabulary)
+    prov = provenance(atlas)
+    site = Site(atlas, prov)
+    site_dir = Path(cfg.site_dir)
+    recover_interrupted(site_dir)
+    workers = worker_count(cfg) if atlas.n_units >= POOL_MIN_UNITS else 1
+    central_tokens, central_units, sizes = {}, {}, []
+    with atomic_dir(site_dir) as tmp:
+        (tmp / ".nojekyll").write_bytes(b"")
+        copy_static(tmp / "static")
+        model_dir = tmp / cfg.name
+        data_dir = model_dir / "data"
+        data_dir.mkdir(parents=True)
+        write_data_file(data_dir / "vocab.json", "vocab", vocab_file(atlas))
+        (data_dir / "atlas.json").write_bytes(dumps(atlas_manifest(atlas, prov)) + b"\n")
+        write_data_file(data_dir / "neurons.json", "neurons", unit_table(atlas))
+        model_pages(site, model_dir, tmp)
+        tasks = [RenderTask(s.key, units, str(model_dir / s.slug))
+                 for s in atlas.sets for units in unit_ranges(s.size, workers, MAX_UNITS_PER_TASK)]
+        executor = LocalExecutor(workers, initializer=functools.partial(start_worker, cfg, atlas.vocab))
+        parts: dict[str, list] = {s.key: [] for s in atlas.sets}
+        with progress(total=atlas.n_units, desc="render", unit="unit") as bar:
+            for task, (task_sizes, tokens, units) in zip(tasks, executor.map(render_units, tasks)):
+                sizes += task_sizes
+                parts[task.set_key].append((tokens, units))
+                bar.update(len(task_sizes))
+        for key, pieces in parts.items():
+            central_tokens[key] = np.concatenate([t for t, _ in pieces] or [np.zeros(0, np.int64)])
+            central_units[key] = np.concatenate([u for _, u in pieces] or [np.zeros(0, np.int64)])
+        write_data_file(data_dir / "tokens.json", "tokens", token_index(atlas, central_tokens, central_units))
+        published, twins = site_bytes(tmp)
+    _worker.clear()
+    seconds = time.perf_counter() - started
+    n = atlas.n_units
+    per_unit = np.array(sizes, np.int64).reshape(-1, SIZE_FIELDS)
+    shared = (published - per_unit[:, 2:5].sum()) / n if n else 0.0
+    stats = {"neurons": n, "total_bytes": published, "bytes_per_neuron": round(published / n, 1) if n else 0.0,
+             "local_bytes_per_neuron": round((published + twins) / n, 1) if n else 0.0,
+             "mean_examples": round(float(per_unit[:, 0].mean()), 2) if n else 0.0,
+             "mean_clusters": round(float(per_unit[:, 1].mean()), 2) if n else 0.0,
+             "projected_bytes_per_neuron_at_100_examples": size_projection(per_unit, shared),
+             "seconds": round(seconds, 3), "neurons_per_second": round(n / seconds, 1) if seconds > 0 else 0.0}
+    log.info("render: %d units in %.1f s (%.0f units/s); %.1f KB per unit published (%.1f KB with the file:// "
+             "copies); site %s", n, seconds, stats["neurons_per_second"], stats["bytes_per_neuron"] / 1000,
+             stats["local_bytes_per_neuron"] / 1000, site_dir)
+    return stats
