@@ -208,7 +208,7 @@ def test_dragging_the_threshold_recuts_the_dendrogram_like_scipy(site, tab):
     from scipy.cluster.hierarchy import fcluster
 
     page = tab.open(site["url"] + NEURON)
-    clusters = read_layer_clusters(AtlasPaths.of(site["cfg"]), 0)
+    clusters = read_clusters(AtlasPaths.of(site["cfg"]), f"L{0}")
     tree = clusters["linkage"][clusters["linkage_offsets"][0]:clusters["linkage_offsets"][1]]
     for t in (0.05, 0.2, 0.35, 0.5, 0.8, 1.1, 1.6):
         expected = ranked_labels(fcluster(tree, t=t, criterion="distance"))

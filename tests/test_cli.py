@@ -87,7 +87,7 @@ def cases(tmp_path_factory, tiny_gpt2, corpus_file) -> dict[str, Case]:
 
     # A finished collect to corrupt: truncate one layer, or mark the artefacts as an older schema version.
     finished = tiny_config_dict(tiny_gpt2, corpus_file, root / "finished")
-    collect.run(config_from_dict(finished))
+    run_stage("collect", config_from_dict(finished))
     finished_dir = Path(finished["out_dir"])
     artefact_dirs = {}
     for name in ("truncated", "emptied", "old-meta", "old-layer"):

@@ -118,12 +118,12 @@ def test_cluster_stage_is_identical_with_one_or_many_workers_and_resumes(tiny_mo
     runs = {}
     for workers in (1, 2):
         cfg = make_config(tiny_models["gpt2"], subdir=f"w{workers}", workers=workers, max_sequences=32)
-        collect.run(cfg)
-        embed.run(cfg)
-        cluster.run(cfg)
+        run_stage("collect", cfg)
+        run_stage("embed", cfg)
+        run_stage("cluster", cfg)
         runs[workers] = AtlasPaths.of(cfg)
     for layer in (0, 1):
-        one, many = read_layer_clusters(runs[1], layer), read_layer_clusters(runs[2], layer)
+        one, many = read_clusters(runs[1], f"L{layer}"), read_clusters(runs[2], f"L{layer}")
         for name in one:
             np.testing.assert_array_equal(one[name], many[name], err_msg=name)
     table = read_metrics_table(runs[1])
@@ -131,11 +131,11 @@ def test_cluster_stage_is_identical_with_one_or_many_workers_and_resumes(tiny_mo
     # resume: a finished layer file is kept, a deleted one is rebuilt identically
     paths = runs[1]
     kept = paths.layer_clusters(0).stat().st_mtime_ns
-    before = read_layer_clusters(paths, 1)
+    before = read_clusters(paths, f"L{1}")
     paths.layer_clusters(1).unlink()
     paths.cluster_meta.unlink()
-    cluster.run(make_config(tiny_models["gpt2"], subdir="w1", workers=1, max_sequences=32))
+    run_stage("cluster", make_config(tiny_models["gpt2"], subdir="w1", workers=1, max_sequences=32))
     assert paths.layer_clusters(0).stat().st_mtime_ns == kept
-    after = read_layer_clusters(paths, 1)
+    after = read_clusters(paths, f"L{1}")
     for name in before:
         np.testing.assert_array_equal(before[name], after[name], err_msg=name)

@@ -15,7 +15,11 @@ import pytest
 import torch
 
 from builder import collect
-from builder.collect import HISTOGRAM_EDGES, Collector, keep_first_needed, load_reference_maxima
+from builder.schema import read_collect_meta, read_examples, read_tokens
+from builder.stage import run_stage
+from builder.collect import Collector, keep_first_needed, load_reference_maxima
+from builder.schema import HISTOGRAM_EDGES
+from builder.subjects import Readout, mlp_layer
 from builder.config import config_from_dict
 from builder.errors import ConfigError
 from builder.paths import AtlasPaths
@@ -176,22 +180,33 @@ def batch_bounds(n_seq: int, sizes: list[int]):
         i += 1
 
 
-def feed(collector: Collector, layer: int, stream, sizes=(4, 1, 7, 3), compact_after=()) -> None:
+def readout(stream, start: int, end: int) -> Readout:
     post, pre, pre_linear, normalized = stream
-    for index, (start, end) in enumerate(batch_bounds(len(post), list(sizes))):
-        collector.update(layer, start, torch.from_numpy(post[start:end]), torch.from_numpy(pre[start:end]),
-                         None if pre_linear is None else torch.from_numpy(pre_linear[start:end]),
-                         torch.from_numpy(normalized[start:end]))
+    return Readout(post=torch.from_numpy(post[start:end]), pre=torch.from_numpy(pre[start:end]),
+                   pre_linear=None if pre_linear is None else torch.from_numpy(pre_linear[start:end]),
+                   input=torch.from_numpy(normalized[start:end]))
+
+
+def feed(collector: Collector, layer: int, stream, sizes=(4, 1, 7, 3), compact_after=(), first: int = 0,
+         end: int | None = None) -> None:
+    """Feed sequences first … end − 1 of `stream` (all by default) in batches of the given sizes."""
+    end = len(stream[0]) if end is None else end
+    for index, (start, stop) in enumerate(batch_bounds(end - first, list(sizes))):
+        collector.update(f"L{layer}", first + start, readout(stream, first + start, first + stop))
         if compact_after == "always" or index in compact_after:
             collector.compact()
 
 
+def stream_collector(stream, cfg, layers=(0,), reference=None) -> Collector:
+    sets = [mlp_layer(layer, stream[0].shape[-1], D_MODEL, gated=stream[2] is not None) for layer in layers]
+    return Collector(sets, CTX, cfg.threshold, cfg.max_examples, cfg.window_before, cfg.window_after,
+                     None if reference is None else {s.key: reference for s in sets})
+
+
 def collect_stream(stream, cfg, layer=0, reference=None, **feed_args) -> dict:
-    d_mlp = stream[0].shape[-1]
-    collector = Collector([layer], d_mlp, D_MODEL, CTX, cfg,
-                          None if reference is None else np.stack([reference] * (layer + 1)))
+    collector = stream_collector(stream, cfg, (layer,), reference)
     feed(collector, layer, stream, **feed_args)
-    return collector.finish(layer)
+    return collector.finish(f"L{layer}")
 
 
 def expected_for(stream, cfg, reference=None) -> dict:
@@ -343,28 +358,61 @@ def test_batch_sizes_do_not_change_the_result():
 def test_layers_keep_separate_state():
     first, second = random_stream(1), random_stream(2)
     cfg = make_config(max_examples=3)
-    collector = Collector([0, 3], first[0].shape[-1], D_MODEL, CTX, cfg)
+    collector = stream_collector(first, cfg, (0, 3))
     feed(collector, 0, first)
     feed(collector, 3, second)
-    assert_matches_naive(collector.finish(0), expected_for(first, cfg), first[0], first[3])
-    assert_matches_naive(collector.finish(3), expected_for(second, cfg), second[0], second[3])
+    assert_matches_naive(collector.finish("L0"), expected_for(first, cfg), first[0], first[3])
+    assert_matches_naive(collector.finish("L3"), expected_for(second, cfg), second[0], second[3])
 
 
-def test_checkpointed_state_restored_into_a_fresh_collector_gives_the_same_result():
-    stream = random_stream(9)
+def late_maximum_stream(seed: int):
+    """A random stream whose last sequences hold a much larger maximum for every other neuron."""
+    stream = random_stream(seed, n_seq=36)
+    post = stream[0]
+    post[33, 2, ::2] = post.max(axis=(0, 1))[::2] * 4 + 1
+    return stream
+
+
+def sharded_result(stream, cfg, bounds: list[int], reference=None, reverse: bool = False) -> dict:
+    """Each shard (sequences bounds[i] … bounds[i + 1] − 1) collected by its own collector and stored as state
+    arrays, then absorbed by a fresh collector (in corpus order, or reversed)."""
+    states = []
+    for first, end in zip(bounds[:-1], bounds[1:]):
+        shard = stream_collector(stream, cfg, reference=reference)
+        feed(shard, 0, stream, first=first, end=end)
+        states.append({name: value.copy() for name, value in shard.state_arrays().items()})
+    merged = stream_collector(stream, cfg, reference=reference)
+    for state in (states[::-1] if reverse else states):
+        merged.absorb(state)
+    return merged.finish("L0")
+
+
+SPLITS = {1: [0, 36], 2: [0, 20, 36], 3: [0, 11, 30, 36]}
+
+
+@pytest.mark.parametrize("n_shards", [1, 2, 3])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_merging_shards_equals_the_unsplit_pass_even_with_a_late_larger_maximum(n_shards, reverse):
+    for seed, (threshold, max_examples) in enumerate([(0.5, 3), (0.75, 1), (0.3, 6)]):
+        stream = late_maximum_stream(seed)
+        cfg = make_config(threshold=threshold, max_examples=max_examples)
+        unsplit = collect_stream(stream, cfg)
+        merged = sharded_result(stream, cfg, SPLITS[n_shards], reverse=reverse)
+        assert_equal_arrays(merged, unsplit)
+        assert_matches_naive(merged, expected_for(stream, cfg), stream[0], stream[3])
+        # The late maximum really is late: the last shard raises every even neuron's maximum.
+        if n_shards > 1:
+            early = stream[0][:SPLITS[n_shards][-2]].max(axis=(0, 1))
+            assert (merged["max_activation"][::2] > early[::2]).all()
+
+
+@pytest.mark.parametrize("n_shards", [2, 3])
+def test_merging_shards_with_reference_maxima_equals_the_unsplit_pass(n_shards):
+    stream = late_maximum_stream(7)
+    reference = (stream[0].max(axis=(0, 1)) * 0.9).astype(np.float32)
     cfg = make_config(threshold=0.5, max_examples=3)
-    post, pre, pre_linear, normalized = stream
-    cut = 17
-    head = (post[:cut], pre[:cut], pre_linear[:cut], normalized[:cut])
-    before = Collector([0], post.shape[-1], D_MODEL, CTX, cfg)
-    feed(before, 0, head)
-    saved = {name: value.copy() for name, value in before.state_arrays().items()}
-    after = Collector([0], post.shape[-1], D_MODEL, CTX, cfg)
-    after.load_state_arrays(saved)
-    for start, end in batch_bounds(len(post) - cut, [4]):
-        s, e = start + cut, end + cut
-        after.update(0, s, *(torch.from_numpy(a[s:e]) for a in (post, pre, pre_linear, normalized)))
-    assert_equal_arrays(after.finish(0), collect_stream(stream, cfg))
+    merged = sharded_result(stream, cfg, SPLITS[n_shards], reference=reference)
+    assert_equal_arrays(merged, collect_stream(stream, cfg, reference=reference))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -432,13 +480,16 @@ def test_reference_above_every_activation_gives_no_examples():
     assert len(result["seq"]) == 0 and (result["offsets"] == 0).all()
 
 
+TWO_LAYERS = [mlp_layer(0, 7, D_MODEL, False), mlp_layer(1, 7, D_MODEL, False)]
+
+
 @pytest.mark.parametrize("shape", [(7,), (7, 2), (3, 7), (2, 8), (1, 2, 7)])
 def test_load_reference_maxima_rejects_a_wrong_shape(tmp_path, shape):
     path = tmp_path / "maxima.npy"
     np.save(path, np.ones(shape, np.float32))
     cfg = config_from_dict({"data_files": ["x.jsonl"], "reference_maxima": str(path)})
-    with pytest.raises(ConfigError, match=r"shape \[2, 7\]"):
-        load_reference_maxima(cfg, n_layers=2, d_mlp=7)
+    expect_error(ConfigError, lambda: load_reference_maxima(cfg, TWO_LAYERS, n_layers=2), "shape [2, 7]",
+                 "L0: [7]")
 
 
 def test_load_reference_maxima_rejects_non_finite_values(tmp_path):
@@ -447,22 +498,31 @@ def test_load_reference_maxima_rejects_non_finite_values(tmp_path):
     values[1, 3] = np.nan
     np.save(path, values)
     cfg = config_from_dict({"data_files": ["x.jsonl"], "reference_maxima": str(path)})
-    with pytest.raises(ConfigError, match="finite"):
-        load_reference_maxima(cfg, n_layers=2, d_mlp=7)
+    expect_error(ConfigError, lambda: load_reference_maxima(cfg, TWO_LAYERS, n_layers=2), "finite")
 
 
-def test_load_reference_maxima_rejects_an_npz_archive(tmp_path):
-    """A .npz (not the .npy the config asks for) must be a one-line ConfigError, like any unreadable file."""
+def test_load_reference_maxima_reads_one_array_per_subject_set_from_an_npz(tmp_path):
     path = tmp_path / "maxima.npz"
-    np.savez(path, maxima=np.ones((2, 7), np.float32))
+    np.savez(path, L0=np.arange(7.0), L1=np.arange(7.0) + 10, L5=np.zeros(3))
     cfg = config_from_dict({"data_files": ["x.jsonl"], "reference_maxima": str(path)})
-    expect_error(ConfigError, lambda: load_reference_maxima(cfg, n_layers=2, d_mlp=7), "reference_maxima")
+    loaded = load_reference_maxima(cfg, TWO_LAYERS, n_layers=2)
+    assert sorted(loaded) == ["L0", "L1"] and loaded["L1"].dtype == np.float32
+    np.testing.assert_array_equal(loaded["L1"], np.arange(7.0) + 10)
+
+
+@pytest.mark.parametrize("arrays, phrase", [({"L0": np.ones(7)}, "no array 'L1'"),
+                                            ({"L0": np.ones(7), "L1": np.ones(6)}, "L1 must be finite"),
+                                            ({"maxima": np.ones((2, 7))}, "no array 'L0'")])
+def test_load_reference_maxima_npz_must_hold_every_set_with_its_size(tmp_path, arrays, phrase):
+    path = tmp_path / "maxima.npz"
+    np.savez(path, **arrays)
+    cfg = config_from_dict({"data_files": ["x.jsonl"], "reference_maxima": str(path)})
+    expect_error(ConfigError, lambda: load_reference_maxima(cfg, TWO_LAYERS, n_layers=2), phrase)
 
 
 def test_load_reference_maxima_rejects_a_missing_file(tmp_path):
     cfg = config_from_dict({"data_files": ["x.jsonl"], "reference_maxima": str(tmp_path / "nope.npy")})
-    with pytest.raises(ConfigError, match="reference_maxima"):
-        load_reference_maxima(cfg, n_layers=2, d_mlp=7)
+    expect_error(ConfigError, lambda: load_reference_maxima(cfg, TWO_LAYERS, n_layers=2), "reference_maxima")
 
 
 def test_load_reference_maxima_reads_a_matching_array_and_none_when_unset(tmp_path):
@@ -470,17 +530,17 @@ def test_load_reference_maxima_reads_a_matching_array_and_none_when_unset(tmp_pa
     values = np.arange(14, dtype=np.float64).reshape(2, 7)
     np.save(path, values)
     cfg = config_from_dict({"data_files": ["x.jsonl"], "reference_maxima": str(path)})
-    loaded = load_reference_maxima(cfg, n_layers=2, d_mlp=7)
-    assert loaded.dtype == np.float32
-    np.testing.assert_array_equal(loaded, values)
-    assert load_reference_maxima(config_from_dict({"data_files": ["x.jsonl"]}), 2, 7) is None
+    loaded = load_reference_maxima(cfg, TWO_LAYERS, n_layers=2)
+    assert loaded["L0"].dtype == np.float32
+    np.testing.assert_array_equal(loaded["L1"], values[1])
+    assert load_reference_maxima(config_from_dict({"data_files": ["x.jsonl"]}), TWO_LAYERS, 2) is None
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# collect.run on the tiny models
+# The collect stage on the tiny models
 
 
-def read_layer_npz(out_dir: Path, layer: int) -> dict[str, np.ndarray]:
+def read_set_npz(out_dir: Path, layer: int) -> dict[str, np.ndarray]:
     with np.load(Path(out_dir) / "collect" / f"L{layer}.npz", allow_pickle=False) as bundle:
         return {name: bundle[name] for name in bundle.files}
 
@@ -500,15 +560,16 @@ def all_hooks(model, tokens: np.ndarray, layers: list[int]) -> dict[int, dict[st
 
 @pytest.fixture(scope="module")
 def collected(tmp_path_factory, tiny_models, corpus_file):
-    """collect.run on both tiny models (plain and gated), with the loaded model for independent recomputation."""
+    """The collect stage on both tiny models (plain and gated), with the loaded model for independent
+    recomputation."""
     from builder.models import load_model
 
     runs = {}
     for kind, folder in tiny_models.items():
         cfg = config_from_dict(tiny_config_dict(folder, corpus_file, tmp_path_factory.mktemp(f"collect-{kind}")))
-        collect.run(cfg)
+        run_stage("collect", cfg)
         model = load_model(cfg)
-        tokens = collect.read_tokens(AtlasPaths.of(cfg))
+        tokens = read_tokens(AtlasPaths.of(cfg))
         runs[kind] = (cfg, model, tokens, all_hooks(model, tokens, [0, 1]))
     return runs
 
@@ -517,11 +578,12 @@ def collected(tmp_path_factory, tiny_models, corpus_file):
 def test_run_records_act_as_max_over_positions_of_hook_post(collected, kind):
     cfg, model, tokens, hooks = collected[kind]
     assert model.gated == (kind == "llama")
-    meta = collect.read_collect_meta(AtlasPaths.of(cfg))
+    meta = read_collect_meta(AtlasPaths.of(cfg))
     assert meta["gated"] == model.gated and meta["layers"] == [0, 1]
+    assert [s["key"] for s in meta["subject_sets"]] == ["L0", "L1"]
     assert meta["n_sequences"] == len(tokens) > 50
     for layer in (0, 1):
-        examples = collect.read_layer_examples(AtlasPaths.of(cfg), layer)
+        examples = read_examples(AtlasPaths.of(cfg), f"L{layer}")
         post = hooks[layer]["mlp.hook_post"]
         assert len(examples.seq) > 0
         neurons = np.repeat(np.arange(model.d_mlp), np.diff(examples.offsets))
@@ -542,8 +604,9 @@ def test_run_records_act_as_max_over_positions_of_hook_post(collected, kind):
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_run_selects_the_same_examples_as_the_two_pass_definition_on_recomputed_hooks(collected, kind):
     cfg, model, tokens, hooks = collected[kind]
+    assert len(tokens) > 2 * cfg.shard_sequences  # the stage really merged several shards
     for layer in (0, 1):
-        examples = collect.read_layer_examples(AtlasPaths.of(cfg), layer)
+        examples = read_examples(AtlasPaths.of(cfg), f"L{layer}")
         h = hooks[layer]
         expected = naive_examples(h["mlp.hook_post"], h["mlp.hook_pre"], h.get("mlp.hook_pre_linear"),
                                   h["ln2.hook_normalized"], cfg.threshold, cfg.max_examples, cfg.window_before,
@@ -575,7 +638,7 @@ def test_run_hook_pre_matches_the_hugging_face_model_directly(collected, kind):
             hf(torch.as_tensor(tokens, dtype=torch.long))
         for handle in handles:
             handle.remove()
-        examples = collect.read_layer_examples(AtlasPaths.of(cfg), layer)
+        examples = read_examples(AtlasPaths.of(cfg), f"L{layer}")
         neurons = np.repeat(np.arange(model.d_mlp), np.diff(examples.offsets))
         for key, values in captured.items():
             np.testing.assert_allclose(getattr(examples, key), values.numpy()[examples.seq, examples.pos, neurons],
@@ -584,14 +647,15 @@ def test_run_hook_pre_matches_the_hugging_face_model_directly(collected, kind):
 
 def test_run_records_packing_and_provenance(collected, tokenizer):
     cfg, model, tokens, _ = collected["gpt2"]
-    meta = collect.read_collect_meta(AtlasPaths.of(cfg))
+    meta = read_collect_meta(AtlasPaths.of(cfg))
     assert (tokens[:, 0] == tokenizer.bos_token_id).all()
     assert tokens.shape[1] == cfg.context_length == meta["context_length"]
     assert meta["packing"]["separator_token_id"] == tokenizer.eos_token_id
     assert meta["packing"]["n_documents"] == len(CORPUS_PARAGRAPHS)
-    assert meta["config_hash"] == cfg.config_hash()
     assert meta["forwarded_sequences_last_run"] == len(tokens)
+    assert meta["n_shards"] == -(-len(tokens) // cfg.shard_sequences)
     assert meta["build_date"] == "2024-01-01"
+    assert not (Path(cfg.out_dir) / "collect" / "shards").exists()  # merged, then removed
 
 
 def test_run_skips_when_up_to_date(collected, monkeypatch):
@@ -604,120 +668,119 @@ def test_run_skips_when_up_to_date(collected, monkeypatch):
         raise AssertionError("collect reloaded the model although its artefacts are up to date")
 
     monkeypatch.setattr(builder.models, "load_model", no_load)
-    collect.run(cfg)
+    run_stage("collect", cfg)
     assert {p: p.stat().st_mtime_ns for p in Path(cfg.out_dir, "collect").iterdir()} == before
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Resume after a kill
+# Resume after a kill: the shard is the unit of resume
 
-KILL_AFTER_CHECKPOINTS = 2
+SHARD = 16
+KILL_AT = 2 * SHARD + 8  # inside the third shard, after two shards were written
 KILLER = """
-import json, os, signal, sys
-from builder import collect
+import json, sys
 from builder.config import config_from_dict
-cfg = config_from_dict(json.loads(sys.argv[1]))
-real_write, written = collect.write_npz, []
-def write_then_die(path, kind, *args, **arrays):
-    real_write(path, kind, *args, **arrays)
-    if kind == collect.CHECKPOINT_KIND:
-        written.append(path)
-        if len(written) == int(sys.argv[2]):
-            os.kill(os.getpid(), signal.SIGKILL)
-collect.write_npz = write_then_die
-collect.run(cfg)
+from builder.stage import run_stage
+run_stage("collect", config_from_dict(json.loads(sys.argv[1])))
 """
 
 
 @pytest.fixture(scope="module")
 def resumed(tmp_path_factory, tiny_gpt2, corpus_file):
-    """An uninterrupted collect, and one SIGKILLed right after its 2nd checkpoint and then re-run (resumed)."""
-    raw = dict(checkpoint_every=8, batch_size=8)
+    """An uninterrupted collect, and one SIGKILLed inside its third shard and then re-run (resumed)."""
+    raw = dict(shard_sequences=SHARD, batch_size=8)
     clean_cfg = config_from_dict(tiny_config_dict(tiny_gpt2, corpus_file, tmp_path_factory.mktemp("clean"), **raw))
-    collect.run(clean_cfg)
+    run_stage("collect", clean_cfg)
     killed_raw = tiny_config_dict(tiny_gpt2, corpus_file, tmp_path_factory.mktemp("killed"), **raw)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    killed = subprocess.run([sys.executable, "-c", KILLER, json.dumps(killed_raw), str(KILL_AFTER_CHECKPOINTS)],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ATLAS_FAULT": f"collect:{KILL_AT}"}
+    killed = subprocess.run([sys.executable, "-c", KILLER, json.dumps(killed_raw)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=240)
     cfg = config_from_dict(killed_raw)
     paths = AtlasPaths.of(cfg)
-    checkpoint = collect.read_npz(paths.collect_checkpoint, collect.CHECKPOINT_KIND, collect.SCHEMA_VERSION) \
-        if paths.collect_checkpoint.is_file() else None
-    state_after_kill = {"returncode": killed.returncode, "stderr": killed.stderr, "checkpoint": checkpoint,
-                        "layers_written": sorted(p.name for p in paths.stage("collect").glob("L*.npz")),
-                        "meta_written": paths.collect_meta.is_file()}
+    state_after_kill = {"returncode": killed.returncode, "stderr": killed.stderr,
+                        "shards": sorted(p.name for p in (paths.stage("collect") / "shards").glob("*.npz")),
+                        "sets_written": sorted(p.name for p in paths.stage("collect").glob("L*.npz")),
+                        "meta_written": paths.meta("collect").is_file()}
     forwarded = []
     real_forward = collect.forward_with_hooks
 
-    def counting_forward(bridge, tokens, layers, gated):
+    def counting_forward(bridge, tokens, sets):
         forwarded.append(len(tokens))
-        return real_forward(bridge, tokens, layers, gated)
+        return real_forward(bridge, tokens, sets)
 
     collect.forward_with_hooks = counting_forward
     try:
-        collect.run(cfg)
+        run_stage("collect", cfg)
     finally:
         collect.forward_with_hooks = real_forward
     return {"clean": clean_cfg, "resumed": cfg, "kill": state_after_kill, "forwarded": sum(forwarded)}
 
 
-def test_killed_run_leaves_a_checkpoint_and_no_finished_artefacts(resumed):
+def test_killed_run_leaves_its_finished_shards_and_no_finished_artefacts(resumed):
     kill = resumed["kill"]
     assert kill["returncode"] == -signal.SIGKILL, kill["stderr"][-2000:]
-    assert kill["checkpoint"] is not None
-    assert int(kill["checkpoint"]["next_seq"]) == KILL_AFTER_CHECKPOINTS * 8
-    assert kill["layers_written"] == [] and not kill["meta_written"]
+    assert kill["shards"] == [f"{0:09d}-{SHARD:09d}.npz", f"{SHARD:09d}-{2 * SHARD:09d}.npz"]
+    assert kill["sets_written"] == [] and not kill["meta_written"]
 
 
 def test_resume_after_kill_gives_the_same_arrays_as_an_uninterrupted_run(resumed):
     clean, again = resumed["clean"], resumed["resumed"]
     for layer in (0, 1):
-        assert_equal_arrays(read_layer_npz(clean.out_dir, layer), read_layer_npz(again.out_dir, layer))
-    np.testing.assert_array_equal(collect.read_tokens(AtlasPaths.of(clean)), collect.read_tokens(AtlasPaths.of(again)))
-    assert not AtlasPaths.of(again).collect_checkpoint.exists()
+        assert_equal_arrays(read_set_npz(clean.out_dir, layer), read_set_npz(again.out_dir, layer))
+    np.testing.assert_array_equal(read_tokens(AtlasPaths.of(clean)), read_tokens(AtlasPaths.of(again)))
 
 
-def test_resumed_run_forwards_only_the_sequences_after_the_checkpoint(resumed):
-    n_sequences = len(collect.read_tokens(AtlasPaths.of(resumed["resumed"])))
-    next_seq = int(resumed["kill"]["checkpoint"]["next_seq"])
-    assert 0 < next_seq < n_sequences
-    assert resumed["forwarded"] == n_sequences - next_seq
+def test_resumed_run_forwards_only_the_sequences_of_unfinished_shards(resumed):
+    n_sequences = len(read_tokens(AtlasPaths.of(resumed["resumed"])))
+    assert n_sequences > 2 * SHARD
+    assert resumed["forwarded"] == n_sequences - 2 * SHARD
 
 
 def test_resumed_run_meta_reports_the_sequences_forwarded_in_that_run(resumed):
-    clean_meta = collect.read_collect_meta(AtlasPaths.of(resumed["clean"]))
-    meta = collect.read_collect_meta(AtlasPaths.of(resumed["resumed"]))
-    next_seq = int(resumed["kill"]["checkpoint"]["next_seq"])
+    clean_meta = read_collect_meta(AtlasPaths.of(resumed["clean"]))
+    meta = read_collect_meta(AtlasPaths.of(resumed["resumed"]))
     assert clean_meta["forwarded_sequences_last_run"] == meta["n_sequences"]
-    assert meta["forwarded_sequences_last_run"] == meta["n_sequences"] - next_seq, (
-        "forwarded_sequences_last_run counts the sequences forwarded before the kill too: run() restores "
-        "`forwarded` from the checkpoint instead of counting this run's forwards")
-    assert meta["forwarded_sequences_last_run"] < clean_meta["forwarded_sequences_last_run"]
+    assert meta["forwarded_sequences_last_run"] == meta["n_sequences"] - 2 * SHARD
+    assert meta["shards_run_last_run"] == meta["n_shards"] - 2
 
 
-def test_checkpoint_from_another_config_is_discarded(tmp_path, tiny_gpt2, make_config, monkeypatch):
-    """A checkpoint written with threshold 0.75 must not leak into a run with threshold 0.5 in the same out_dir."""
-    first = make_config(tiny_gpt2, "shared", checkpoint_every=8, batch_size=8)
-    real_write = collect.write_npz
+def test_shard_size_is_a_machine_setting_that_does_not_change_the_result(resumed, tmp_path, tiny_gpt2,
+                                                                         corpus_file):
+    """Shards of 48 and 16 sequences (and a partly finished run of another split) merge to the same artefacts."""
+    clean = resumed["clean"]
+    cfg = config_from_dict(tiny_config_dict(tiny_gpt2, corpus_file, tmp_path, shard_sequences=48, batch_size=8))
+    run_stage("collect", cfg)
+    for layer in (0, 1):
+        assert_equal_arrays(read_set_npz(clean.out_dir, layer), read_set_npz(cfg.out_dir, layer))
+
+
+def test_partial_work_from_another_config_is_discarded(tmp_path, tiny_gpt2, make_config, monkeypatch):
+    """Shards collected with threshold 0.75 must not leak into a run with threshold 0.5 in the same out_dir."""
+    first = make_config(tiny_gpt2, "shared", shard_sequences=16, batch_size=8)
 
     class Interrupted(Exception):
         pass
 
-    def write_then_stop(path, kind, *args, **arrays):
-        real_write(path, kind, *args, **arrays)
-        if kind == collect.CHECKPOINT_KIND:
+    real, written = collect.COLLECT_SHARD, []
+
+    class StopAfterFirstShard:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def write_npz(self, path, **arrays):
+            real.write_npz(path, **arrays)
+            written.append(path)
             raise Interrupted
 
-    monkeypatch.setattr(collect, "write_npz", write_then_stop)
+    monkeypatch.setattr(collect, "COLLECT_SHARD", StopAfterFirstShard())
     with pytest.raises(Interrupted):
-        collect.run(first)
-    monkeypatch.setattr(collect, "write_npz", real_write)
-    assert AtlasPaths.of(first).collect_checkpoint.is_file()
+        run_stage("collect", first)
+    monkeypatch.undo()
+    assert written and written[0].is_file()
     second = dataclasses.replace(first, threshold=0.5)
-    collect.run(second)
+    run_stage("collect", second)
     fresh = dataclasses.replace(second, out_dir=str(tmp_path / "fresh"))
-    collect.run(fresh)
+    run_stage("collect", fresh)
     for layer in (0, 1):
-        assert_equal_arrays(read_layer_npz(second.out_dir, layer), read_layer_npz(fresh.out_dir, layer))
-    meta = collect.read_collect_meta(AtlasPaths.of(second))
-    assert meta["threshold"] == 0.5 and meta["config_hash"] == second.config_hash()
+        assert_equal_arrays(read_set_npz(second.out_dir, layer), read_set_npz(fresh.out_dir, layer))
+    assert read_collect_meta(AtlasPaths.of(second))["threshold"] == 0.5

@@ -32,15 +32,15 @@ def recomputed_hooks(model, tokens: np.ndarray, layers: list[int]) -> dict[int, 
 def check_identity(paths: AtlasPaths, layer: int, hooks: dict[str, np.ndarray], neurons=None) -> int:
     """For each neuron with examples: embedding sums equal the recorded pre-activations and the recomputed hooks.
     Returns how many examples were checked."""
-    examples = collect.read_layer_examples(paths, layer)
-    weights = read_layer_weights(paths, layer)
+    examples = read_examples(paths, f"L{layer}")
+    weights = read_weights(paths, f"L{layer}")
     d_model = examples.vectors.shape[1]
     with_examples = np.flatnonzero(np.diff(examples.offsets))
     checked = 0
     for neuron in (with_examples if neurons is None else neurons):
-        part = examples.neuron_slice(neuron)
+        part = examples.unit_slice(neuron)
         seq, pos = examples.seq[part], examples.pos[part]
-        embeddings = neuron_embeddings(examples.neuron_vectors(neuron), weights, neuron)
+        embeddings = neuron_embeddings(examples.unit_vectors(neuron), weights, neuron)
         if weights.gated:
             assert embeddings.shape == (len(seq), 2 * d_model)
             gate = embeddings[:, :d_model].sum(axis=1, dtype=np.float64)
@@ -67,10 +67,10 @@ def embedded_tiny(tmp_path_factory, tiny_models, corpus_file):
     for kind, folder in tiny_models.items():
         cfg = config_from_dict(tiny_config_dict(folder, corpus_file, tmp_path_factory.mktemp(f"embed-{kind}"),
                                                 max_examples=8))
-        collect.run(cfg)
-        embed.run(cfg)
+        run_stage("collect", cfg)
+        run_stage("embed", cfg)
         model = load_model(cfg)
-        tokens = collect.read_tokens(AtlasPaths.of(cfg))
+        tokens = read_tokens(AtlasPaths.of(cfg))
         runs[kind] = (cfg, model, recomputed_hooks(model, tokens, [0, 1]))
     return runs
 
@@ -81,7 +81,7 @@ def test_embedding_sums_equal_recorded_and_recomputed_preactivations_on_tiny_mod
     for layer in (0, 1):
         checked = check_identity(AtlasPaths.of(cfg), layer, hooks[layer])
         assert checked >= 50  # the identity was exercised on real examples, not vacuously
-    assert read_layer_weights(AtlasPaths.of(cfg), 0).gated == (kind == "llama")
+    assert read_weights(AtlasPaths.of(cfg), f"L{0}").gated == (kind == "llama")
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
@@ -97,7 +97,7 @@ def test_embed_meta_records_an_identity_error_below_tolerance(embedded_tiny, kin
 def test_stored_weights_are_the_models_folded_mlp_input_weights(embedded_tiny, kind):
     cfg, model, _ = embedded_tiny[kind]
     for layer in (0, 1):
-        weights = read_layer_weights(AtlasPaths.of(cfg), layer)
+        weights = read_weights(AtlasPaths.of(cfg), f"L{layer}")
         mlp = model.bridge.blocks[layer].mlp
         np.testing.assert_array_equal(weights.w_in, mlp.W_in.detach().float().numpy())
         assert weights.w_in.shape == (model.d_model, model.d_mlp)
@@ -114,7 +114,7 @@ def test_stored_direct_logit_effects_match_a_brute_force_sort_of_w_out_times_w_u
     cfg, model, _ = embedded_tiny[kind]
     w_u = model.bridge.W_U.detach().double().numpy()
     for layer in (0, 1):
-        weights = read_layer_weights(AtlasPaths.of(cfg), layer)
+        weights = read_weights(AtlasPaths.of(cfg), f"L{layer}")
         effects = model.bridge.blocks[layer].mlp.W_out.detach().double().numpy() @ w_u
         k = weights.logit_top_ids.shape[1]
         assert k == embed.LOGIT_TOP_K and weights.logit_top_ids.shape[0] == model.d_mlp
@@ -174,7 +174,7 @@ def test_neuron_embeddings_are_elementwise_products_and_sum_to_the_preactivation
 def test_identity_error_detects_weights_that_do_not_match_the_examples(embedded_tiny):
     cfg, _, _ = embedded_tiny["gpt2"]
     paths = AtlasPaths.of(cfg)
-    examples, weights = collect.read_layer_examples(paths, 1), read_layer_weights(paths, 1)
+    examples, weights = read_examples(paths, f"L{1}"), read_weights(paths, f"L{1}")
     assert identity_error(examples, weights) < TOLERANCE
     other = dataclasses.replace(weights, w_in=weights.w_in[:, ::-1].copy())
     assert identity_error(examples, other) > 100 * TOLERANCE
@@ -193,18 +193,18 @@ def test_embed_refuses_a_collect_artefact_from_a_different_model_of_the_same_sha
     model.save_pretrained(twin)
     tokenizer.save_pretrained(twin)
     cfg = make_config(tiny_gpt2)
-    collect.run(cfg)
+    run_stage("collect", cfg)
     # the config hash names the model, so the stale collect artefact is refused before any identity check
     with pytest.raises(ArtefactError, match="run `atlas collect`"):
-        embed.run(dataclasses.replace(cfg, model=str(twin)))
+        run_stage("embed", dataclasses.replace(cfg, model=str(twin)))
 
 
 def test_embed_refuses_a_collect_artefact_from_a_model_with_another_mlp_width(tiny_models, make_config):
     """Collect with the tiny GPT-2 (d_mlp 128), then `atlas embed` after switching the config to the tiny Llama
     (d_mlp 64): embed must report the stale collect artefact as an ArtefactError, not crash."""
     cfg = make_config(tiny_models["gpt2"])
-    collect.run(cfg)
-    expect_error(ArtefactError, lambda: embed.run(dataclasses.replace(cfg, model=str(tiny_models["llama"]))),
+    run_stage("collect", cfg)
+    expect_error(ArtefactError, lambda: run_stage("embed", dataclasses.replace(cfg, model=str(tiny_models["llama"]))),
                  "collect")
 
 
@@ -217,7 +217,7 @@ def test_embed_skips_when_up_to_date(embedded_tiny, monkeypatch):
         raise AssertionError("embed reloaded the model although its artefacts are up to date")
 
     monkeypatch.setattr(builder.models, "load_model", no_load)
-    embed.run(cfg)
+    run_stage("embed", cfg)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -231,15 +231,15 @@ def test_embedding_identity_holds_on_the_embedded_model(tmp_path, embedded_corpu
                             "max_sequences": 4, "context_length": 32, "layers": [0, 5], "batch_size": 4,
                             "device": "cpu", "max_examples": 3, "out_dir": str(tmp_path / "build"),
                             "site_dir": str(tmp_path / "site")})
-    collect.run(cfg)
-    embed.run(cfg)
+    run_stage("collect", cfg)
+    run_stage("embed", cfg)
     paths = AtlasPaths.of(cfg)
-    meta = collect.read_collect_meta(paths)
+    meta = read_collect_meta(paths)
     assert meta["n_sequences"] == 4 and meta["layers"] == [0, 5] and meta["gated"]
-    tokens = collect.read_tokens(paths)
+    tokens = read_tokens(paths)
     hooks = recomputed_hooks(model, tokens, [0, 5])
     for layer in (0, 5):
-        examples = collect.read_layer_examples(paths, layer)
+        examples = read_examples(paths, f"L{layer}")
         counts = np.diff(examples.offsets)
         with_examples = np.flatnonzero(counts)
         assert len(with_examples) > 100

@@ -47,9 +47,9 @@ def test_hostile_corpus_renders_literally_and_runs_nothing(hostile_site, share_e
     tokens = read_tokens(paths)
     decode = share_embedded_model.tokenizer.decode
     hostile_rows = {s for s in range(len(tokens)) if any(c in decode(tokens[s]) for c in "<>{}&\u202e\x07")}
-    examples = read_layer_examples(paths, 0)
+    examples = read_examples(paths, f"L{0}")
     neurons = [n for n in range(len(examples.offsets) - 1)
-               if set(examples.seq[examples.neuron_slice(n)].tolist()) & hostile_rows][:6]
+               if set(examples.seq[examples.unit_slice(n)].tolist()) & hostile_rows][:6]
     assert neurons, "no neuron has an example in a hostile sequence"
 
     from playwright.sync_api import sync_playwright
@@ -83,4 +83,4 @@ def test_hostile_corpus_renders_literally_and_runs_nothing(hostile_site, share_e
     assert len(sidecars) == len(examples.offsets) - 1
     for sidecar in sidecars:
         sidecar.read_bytes().decode("utf-8")
-    assert np.isfinite(read_layer_examples(paths, 0).act).all()
+    assert np.isfinite(read_examples(paths, f"L{0}").act).all()

@@ -29,8 +29,8 @@ def naive_masked_activation(bridge, tokens: np.ndarray, layer: int, neuron: int,
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_shared_importance_equals_naive_reference_on_tiny_models(family, tiny_models, make_config):
     cfg = make_config(tiny_models[family], max_examples=4, max_sequences=24)
-    collect.run(cfg)
-    importance.run(cfg)
+    run_stage("collect", cfg)
+    run_stage("importance", cfg)
     paths = AtlasPaths.of(cfg)
     model = load_model(cfg)
     tokens = read_tokens(paths)
@@ -38,8 +38,8 @@ def test_shared_importance_equals_naive_reference_on_tiny_models(family, tiny_mo
     rng = np.random.default_rng(0)
     checked = 0
     for layer in (0, 1):
-        examples = read_layer_examples(paths, layer)
-        result = read_layer_importance(paths, layer)
+        examples = read_examples(paths, f"L{layer}")
+        result = read_importance(paths, f"L{layer}")
         neurons = np.repeat(np.arange(len(examples.offsets) - 1), np.diff(examples.offsets))
         for row in rng.choice(len(examples.seq), size=min(12, len(examples.seq)), replace=False):
             seq, m, neuron = int(examples.seq[row]), int(examples.pos[row]), int(neurons[row])
@@ -75,11 +75,11 @@ def test_importance_falls_back_to_the_largest_drop_when_the_max_token_drop_is_no
 
 def test_bos_position_is_never_masked(tiny_models, make_config):
     cfg = make_config(tiny_models["gpt2"], max_examples=3, max_sequences=8, window_before=30)
-    collect.run(cfg)
-    importance.run(cfg)
+    run_stage("collect", cfg)
+    run_stage("importance", cfg)
     paths = AtlasPaths.of(cfg)
-    examples = read_layer_examples(paths, 0)
-    masked = read_layer_importance(paths, 0)["masked"]
+    examples = read_examples(paths, f"L{0}")
+    masked = read_importance(paths, f"L{0}")["masked"]
     bos_column = cfg.window_before - examples.pos  # the window column holding position 0
     rows = np.flatnonzero(bos_column >= 0)
     assert len(rows) > 0
@@ -89,10 +89,10 @@ def test_bos_position_is_never_masked(tiny_models, make_config):
 
 def test_importance_resumes_after_a_kill_with_identical_results(tiny_models, make_config, monkeypatch):
     whole = make_config(tiny_models["llama"], subdir="whole", max_sequences=48)
-    collect.run(whole)
-    importance.run(whole)
+    run_stage("collect", whole)
+    run_stage("importance", whole)
     cfg = make_config(tiny_models["llama"], subdir="killed", max_sequences=48)
-    collect.run(cfg)
+    run_stage("collect", cfg)
     monkeypatch.setattr(importance, "CHECKPOINT_SEQUENCES", importance.GROUP)
     real_write = importance.write_npz
 
@@ -103,16 +103,16 @@ def test_importance_resumes_after_a_kill_with_identical_results(tiny_models, mak
 
     monkeypatch.setattr(importance, "write_npz", write_then_die)
     with pytest.raises(KeyboardInterrupt):
-        importance.run(cfg)
+        run_stage("importance", cfg)
     monkeypatch.setattr(importance, "write_npz", real_write)
     paths = AtlasPaths.of(cfg)
     assert paths.importance_checkpoint.is_file()
     done_before = int(importance.read_npz(paths.importance_checkpoint, importance.CHECKPOINT_KIND, 1)["next_index"])
     assert done_before == importance.GROUP
-    importance.run(cfg)
+    run_stage("importance", cfg)
     assert not paths.importance_checkpoint.exists()
     for layer in (0, 1):
-        left, right = read_layer_importance(AtlasPaths.of(whole), layer), read_layer_importance(paths, layer)
+        left, right = read_importance(AtlasPaths.of(whole), f"L{layer}"), read_importance(paths, f"L{layer}")
         for name in left:
             np.testing.assert_array_equal(left[name], right[name], err_msg=name)
 

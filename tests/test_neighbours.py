@@ -62,7 +62,7 @@ def test_neighbours_stage_indexes_every_feature_of_every_layer(tiny_models, make
 
     paths = AtlasPaths.of(cfg)
     result = read_neighbours(paths)
-    n_features = sum(len(cluster.read_layer_clusters(paths, layer)["cluster_central"]) for layer in (0, 1))
+    n_features = sum(len(read_clusters(paths, f"L{layer}")["cluster_central"]) for layer in (0, 1))
     assert len(result["feature_layer"]) == n_features
     assert set(result["feature_layer"].tolist()) == {0, 1}
     valid = result["neighbour_index"] >= 0

@@ -177,12 +177,12 @@ def test_quantised_importances_are_within_half_a_step():
 def test_sidecar_decodes_back_to_the_artefacts(built):
     cfg, site = built
     paths = AtlasPaths.of(cfg)
-    examples = read_layer_examples(paths, 0)
-    clusters = read_layer_clusters(paths, 0)
-    scores = read_layer_importance(paths, 0)["importance"]
+    examples = read_examples(paths, f"L{0}")
+    clusters = read_clusters(paths, f"L{0}")
+    scores = read_importance(paths, f"L{0}")["importance"]
     tokens = read_tokens(paths)
     neuron = 0
-    part = examples.neuron_slice(neuron)
+    part = examples.unit_slice(neuron)
     doc = sidecar(site, 0, neuron)
     ex = doc["examples"]
     n, width = ex["count"], cfg.window_before + 1 + cfg.window_after
@@ -260,7 +260,7 @@ def test_urls_follow_the_documented_layout(built):
         assert (site / name).is_file(), name
     for layer in fx.LAYERS:
         assert (site / MODEL / f"L{layer}" / "index.html").is_file()
-        offsets = read_layer_clusters(paths, layer)["cluster_offsets"]
+        offsets = read_clusters(paths, f"L{layer}")["cluster_offsets"]
         for neuron in range(fx.D_MLP):
             folder = site / MODEL / f"L{layer}" / f"N{neuron}"
             for name in ("index.html", "neuron.json", "neuron.json.js"):
@@ -321,7 +321,7 @@ def test_neuron_table_and_token_index_cover_every_neuron_and_feature(built):
     lookup = dict(zip(index["token_ids"], index["neurons"]))
     tokens = read_tokens(paths)
     for position, layer in enumerate(fx.LAYERS):
-        examples, clusters = read_layer_examples(paths, layer), read_layer_clusters(paths, layer)
+        examples, clusters = read_examples(paths, f"L{layer}"), read_clusters(paths, f"L{layer}")
         for neuron in range(fx.D_MLP):
             for central in clusters["cluster_central"][clusters["cluster_offsets"][neuron]:
                                                        clusters["cluster_offsets"][neuron + 1]]:

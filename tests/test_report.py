@@ -28,11 +28,11 @@ def test_report_compares_pre_mlp_and_embedding_clusterings_on_the_embedded_slice
     assert ours["median_intra"] == pytest.approx(np.nanmedian(table["intra_distance"]))
     assert ours["median_inter"] == pytest.approx(np.nanmedian(table["inter_distance"]))
     # the pre-MLP column really clusters raw vectors: recompute it for layer 0 independently
-    examples = read_layer_examples(paths, 0)
-    intra = [cluster_neuron(examples.neuron_vectors(n), cfg.cluster_threshold).metrics["intra_distance"]
+    examples = read_examples(paths, f"L{0}")
+    intra = [cluster_neuron(examples.unit_vectors(n), cfg.cluster_threshold).metrics["intra_distance"]
              for n in range(len(examples.offsets) - 1)]
-    layer5 = read_layer_examples(paths, 5)
-    intra += [cluster_neuron(layer5.neuron_vectors(n), cfg.cluster_threshold).metrics["intra_distance"]
+    layer5 = read_examples(paths, f"L{5}")
+    intra += [cluster_neuron(layer5.unit_vectors(n), cfg.cluster_threshold).metrics["intra_distance"]
               for n in range(len(layer5.offsets) - 1)]
     assert result["spaces"]["pre_mlp"]["median_intra"] == pytest.approx(np.nanmedian(intra))
     assert result["paper"]["embedding"] == {"median_intra": 0.21, "median_inter": 0.73}
