@@ -214,7 +214,7 @@ def check_kv_cache(masker: SharedMasker, tokens: Int[np.ndarray, " ctx"], exampl
         _, masked = masker.group(tokens[None], [example], device)[0]
         difference = float(np.nanmax(np.abs(masked[0] - reference))) if np.isfinite(reference).any() else 0.0
         consistent = np.array_equal(np.isnan(masked[0]), np.isnan(reference))
-    except (IndexError, AttributeError, RuntimeError, ValueError):  # an empty or misshapen cache
+    except (IndexError, KeyError, AttributeError, TypeError, RuntimeError, ValueError):  # an empty or misshapen cache
         difference, consistent = float("inf"), False
     masker.forward_tokens = forward_tokens
     scale = max(1.0, float(np.nanmax(np.abs(reference), initial=0.0)))

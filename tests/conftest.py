@@ -291,6 +291,14 @@ def run_atlas(args: list[str], cwd: Path | None = None, timeout: float = 240) ->
                           timeout=timeout)
 
 
+def stage_meta(cfg: AtlasConfig, stage: str) -> dict:
+    """A stage's meta, read as the runner writes it."""
+    from builder.paths import AtlasPaths
+    from builder.pipeline import STAGES
+
+    return STAGES[stage].meta_type.read_json(AtlasPaths.of(cfg).meta(stage))
+
+
 def assert_equal_arrays(left: dict[str, np.ndarray], right: dict[str, np.ndarray]) -> None:
     assert sorted(left) == sorted(right)
     for name in left:

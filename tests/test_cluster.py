@@ -7,11 +7,13 @@ import pytest
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import pdist
 
-from builder import cluster, collect, embed
-from builder.cluster import (cluster_neuron, cosine_distances, layer_arrays, ranked_labels, read_layer_clusters,
-                             read_metrics_table)
+from builder import cluster
+from builder.cluster import cluster_neuron, cosine_distances, ranked_labels, set_arrays
 from builder.errors import ArtefactError
 from builder.paths import AtlasPaths
+from builder.schema import read_clusters, read_metrics_table
+from builder.stage import run_stage, statuses
+from conftest import stage_meta
 
 
 def planted(rng, sizes: list[int], dim: int = 64, noise: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
@@ -100,18 +102,26 @@ def test_all_zero_embedding_is_orthogonal_to_others_and_equal_to_zeros():
     assert cosine_distances(features[:2])[0] == 1.0
 
 
-def test_non_finite_values_name_the_neuron():
-    with pytest.raises(ArtefactError, match="layer 3 neuron 7"):
-        cluster.check_finite(np.array([[1.0, np.nan]]), 3, 7)
+def test_non_finite_values_name_the_set_and_unit():
+    with pytest.raises(ArtefactError, match="L3 unit 7"):
+        cluster.check_finite(np.array([[1.0, np.nan]]), "L3", 7)
 
 
-def test_layer_arrays_point_centrals_at_layer_wide_example_rows():
+def test_set_arrays_point_each_units_centrals_at_its_own_rows_of_the_set_wide_examples():
     rng = np.random.default_rng(4)
-    results = [cluster_neuron(rng.normal(size=(n, 5)), 0.5) for n in (3, 0, 4)]
-    arrays = layer_arrays(results, np.array([0, 3, 3, 7]))
+    sizes = (3, 0, 4, 2)
+    results = [cluster_neuron(rng.normal(size=(n, 5)), 0.5) for n in sizes]
+    offsets = np.r_[0, np.cumsum(sizes)]
+    arrays = set_arrays(results, offsets)
     assert arrays["cluster_offsets"][-1] == len(arrays["cluster_central"])
-    assert all(0 <= c < 3 or 3 <= c < 7 for c in arrays["cluster_central"])
-    assert arrays["labels"].shape == (7,)
+    assert arrays["labels"].shape == (offsets[-1],)
+    for unit, result in enumerate(results):
+        clusters = slice(arrays["cluster_offsets"][unit], arrays["cluster_offsets"][unit + 1])
+        central = arrays["cluster_central"][clusters]
+        # shifted by the unit's offset, so a missing offset would point unit 2's centrals at unit 0's rows
+        np.testing.assert_array_equal(central, result.central + offsets[unit])
+        assert ((central >= offsets[unit]) & (central < offsets[unit + 1])).all()
+    assert (arrays["cluster_central"][arrays["cluster_offsets"][2]:] >= 3).all()
 
 
 def test_cluster_stage_is_identical_with_one_or_many_workers_and_resumes(tiny_models, make_config):
@@ -127,15 +137,30 @@ def test_cluster_stage_is_identical_with_one_or_many_workers_and_resumes(tiny_mo
         for name in one:
             np.testing.assert_array_equal(one[name], many[name], err_msg=name)
     table = read_metrics_table(runs[1])
-    assert len(table["neuron"]) == 2 * 128
-    # resume: a finished layer file is kept, a deleted one is rebuilt identically
-    paths = runs[1]
-    kept = paths.layer_clusters(0).stat().st_mtime_ns
-    before = read_clusters(paths, f"L{1}")
-    paths.layer_clusters(1).unlink()
-    paths.cluster_meta.unlink()
-    run_stage("cluster", make_config(tiny_models["gpt2"], subdir="w1", workers=1, max_sequences=32))
-    assert paths.layer_clusters(0).stat().st_mtime_ns == kept
-    after = read_clusters(paths, f"L{1}")
+    assert len(table["unit"]) == 2 * 128 and table["set_index"].tolist() == [0] * 128 + [1] * 128
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_a_missing_or_corrupt_set_file_reruns_just_that_set(tiny_models, make_config, damage):
+    """The loop the issue found: truncate cluster/L1.npz and the stage must notice (its meta alone is not enough)
+    and rebuild that one file identically, keeping the other set's file."""
+    cfg = make_config(tiny_models["gpt2"], subdir=damage, workers=1, max_sequences=32)
+    for stage in ("collect", "embed", "cluster"):
+        run_stage(stage, cfg)
+    paths = AtlasPaths.of(cfg)
+    kept = paths.set_file("cluster", "L0").stat().st_mtime_ns
+    before = read_clusters(paths, "L1")
+    damaged = paths.set_file("cluster", "L1")
+    if damage == "delete":
+        damaged.unlink()
+    else:
+        damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+    state = {s.name: s for s in statuses(cfg)}["cluster"]
+    assert state.state == "stale" and "L1.npz" in state.reason
+    run_stage("cluster", cfg)
+    assert paths.set_file("cluster", "L0").stat().st_mtime_ns == kept
+    assert stage_meta(cfg, "cluster")["sets_clustered_last_run"] == ["L1"]
+    after = read_clusters(paths, "L1")
     for name in before:
         np.testing.assert_array_equal(before[name], after[name], err_msg=name)
+    assert {s.name: s.state for s in statuses(cfg)}["cluster"] == "done"

@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from builder import collect, embed
+from builder import embed
 from builder.config import EMBEDDED_MODEL, config_from_dict
-from builder.embed import (LayerWeights, direct_logit_effects, embedding_preactivations, identity_error,
-                           neuron_embeddings, read_embed_meta, read_layer_weights)
+from builder.embed import direct_logit_effects, embedding_preactivations, identity_error, neuron_embeddings
 from builder.errors import ArtefactError
 from builder.paths import AtlasPaths
-from conftest import expect_error, tiny_config_dict
+from builder.schema import read_collect_meta, read_examples, read_tokens, read_weights
+from builder.stage import run_stage
+from builder.subjects import InputWeights
+from conftest import expect_error, stage_meta, tiny_config_dict
 
 TOLERANCE = 1e-4
 
@@ -33,7 +35,7 @@ def check_identity(paths: AtlasPaths, layer: int, hooks: dict[str, np.ndarray], 
     """For each neuron with examples: embedding sums equal the recorded pre-activations and the recomputed hooks.
     Returns how many examples were checked."""
     examples = read_examples(paths, f"L{layer}")
-    weights = read_weights(paths, f"L{layer}")
+    weights = read_weights(paths, f"L{layer}").weights
     d_model = examples.vectors.shape[1]
     with_examples = np.flatnonzero(np.diff(examples.offsets))
     checked = 0
@@ -44,14 +46,14 @@ def check_identity(paths: AtlasPaths, layer: int, hooks: dict[str, np.ndarray], 
         if weights.gated:
             assert embeddings.shape == (len(seq), 2 * d_model)
             gate = embeddings[:, :d_model].sum(axis=1, dtype=np.float64)
-            linear = embeddings[:, d_model:].sum(axis=1, dtype=np.float64) + weights.b_in[neuron]
+            linear = embeddings[:, d_model:].sum(axis=1, dtype=np.float64) + weights.b[neuron]
             np.testing.assert_allclose(gate, examples.pre[part], atol=TOLERANCE, rtol=0)
             np.testing.assert_allclose(gate, hooks["hook_pre"][seq, pos, neuron], atol=TOLERANCE, rtol=0)
             np.testing.assert_allclose(linear, examples.pre_linear[part], atol=TOLERANCE, rtol=0)
             np.testing.assert_allclose(linear, hooks["hook_pre_linear"][seq, pos, neuron], atol=TOLERANCE, rtol=0)
         else:
             assert embeddings.shape == (len(seq), d_model)
-            total = embeddings.sum(axis=1, dtype=np.float64) + weights.b_in[neuron]
+            total = embeddings.sum(axis=1, dtype=np.float64) + weights.b[neuron]
             np.testing.assert_allclose(total, examples.pre[part], atol=TOLERANCE, rtol=0)
             np.testing.assert_allclose(total, hooks["hook_pre"][seq, pos, neuron], atol=TOLERANCE, rtol=0)
         checked += len(seq)
@@ -81,32 +83,31 @@ def test_embedding_sums_equal_recorded_and_recomputed_preactivations_on_tiny_mod
     for layer in (0, 1):
         checked = check_identity(AtlasPaths.of(cfg), layer, hooks[layer])
         assert checked >= 50  # the identity was exercised on real examples, not vacuously
-    assert read_weights(AtlasPaths.of(cfg), f"L{0}").gated == (kind == "llama")
+    assert read_weights(AtlasPaths.of(cfg), "L0").weights.gated == (kind == "llama")
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_embed_meta_records_an_identity_error_below_tolerance(embedded_tiny, kind):
     cfg, _, _ = embedded_tiny[kind]
-    meta = read_embed_meta(AtlasPaths.of(cfg))
-    assert sorted(meta["identity_max_error"]) == ["0", "1"]
+    meta = stage_meta(cfg, "embed")
+    assert sorted(meta["identity_max_error"]) == ["L0", "L1"]
     assert all(0 <= error < TOLERANCE for error in meta["identity_max_error"].values())
-    assert meta["config_hash"] == cfg.config_hash()
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_stored_weights_are_the_models_folded_mlp_input_weights(embedded_tiny, kind):
     cfg, model, _ = embedded_tiny[kind]
     for layer in (0, 1):
-        weights = read_weights(AtlasPaths.of(cfg), f"L{layer}")
+        weights = read_weights(AtlasPaths.of(cfg), f"L{layer}").weights
         mlp = model.bridge.blocks[layer].mlp
-        np.testing.assert_array_equal(weights.w_in, mlp.W_in.detach().float().numpy())
-        assert weights.w_in.shape == (model.d_model, model.d_mlp)
+        np.testing.assert_array_equal(weights.w, mlp.W_in.detach().float().numpy())
+        assert weights.w.shape == (model.d_model, model.d_mlp)
         if kind == "llama":
             np.testing.assert_array_equal(weights.w_gate, mlp.W_gate.detach().float().numpy())
-            np.testing.assert_array_equal(weights.b_in, np.zeros(model.d_mlp, np.float32))
+            np.testing.assert_array_equal(weights.b, np.zeros(model.d_mlp, np.float32))
         else:
-            np.testing.assert_array_equal(weights.b_in, mlp.b_in.detach().float().numpy())
-            assert np.abs(weights.b_in).max() > 0.01  # the tiny model's random biases make b_in matter
+            np.testing.assert_array_equal(weights.b, mlp.b_in.detach().float().numpy())
+            assert np.abs(weights.b).max() > 0.01  # the tiny model's random biases make b_in matter
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
@@ -146,10 +147,8 @@ def test_direct_logit_effects_top_and_bottom_ids_match_argsort():
         assert (np.diff(result["logit_bottom_values"], axis=1) >= 0).all()
 
 
-def _weights(w_in, b_in, w_gate=None) -> LayerWeights:
-    empty_ids, empty_values = np.zeros((w_in.shape[1], 1), np.int32), np.zeros((w_in.shape[1], 1), np.float32)
-    return LayerWeights(w_in=w_in, b_in=b_in, w_gate=w_gate, logit_top_ids=empty_ids, logit_top_values=empty_values,
-                        logit_bottom_ids=empty_ids, logit_bottom_values=empty_values)
+def _weights(w_in, b_in, w_gate=None) -> InputWeights:
+    return InputWeights(w=w_in, b=b_in, w_gate=w_gate)
 
 
 def test_neuron_embeddings_are_elementwise_products_and_sum_to_the_preactivation():
@@ -174,9 +173,9 @@ def test_neuron_embeddings_are_elementwise_products_and_sum_to_the_preactivation
 def test_identity_error_detects_weights_that_do_not_match_the_examples(embedded_tiny):
     cfg, _, _ = embedded_tiny["gpt2"]
     paths = AtlasPaths.of(cfg)
-    examples, weights = read_examples(paths, f"L{1}"), read_weights(paths, f"L{1}")
+    examples, weights = read_examples(paths, "L1"), read_weights(paths, "L1").weights
     assert identity_error(examples, weights) < TOLERANCE
-    other = dataclasses.replace(weights, w_in=weights.w_in[:, ::-1].copy())
+    other = dataclasses.replace(weights, w=weights.w[:, ::-1].copy())
     assert identity_error(examples, other) > 100 * TOLERANCE
 
 
@@ -194,7 +193,7 @@ def test_embed_refuses_a_collect_artefact_from_a_different_model_of_the_same_sha
     tokenizer.save_pretrained(twin)
     cfg = make_config(tiny_gpt2)
     run_stage("collect", cfg)
-    # the config hash names the model, so the stale collect artefact is refused before any identity check
+    # collect's key names the model, so the stale collect artefact is refused before any identity check
     with pytest.raises(ArtefactError, match="run `atlas collect`"):
         run_stage("embed", dataclasses.replace(cfg, model=str(twin)))
 
@@ -248,5 +247,5 @@ def test_embedding_identity_holds_on_the_embedded_model(tmp_path, embedded_corpu
                         int(np.argmax(examples.max_activation)),
                         *np.random.default_rng(layer).choice(with_examples, 8, replace=False).tolist()})
         assert check_identity(paths, layer, hooks[layer], neurons=picks) >= len(picks)
-    identity = read_embed_meta(paths)["identity_max_error"]
-    assert sorted(identity) == ["0", "5"] and max(identity.values()) < TOLERANCE
+    identity = stage_meta(cfg, "embed")["identity_max_error"]
+    assert sorted(identity) == ["L0", "L5"] and max(identity.values()) < TOLERANCE

@@ -6,11 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from builder import collect, importance
-from builder.collect import read_layer_examples, read_tokens
-from builder.importance import naive_token_count, normalised_importance, read_layer_importance
+from builder import importance
+from builder.errors import AtlasError
+from builder.importance import naive_token_count, normalised_importance
 from builder.models import load_model
 from builder.paths import AtlasPaths
+from builder.schema import read_examples, read_importance, read_tokens
+from builder.stage import run_stage
+from conftest import expect_error, stage_meta
 
 
 def naive_masked_activation(bridge, tokens: np.ndarray, layer: int, neuron: int, m: int, p: int | None,
@@ -87,34 +90,92 @@ def test_bos_position_is_never_masked(tiny_models, make_config):
     assert np.isfinite(masked[:, -1][examples.pos > 0]).all()
 
 
-def test_importance_resumes_after_a_kill_with_identical_results(tiny_models, make_config, monkeypatch):
-    whole = make_config(tiny_models["llama"], subdir="whole", max_sequences=48)
-    run_stage("collect", whole)
-    run_stage("importance", whole)
-    cfg = make_config(tiny_models["llama"], subdir="killed", max_sequences=48)
-    run_stage("collect", cfg)
-    monkeypatch.setattr(importance, "CHECKPOINT_SEQUENCES", importance.GROUP)
-    real_write = importance.write_npz
-
-    def write_then_die(path, kind, *args, **arrays):
-        real_write(path, kind, *args, **arrays)
-        if kind == importance.CHECKPOINT_KIND:
-            raise KeyboardInterrupt("killed after the first checkpoint")
-
-    monkeypatch.setattr(importance, "write_npz", write_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run_stage("importance", cfg)
-    monkeypatch.setattr(importance, "write_npz", real_write)
-    paths = AtlasPaths.of(cfg)
-    assert paths.importance_checkpoint.is_file()
-    done_before = int(importance.read_npz(paths.importance_checkpoint, importance.CHECKPOINT_KIND, 1)["next_index"])
-    assert done_before == importance.GROUP
-    run_stage("importance", cfg)
-    assert not paths.importance_checkpoint.exists()
+def assert_same_importance(left_cfg, right_cfg) -> None:
     for layer in (0, 1):
-        left, right = read_importance(AtlasPaths.of(whole), f"L{layer}"), read_importance(paths, f"L{layer}")
+        left = read_importance(AtlasPaths.of(left_cfg), f"L{layer}")
+        right = read_importance(AtlasPaths.of(right_cfg), f"L{layer}")
+        assert sorted(left) == sorted(right)
         for name in left:
             np.testing.assert_array_equal(left[name], right[name], err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def unsplit(tmp_path_factory, tiny_models, corpus_file):
+    """Importance over 48 sequences in one shard: the reference for every split."""
+    from conftest import tiny_config_dict
+    from builder.config import config_from_dict
+
+    cfg = config_from_dict(tiny_config_dict(tiny_models["llama"], corpus_file, tmp_path_factory.mktemp("one"),
+                                            max_sequences=48, shard_sequences=48))
+    run_stage("collect", cfg)
+    run_stage("importance", cfg)
+    return cfg
+
+
+@pytest.mark.parametrize("shard_sequences, n_shards", [(32, 2), (16, 3)])
+def test_importance_over_any_split_into_shards_equals_the_unsplit_result_exactly(unsplit, make_config,
+                                                                                 tiny_models, shard_sequences,
+                                                                                 n_shards):
+    cfg = make_config(tiny_models["llama"], subdir=f"split{n_shards}", max_sequences=48,
+                      shard_sequences=shard_sequences)
+    run_stage("collect", cfg)
+    run_stage("importance", cfg)
+    assert stage_meta(cfg, "importance")["shards_run_last_run"] == n_shards
+    assert stage_meta(unsplit, "importance")["shards_run_last_run"] == 1
+    assert_same_importance(unsplit, cfg)
+
+
+def test_importance_resumes_after_a_kill_with_identical_results(unsplit, tiny_models, make_config, monkeypatch):
+    cfg = make_config(tiny_models["llama"], subdir="killed", max_sequences=48, shard_sequences=16)
+    run_stage("collect", cfg)
+    real = importance.IMPORTANCE_SHARD
+
+    class KilledAfterFirstShard:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def write_npz(self, path, **arrays):
+            real.write_npz(path, **arrays)
+            raise KeyboardInterrupt("killed after the first shard")
+
+    monkeypatch.setattr(importance, "IMPORTANCE_SHARD", KilledAfterFirstShard())
+    with pytest.raises(KeyboardInterrupt):
+        run_stage("importance", cfg)
+    monkeypatch.undo()
+    shards = sorted((AtlasPaths.of(cfg).stage("importance") / "shards").glob("*.npz"))
+    assert [p.name for p in shards] == [f"{0:09d}-{16:09d}.npz"]
+    run_stage("importance", cfg)
+    meta = stage_meta(cfg, "importance")
+    assert meta["shards_run_last_run"] == 2
+    assert meta["sequences_processed_last_run"] < stage_meta(unsplit, "importance")["sequences_processed_last_run"]
+    assert meta["forward_tokens"] == stage_meta(unsplit, "importance")["forward_tokens"]
+    assert_same_importance(unsplit, cfg)
+
+
+@pytest.mark.parametrize("fault", ["ignored cache", "wrong cache"])
+def test_a_key_value_cache_that_the_model_ignores_stops_importance_with_one_line(tiny_models, make_config,
+                                                                                monkeypatch, fault):
+    """What transformers 5.24 does through TransformerLens 4.3 (the cache stays empty), and a cache that holds
+    other values: either way one line naming the installed transformers and the supported pin, nothing written."""
+    import transformers
+
+    cfg = make_config(tiny_models["gpt2"], subdir=fault.replace(" ", "-"), max_sequences=16)
+    run_stage("collect", cfg)
+    real_run, real_prefix = importance.SharedMasker._run, importance.prefix_cache
+    if fault == "ignored cache":
+        monkeypatch.setattr(importance.SharedMasker, "_run",
+                            lambda self, tokens, sets, cache: real_run(self, tokens, sets, None))
+    else:
+        def zeroed(cache, select, p0, n_layers, config):
+            block = real_prefix(cache, select, p0, n_layers, config)
+            for layer in block.layers:
+                layer.keys.zero_()
+            return block
+        monkeypatch.setattr(importance, "prefix_cache", zeroed)
+    expect_error(AtlasError, lambda: run_stage("importance", cfg), "key/value cache",
+                 f"transformers {transformers.__version__}", "transformers==5.20.2")
+    assert not AtlasPaths.of(cfg).meta("importance").exists()
+    assert not list(AtlasPaths.of(cfg).stage("importance").glob("**/*.npz"))
 
 
 def test_naive_token_count_counts_a_clean_and_a_masked_prefix_run_per_window_position():
@@ -123,4 +184,4 @@ def test_naive_token_count_counts_a_clean_and_a_masked_prefix_run_per_window_pos
 
     # window 5, BOS unmaskable: m=0 → no maskable position, 1 clean run of 1 token;
     # m=3 → positions 1..3 (3 runs) + clean = 4 runs of 4 tokens; m=30 → 6 + 1 runs of 31 tokens.
-    assert naive_token_count({0: Examples}, window=5, first_maskable=1) == 1 * 1 + 4 * 4 + 7 * 31
+    assert naive_token_count([Examples], window=5, first_maskable=1) == 1 * 1 + 4 * 4 + 7 * 31
