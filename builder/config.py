@@ -121,9 +121,6 @@ class AtlasConfig:
         content = {k: v for k, v in asdict(self).items() if k not in _NOT_CONTENT}
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:12]
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 _NOT_CONTENT = {"out_dir", "site_dir", "site_url", "build_date", "device", "workers", "shard_sequences",
                 "batch_size"}

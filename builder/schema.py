@@ -51,8 +51,8 @@ class ArtefactType:
                              self.kind, self.version)
                 return {name: bundle[name] for name in names}
         except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError):
-            raise ArtefactError(f"{self.kind} artefact {path} is corrupt or lacks expected arrays; delete it and "
-                                f"re-run `atlas {self.stage}`") from None
+            raise ArtefactError(f"{self.kind} artefact {path} is corrupt or truncated (or lacks expected arrays); "
+                                f"delete it and re-run `atlas {self.stage}`") from None
 
     def check_readable(self, path: Path) -> None:
         """Raise ArtefactError unless `path` opens as this kind and version (cheap: no array is decompressed)."""

@@ -220,24 +220,24 @@ def stage_state(stage: Stage, keys: Keys) -> StageState:
     if meta.get("key") != keys.key(stage.name):
         return StageState(stage.name, "stale", what_changed(meta.get("key_parts", {}), parts), meta)
     for output in meta.get("outputs", []):
-        problem = _output_problem(paths, output)
+        problem = _output_problem(paths, output, stage.name)
         if problem:
             return StageState(stage.name, "stale", problem, meta)
     return StageState(stage.name, "done", "", meta)
 
 
-def _output_problem(paths: AtlasPaths, output: dict) -> str:
+def _output_problem(paths: AtlasPaths, output: dict, stage: str) -> str:
     path = Path(output["path"])
     path = path if path.is_absolute() else paths.root / path
     if not path.is_file():
         return f"{path} is missing"
-    if path.stat().st_size != output["bytes"]:
-        return f"{path} is corrupt or truncated"
     if "kind" in output:
         try:
-            ArtefactType(output["kind"], output["version"], "").check_readable(path)
-        except ArtefactError:
-            return f"{path} is corrupt or truncated"
+            ArtefactType(output["kind"], output["version"], stage).check_readable(path)
+        except ArtefactError as error:
+            return error.format_message()
+    if path.stat().st_size != output["bytes"]:
+        return f"{path} is corrupt or truncated"
     return ""
 
 

@@ -24,11 +24,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from builder import collect
 from builder.artefacts import write_npz
 from builder.cli import STAGES, main
 from builder.config import config_from_dict
-from conftest import ROOT, run_atlas, tiny_config_dict
+from builder.schema import EXAMPLES
+from builder.stage import run_stage
+from conftest import ROOT, atlas_command, run_atlas, tiny_config_dict
 
 # Fail fast: no case may wait on the network (the hub is switched off) or on anything else.
 CASE_TIMEOUT_S = 120
@@ -98,12 +99,14 @@ def cases(tmp_path_factory, tiny_gpt2, corpus_file) -> dict[str, Case]:
     (artefact_dirs["emptied"] / "collect" / "L0.npz").write_bytes(b"")
     meta = artefact_dirs["old-meta"] / "collect" / "meta.json"
     text = meta.read_text()
-    assert '"schema_version": 1' in text
-    meta.write_text(text.replace('"schema_version": 1', '"schema_version": 0'))
+    assert '"schema_version": 2' in text
+    meta.write_text(text.replace('"schema_version": 2', '"schema_version": 0'))
     old_layer = artefact_dirs["old-layer"] / "collect" / "L0.npz"
     with np.load(old_layer, allow_pickle=False) as bundle:
         arrays = {k: bundle[k] for k in bundle.files if not k.startswith("_")}
-    write_npz(old_layer, collect.LAYER_KIND, collect.SCHEMA_VERSION - 1, **arrays)
+    write_npz(old_layer, EXAMPLES.kind, EXAMPLES.version - 1, **arrays)
+    binary = root / "ls"
+    binary.write_bytes(bytes(range(256)) * 64)
 
     return {
         "unknown-hub-model": Case("collect", config("unknown", model="gpt2-smal"), ("unknown model 'gpt2-smal'",)),
@@ -136,7 +139,9 @@ def cases(tmp_path_factory, tiny_gpt2, corpus_file) -> dict[str, Case]:
         "truncated-collect-layer": Case("embed", config("truncated"), ("L0.npz", "corrupt or truncated")),
         "empty-collect-layer": Case("embed", config("emptied"), ("L0.npz", "corrupt or truncated")),
         "old-schema-collect-meta": Case("embed", config("old-meta"), ("meta.json", "schema version 0")),
-        "old-schema-collect-layer": Case("embed", config("old-layer"), ("L0.npz", "schema version 0")),
+        "old-schema-collect-layer": Case("embed", config("old-layer"), ("L0.npz", f"schema version {EXAMPLES.version - 1}")),
+        "binary-data-file": Case("collect", config("binary", corpus=binary), (str(binary), "neither .txt nor .jsonl")),
+        "upstream-missing": Case("embed", config("nothing-yet"), ("the collect stage is missing", "atlas collect")),
         SUCCESS: Case("collect", config("success", max_sequences=8), (), fresh=True),
     }
 
@@ -204,7 +209,7 @@ CASE_NAMES = ["unknown-hub-model", "missing-model-folder", "layer-out-of-range",
               "malformed-jsonl", "missing-data-file", "context-too-long", "threshold-above-one", "threshold-zero",
               "threshold-negative", "max-examples-zero", "unknown-config-key", "missing-config", "invalid-toml",
               "truncated-collect-layer", "empty-collect-layer", "old-schema-collect-meta", "old-schema-collect-layer",
-              "unwritable-out-dir"]
+              "unwritable-out-dir", "binary-data-file", "upstream-missing"]
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
@@ -247,3 +252,28 @@ def test_help_lists_every_stage():
     assert result.exit_code == 0
     for stage in (*STAGES, "build", "serve"):
         assert stage in result.output
+
+
+FRESH_COLLECT_FAILURES = ["unknown-hub-model", "missing-model-folder", "layer-out-of-range", "empty-jsonl",
+                          "whitespace-jsonl", "malformed-jsonl", "missing-data-file", "context-too-long",
+                          "binary-data-file"]
+
+
+@pytest.mark.parametrize("name", FRESH_COLLECT_FAILURES)
+def test_a_failed_first_build_leaves_nothing_behind(cases, outcomes, name):
+    """Not even collect's key marker: the next run starts clean and nothing looks half built."""
+    assert outcomes[name].returncode == 2
+    out_dir = cases[name].config.parent / cases[name].config.stem
+    leftovers = sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*")) if out_dir.exists() else []
+    assert leftovers == []
+
+
+def test_unknown_hub_model_fails_fast_without_the_offline_switch(cases, tmp_path):
+    """A user with no network and no HF_HUB_OFFLINE gets the one line at once, not a minute of retries."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    start = time.monotonic()
+    done = subprocess.run(atlas_command() + ["collect", "--config", str(cases["unknown-hub-model"].config)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=CASE_TIMEOUT_S)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr[-2000:]
+    assert "unknown model 'gpt2-smal'" in done.stderr
+    assert time.monotonic() - start < 40

@@ -44,7 +44,8 @@ def test_unrelated_unknown_key_is_rejected_without_a_suggestion():
     ("max_examples", -5, "max_examples must be at least 1"),
     ("context_length", 1, "context_length must be at least 2"),
     ("batch_size", 0, "batch_size must be at least 1"),
-    ("checkpoint_every", 0, "checkpoint_every must be at least 1"),
+    ("shard_sequences", 0, "shard_sequences must be a positive multiple of 16"),
+    ("shard_sequences", 24, "shard_sequences must be a positive multiple of 16"),
     ("max_sequences", -1, "max_sequences must be 0"),
     ("window_before", -1, "window_before must be 0 or more"),
     ("layers", [0, -1], "layers must be non-negative integers"),
@@ -137,7 +138,7 @@ def test_embedded_config_points_at_the_corpus_made_by_make_data():
 def test_config_hash_ignores_paths_and_machine_settings():
     base = config_from_dict(BASE)
     same = config_from_dict({**BASE, "out_dir": "elsewhere", "site_dir": "s", "device": "cpu", "workers": 3,
-                             "batch_size": 2, "checkpoint_every": 5, "site_url": "https://x",
+                             "batch_size": 2, "shard_sequences": 32, "site_url": "https://x",
                              "build_date": "2020-01-01"})
     assert base.config_hash() == same.config_hash()
 
@@ -150,7 +151,25 @@ def test_config_hash_changes_with_content_settings(key, value):
 
 def test_every_default_passes_validation_once_a_source_is_set():
     cfg = config_from_dict(BASE)
-    assert {f.name for f in fields(cfg)} == set(cfg.to_dict())
+    for field in fields(AtlasConfig):
+        if field.name not in BASE:
+            assert getattr(cfg, field.name) == field.default, field.name
+
+
+def test_every_config_key_is_explained_by_a_comment_above_it():
+    """Each default is explained once, in builder/config.py: a comment line directly above each field (or above the
+    group of fields it explains)."""
+    lines = (ROOT / "builder" / "config.py").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("class AtlasConfig"))
+    unexplained = []
+    for name in (f.name for f in fields(AtlasConfig)):
+        row = next(i for i in range(start, len(lines)) if lines[i].strip().startswith(f"{name}:"))
+        above = row - 1
+        while lines[above].strip() and not lines[above].strip().startswith("#") and ":" in lines[above]:
+            above -= 1  # a field of the same group: the group's comment counts
+        if not lines[above].strip().startswith("#"):
+            unexplained.append(name)
+    assert unexplained == []
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -226,3 +226,73 @@ def test_empty_data_file_is_a_dataset_error(tmp_path, tokenizer, suffix):
     path.write_text("")
     message = expect_error(DatasetError, lambda: tokenise_corpus(data_cfg(path, context_length=16), tokenizer))
     assert "empty" in message or "no complete sequence" in message
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Bad input found by trying the CLI as a user would
+
+
+def test_a_binary_file_as_data_is_named_in_one_line(tmp_path):
+    binary = tmp_path / "ls"
+    binary.write_bytes(bytes(range(256)) * 4)
+    message = expect_error(DatasetError, lambda: list(iter_documents(data_cfg(binary))), str(binary),
+                           "neither .txt nor .jsonl")
+    assert "''" not in message
+
+
+@pytest.mark.parametrize("text, limit", [("one two three four five six", 7), ("x" * 50, 8), ("a b", 100),
+                                         (" lead and  double  spaces ", 5)])
+def test_text_pieces_join_back_to_the_text_and_respect_the_limit(text, limit):
+    from builder.data import text_pieces
+
+    pieces = list(text_pieces(text, limit))
+    assert "".join(pieces) == text
+    assert all(0 < len(piece) <= limit for piece in pieces)
+    # cut before a space wherever the previous piece had one to cut at
+    assert all(piece.startswith(" ") or " " not in previous[1:] for previous, piece in zip(pieces, pieces[1:]))
+
+
+def test_tokenising_in_pieces_gives_the_tokens_of_the_whole_document(tmp_path, tokenizer, monkeypatch):
+    import builder.data
+
+    text = " ".join(CORPUS_PARAGRAPHS)
+    path = write_jsonl(tmp_path / "c.jsonl", [text])
+    whole, _ = tokenise_corpus(data_cfg(path, context_length=16), tokenizer)
+    monkeypatch.setattr(builder.data, "DOCUMENT_PIECE_CHARS", 200)
+    pieces, _ = tokenise_corpus(data_cfg(path, context_length=16), tokenizer)
+    np.testing.assert_array_equal(pieces, whole)
+
+
+def test_one_huge_line_is_tokenised_in_bounded_memory_and_stops_at_max_sequences(tmp_path, embedded_folder):
+    """A 60 MB single-line document with max_sequences: memory must not grow with the line (it grew without bound
+    when the whole line went to the tokenizer)."""
+    import os
+    import subprocess
+    import sys
+
+    huge = tmp_path / "huge.txt"
+    with open(huge, "w") as handle:
+        for _ in range(60):
+            handle.write("the whale swam under the grey sea " * 30_000)
+        handle.write("\n")
+    script = f"""
+import resource, sys
+from transformers import AutoTokenizer
+from builder.config import config_from_dict
+from builder.data import tokenise_corpus
+from conftest import ROOT
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+tokens, _ = tokenise_corpus(config_from_dict({{"data_files": [{str(huge)!r}], "context_length": 64,
+                                              "max_sequences": 200}}), tokenizer)
+grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+print(tokens.shape[0], round(grown))
+"""
+    from conftest import ROOT
+
+    done = subprocess.run([sys.executable, "-c", script, str(embedded_folder)], cwd=ROOT / "tests", capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows, grown_mb = map(int, done.stdout.split())
+    assert rows == 200
+    assert grown_mb < 1200, f"tokenising grew memory by {grown_mb} MB"

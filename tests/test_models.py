@@ -10,9 +10,17 @@ import torch
 
 from builder.config import EMBEDDED_MODEL, config_from_dict
 from builder.errors import ConfigError, ModelError
-from builder.models import (check_model_fits, embedded_model_folder, load_model, mlp_input_weights,
+from builder.models import (check_model_fits, embedded_model_folder, load_model,
                             resolve_model_source, selected_layers)
+from builder.subjects import model_subject_sets
 from conftest import TINY_N_POSITIONS
+
+
+def mlp_input_weights(model, layer: int) -> dict[str, torch.Tensor]:
+    """The layer's input weights as the MLP subject set reads them, as tensors."""
+    weights = model_subject_sets(model, [layer])[0].input_weights(model)
+    return {"w_in": torch.from_numpy(weights.w), "b_in": torch.from_numpy(weights.b),
+            "w_gate": None if weights.w_gate is None else torch.from_numpy(weights.w_gate)}
 
 
 def cfg_for(model, **overrides):
@@ -109,16 +117,16 @@ def test_folded_input_weights_reproduce_hook_pre_from_hook_normalized(loaded, ki
     for layer in range(model.n_layers):
         weights = mlp_input_weights(model, layer)
         normalized = cache[f"blocks.{layer}.ln2.hook_normalized"].float()
-        assert weights.w_in.shape == (model.d_model, model.d_mlp) and weights.b_in.shape == (model.d_mlp,)
+        assert weights["w_in"].shape == (model.d_model, model.d_mlp) and weights["b_in"].shape == (model.d_mlp,)
         if model.gated:
-            assert weights.w_gate.shape == (model.d_model, model.d_mlp)
-            torch.testing.assert_close(normalized @ weights.w_gate, cache[f"blocks.{layer}.mlp.hook_pre"],
+            assert weights["w_gate"].shape == (model.d_model, model.d_mlp)
+            torch.testing.assert_close(normalized @ weights["w_gate"], cache[f"blocks.{layer}.mlp.hook_pre"],
                                        atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(normalized @ weights.w_in + weights.b_in,
+            torch.testing.assert_close(normalized @ weights["w_in"] + weights["b_in"],
                                        cache[f"blocks.{layer}.mlp.hook_pre_linear"], atol=1e-5, rtol=1e-5)
         else:
-            assert weights.w_gate is None
-            torch.testing.assert_close(normalized @ weights.w_in + weights.b_in,
+            assert weights["w_gate"] is None
+            torch.testing.assert_close(normalized @ weights["w_in"] + weights["b_in"],
                                        cache[f"blocks.{layer}.mlp.hook_pre"], atol=1e-5, rtol=1e-5)
 
 
@@ -132,8 +140,8 @@ def test_gpt2_input_weights_fold_the_norm_scale_and_bias(loaded, tiny_gpt2):
     scale, shift = hf.transformer.h[0].ln_2.weight.detach(), hf.transformer.h[0].ln_2.bias.detach()
     weights = mlp_input_weights(loaded["gpt2"], 0)
     folded = scale[:, None] * raw_w
-    torch.testing.assert_close(weights.w_in, folded - folded.mean(dim=0, keepdim=True), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(weights.b_in, shift @ raw_w + hf.transformer.h[0].mlp.c_fc.bias.detach(),
+    torch.testing.assert_close(weights["w_in"], folded - folded.mean(dim=0, keepdim=True), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(weights["b_in"], shift @ raw_w + hf.transformer.h[0].mlp.c_fc.bias.detach(),
                                atol=1e-5, rtol=1e-5)
 
 
@@ -191,4 +199,4 @@ def test_error_messages_are_one_line():
 def test_embedded_model_weights_load_as_smollm2(embedded_model):
     assert (embedded_model.n_layers, embedded_model.d_model, embedded_model.d_mlp) == (30, 576, 1536)
     assert embedded_model.gated
-    assert np.isfinite(mlp_input_weights(embedded_model, 0).w_gate.numpy()).all()
+    assert np.isfinite(mlp_input_weights(embedded_model, 0)["w_gate"].numpy()).all()

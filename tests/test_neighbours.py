@@ -4,14 +4,26 @@ from __future__ import annotations
 
 import numpy as np
 
-from builder import cluster, collect, embed, neighbours
-from builder.neighbours import exact_neighbours, read_neighbours, similar_features
+from builder.neighbours import exact_neighbours, feature_owners, similar_features
+from builder.paths import AtlasPaths
+from builder.schema import read_clusters, read_neighbours
+from builder.stage import run_stage
+from builder.subjects import SubjectIndex, mlp_layer
+
+# Two subject sets of different sizes: a unit is (set, unit), its owner row comes from the index's offsets.
+INDEX = SubjectIndex([mlp_layer(0, 2000, 4, False), mlp_layer(2, 7, 4, False), mlp_layer(3, 3, 4, False)])
 
 
-def table_of(owners: list[tuple[int, int]]) -> dict[str, np.ndarray]:
-    layer, neuron = zip(*owners) if owners else ((), ())
-    return {"feature_layer": np.array(layer, np.int32), "feature_neuron": np.array(neuron, np.int32),
-            "feature_cluster": np.zeros(len(owners), np.int32)}
+def table_of(owners: list[tuple[int, int]]) -> np.ndarray:
+    """Owner rows of features given as (set position, unit)."""
+    sets, units = zip(*owners) if owners else ((), ())
+    return feature_owners(INDEX, {"feature_set": np.array(sets, np.int64), "feature_unit": np.array(units, np.int32)})
+
+
+def test_feature_owners_are_rows_of_the_subject_index():
+    owners = table_of([(0, 5), (1, 0), (1, 6), (2, 2)])
+    assert owners.tolist() == [5, 2000, 2006, 2009]
+    assert [INDEX.unit(int(r)) for r in owners] == [("L0", 5), ("L2", 0), ("L2", 6), ("L3", 2)]
 
 
 def test_a_single_feature_has_no_neighbours():
@@ -35,7 +47,7 @@ def test_fewer_features_than_twenty_fill_what_exists_and_pad_with_minus_one():
 
 def test_features_of_the_same_neuron_are_never_neighbours_and_threshold_applies():
     vectors = np.array([[1, 0], [1, 0.01], [0.9, 0.1], [0, 1]], np.float32)
-    owners = [(0, 1), (0, 1), (2, 5), (3, 0)]
+    owners = [(0, 1), (0, 1), (1, 5), (2, 0)]
     index, similarity = similar_features(table_of(owners), vectors, 20, 0.5, 0)
     assert index[0].tolist()[:1] == [2] and index[0, 1] == -1  # its twin (same neuron) and the orthogonal one excluded
     assert (similarity[np.isfinite(similarity)] >= 0.5).all()
@@ -56,18 +68,16 @@ def test_pynndescent_is_reproducible_and_close_to_exact_search():
 
 def test_neighbours_stage_indexes_every_feature_of_every_layer(tiny_models, make_config):
     cfg = make_config(tiny_models["llama"], max_sequences=32, neighbour_threshold=-1.0)
-    for stage in (collect, embed, cluster, neighbours):
-        stage.run(cfg)
-    from builder.paths import AtlasPaths
-
+    for stage in ("collect", "embed", "cluster", "neighbours"):
+        run_stage(stage, cfg)
     paths = AtlasPaths.of(cfg)
     result = read_neighbours(paths)
     n_features = sum(len(read_clusters(paths, f"L{layer}")["cluster_central"]) for layer in (0, 1))
-    assert len(result["feature_layer"]) == n_features
-    assert set(result["feature_layer"].tolist()) == {0, 1}
+    assert len(result["feature_set"]) == n_features
+    assert set(result["feature_set"].tolist()) == {0, 1}
     valid = result["neighbour_index"] >= 0
     rows = np.nonzero(valid)[0]
     other = result["neighbour_index"][valid]
-    same_neuron = ((result["feature_layer"][rows] == result["feature_layer"][other])
-                   & (result["feature_neuron"][rows] == result["feature_neuron"][other]))
+    same_neuron = ((result["feature_set"][rows] == result["feature_set"][other])
+                   & (result["feature_unit"][rows] == result["feature_unit"][other]))
     assert valid.any() and not same_neuron.any()

@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from builder import cluster, collect, embed, report
-from builder.artefacts import read_json
-from builder.cluster import cluster_neuron, read_metrics_table
-from builder.collect import read_layer_examples
+from builder.cluster import cluster_neuron
 from builder.config import EMBEDDED_MODEL, config_from_dict
 from builder.paths import AtlasPaths
+from builder.schema import read_examples, read_metrics_table, read_report
+from builder.stage import run_stage
 
 
 @pytest.mark.slow
@@ -19,10 +18,10 @@ def test_report_compares_pre_mlp_and_embedding_clusterings_on_the_embedded_slice
     cfg = config_from_dict({"model": EMBEDDED_MODEL, "data_files": [str(embedded_corpus)], "device": "cpu",
                             "context_length": 32, "max_sequences": 24, "layers": [0, 5], "workers": 1,
                             "out_dir": str(tmp_path / "build"), "site_dir": str(tmp_path / "site")})
-    for stage in (collect, embed, cluster, report):
-        stage.run(cfg)
+    for stage in ("collect", "embed", "cluster", "report"):
+        run_stage(stage, cfg)
     paths = AtlasPaths.of(cfg)
-    result = read_json(paths.report, report.KIND, report.SCHEMA_VERSION)
+    result = read_report(paths)
     table = read_metrics_table(paths)
     ours = result["spaces"]["embedding"]
     assert ours["median_intra"] == pytest.approx(np.nanmedian(table["intra_distance"]))
@@ -35,4 +34,3 @@ def test_report_compares_pre_mlp_and_embedding_clusterings_on_the_embedded_slice
     intra += [cluster_neuron(layer5.unit_vectors(n), cfg.cluster_threshold).metrics["intra_distance"]
               for n in range(len(layer5.offsets) - 1)]
     assert result["spaces"]["pre_mlp"]["median_intra"] == pytest.approx(np.nanmedian(intra))
-    assert result["paper"]["embedding"] == {"median_intra": 0.21, "median_inter": 0.73}
