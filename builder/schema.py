@@ -33,18 +33,23 @@ class ArtefactType:
         write_json(path, {**document, "kind": self.kind, "schema_version": self.version})
 
     def read_npz(self, path: Path) -> dict[str, np.ndarray]:
+        self._require(path)
         return read_npz(path, self.kind, self.version)
 
     def read_json(self, path: Path) -> dict:
+        self._require(path)
         return read_json(path, self.kind, self.version)
+
+    def _require(self, path: Path) -> None:
+        if not Path(path).is_file():
+            raise ArtefactError(f"{self.kind} artefact {path} is missing; run `atlas {self.stage}` (or `atlas build`) "
+                                "first")
 
     def read_fields(self, path: Path, names: tuple[str, ...]) -> dict[str, np.ndarray]:
         """Only the named arrays of an .npz artefact (collect's input vectors and embed's weights are large and
         often unneeded), after checking its kind and version."""
         path = Path(path)
-        if not path.is_file():
-            raise ArtefactError(f"{self.kind} artefact {path} is missing; run `atlas {self.stage}` (or `atlas build`) "
-                                "first")
+        self._require(path)
         try:
             with np.load(path, allow_pickle=False) as bundle:
                 check_schema({"kind": str(bundle["_kind"]), "schema_version": int(bundle["_schema_version"])}, path,

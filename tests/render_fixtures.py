@@ -9,10 +9,13 @@ from pathlib import Path
 
 import numpy as np
 
-from builder import cluster, collect, embed, importance
-from builder.artefacts import write_json, write_npz
+from builder import cluster
 from builder.config import AtlasConfig, config_from_dict
 from builder.paths import AtlasPaths
+from builder.pipeline import STAGES
+from builder.schema import (CLUSTERS, EXAMPLES, HISTOGRAM_EDGES, IMPORTANCE, METRIC_NAMES, METRICS, NEIGHBOURS,
+                            REPORT, TOKENS, WEIGHTS)
+from builder.subjects import mlp_layer
 
 HOSTILE = {
     "script": "</script><script>alert(1)</script>",
@@ -63,8 +66,7 @@ def write_artefacts(cfg: AtlasConfig, seed: int = 0) -> None:
     tokens[3, 7] = HOSTILE_ID["script"]
     tokens[4, 2:6] = [HOSTILE_ID["img"], HOSTILE_ID["rtl"], HOSTILE_ID["template"], HOSTILE_ID["surrogate"]]
 
-    write_npz(paths.tokens, collect.TOKENS_KIND, collect.SCHEMA_VERSION, tokens=tokens,
-              packing=np.array('{"bos_token_id": 0, "build_date": "2024-01-01"}'))
+    TOKENS.write_npz(paths.tokens, tokens=tokens, packing=np.array('{"bos_token_id": 0, "build_date": "2024-01-01"}'))
     all_clusters = {}
     for layer in LAYERS:
         counts = EXAMPLE_COUNTS[layer]
@@ -88,20 +90,20 @@ def write_artefacts(cfg: AtlasConfig, seed: int = 0) -> None:
         n_ex = len(seqs)
         offsets = np.r_[0, np.cumsum(counts)].astype(np.int64)
         vectors = rng.normal(size=(n_ex, D_MODEL)).astype(np.float32)
-        write_npz(paths.layer_examples(layer), collect.LAYER_KIND, collect.SCHEMA_VERSION,
+        EXAMPLES.write_npz(paths.set_file("collect", f"L{layer}"),
                   max_activation=np.array(maxima, np.float32), observed_max=np.array(maxima, np.float32),
                   offsets=offsets, seq=np.array(seqs, np.int32), pos=np.array(poss, np.int32),
                   act=np.array(acts, np.float32), pre=np.array(acts, np.float32),
                   pre_linear=np.zeros(n_ex, np.float32), window=np.array(windows, np.float32).reshape(n_ex, -1),
                   vector_index=np.arange(n_ex, dtype=np.int32), vector_seq=np.array(seqs, np.int32),
                   vector_pos=np.array(poss, np.int32), vectors=vectors,
-                  histogram=histograms(rng), histogram_edges=collect.HISTOGRAM_EDGES)
+                  histogram=histograms(rng), histogram_edges=HISTOGRAM_EDGES)
         top = rng.integers(1, len(VOCAB), size=(D_MLP, 10)).astype(np.int32)
         top[0, :5] = [HOSTILE_ID[name] for name in ("script", "img", "newline", "template", "entity")]
         bottom = rng.integers(1, len(VOCAB), size=(D_MLP, 10)).astype(np.int32)
         bottom[0, :3] = [HOSTILE_ID[name] for name in ("rtl", "zero_width", "surrogate")]
-        write_npz(paths.layer_weights(layer), embed.LAYER_KIND, embed.SCHEMA_VERSION,
-                  w_in=rng.normal(size=(D_MODEL, D_MLP)).astype(np.float32), b_in=np.zeros(D_MLP, np.float32),
+        WEIGHTS.write_npz(paths.set_file("embed", f"L{layer}"),
+                  w=rng.normal(size=(D_MODEL, D_MLP)).astype(np.float32), b=np.zeros(D_MLP, np.float32),
                   logit_top_ids=top, logit_top_values=np.sort(rng.uniform(0.5, 3, (D_MLP, 10)))[:, ::-1].astype(
                       np.float32),
                   logit_bottom_ids=bottom,
@@ -112,27 +114,27 @@ def write_artefacts(cfg: AtlasConfig, seed: int = 0) -> None:
             centres = rng.normal(size=(2, 12))
             features = centres[np.arange(count) % 2] + rng.normal(scale=0.35, size=(count, 12))
             results.append(cluster.cluster_neuron(features, cfg.cluster_threshold))
-        arrays = cluster.layer_arrays(results, offsets)
-        write_npz(paths.layer_clusters(layer), cluster.LAYER_KIND, cluster.SCHEMA_VERSION, **arrays)
+        arrays = cluster.set_arrays(results, offsets)
+        CLUSTERS.write_npz(paths.set_file("cluster", f"L{layer}"), **arrays)
         all_clusters[layer] = arrays
         scores = rng.uniform(0, 1, size=(n_ex, wb + 1)).astype(np.float32)
         scores[:, wb] = 1.0
         positions = np.array(poss)[:, None] + np.arange(-wb, 1)[None, :]
         scores[positions <= 0] = np.nan  # before the sequence, and the BOS position
-        write_npz(paths.layer_importance(layer), importance.LAYER_KIND, importance.SCHEMA_VERSION,
+        IMPORTANCE.write_npz(paths.set_file("importance", f"L{layer}"),
                   importance=scores, normaliser=np.zeros(n_ex, np.int8), clean=np.array(acts, np.float32),
                   masked=np.zeros((n_ex, wb + 1), np.float32))
-    write_npz(paths.metrics_table, cluster.METRICS_KIND, cluster.SCHEMA_VERSION,
-              layer=np.repeat(np.array(LAYERS, np.int32), D_MLP), neuron=np.tile(np.arange(D_MLP, dtype=np.int32),
-                                                                                len(LAYERS)),
-              max_activation=np.concatenate([np.load(paths.layer_examples(layer))["max_activation"]
-                                             for layer in LAYERS]),
-              **{name: np.concatenate([all_clusters[layer][name] for layer in LAYERS])
-                 for name in cluster.METRIC_NAMES})
+    METRICS.write_npz(paths.metrics_table,
+                      set_index=np.repeat(np.arange(len(LAYERS), dtype=np.int32), D_MLP),
+                      unit=np.tile(np.arange(D_MLP, dtype=np.int32), len(LAYERS)),
+                      max_activation=np.concatenate([np.load(paths.set_file("collect", f"L{layer}"))["max_activation"]
+                                                     for layer in LAYERS]),
+                      **{name: np.concatenate([all_clusters[layer][name] for layer in LAYERS])
+                         for name in METRIC_NAMES})
     write_neighbours(paths, all_clusters, rng)
     write_report(paths)
-    write_json(paths.collect_meta, {
-        "kind": collect.META_KIND, "schema_version": collect.SCHEMA_VERSION, "config_hash": cfg.config_hash(),
+    STAGES["collect"].meta_type.write_json(paths.meta("collect"), {
+        "subject_sets": [mlp_layer(layer, D_MLP, D_MODEL, False).describe() for layer in LAYERS],
         "code_version": "0.1.0", "model": "synthetic/\"quoted\" <model>", "model_revision": "rev-1", "n_layers": 3,
         "d_model": D_MODEL, "d_mlp": D_MLP, "gated": False, "layers": list(LAYERS), "dataset": ["corpus.jsonl"],
         "n_sequences": N_SEQ, "n_tokens": N_SEQ * CONTEXT, "context_length": CONTEXT,
@@ -142,7 +144,7 @@ def write_artefacts(cfg: AtlasConfig, seed: int = 0) -> None:
 
 
 def histograms(rng) -> np.ndarray:
-    n_bins = len(collect.HISTOGRAM_EDGES) + 1
+    n_bins = len(HISTOGRAM_EDGES) + 1
     centre = n_bins // 2
     counts = np.zeros((D_MLP, n_bins), np.int32)
     for neuron in range(D_MLP):
@@ -152,13 +154,13 @@ def histograms(rng) -> np.ndarray:
 
 
 def write_neighbours(paths: AtlasPaths, clusters: dict, rng) -> None:
-    """The similar-features artefact (neighbours stage, schema 1) with random but well-formed neighbours."""
+    """The similar-features artefact with random but well-formed neighbours."""
     layer_ids, neuron_ids, cluster_ids = [], [], []
-    for layer in LAYERS:
+    for position, layer in enumerate(LAYERS):
         offsets = clusters[layer]["cluster_offsets"]
         for neuron in range(D_MLP):
             k = int(offsets[neuron + 1] - offsets[neuron])
-            layer_ids += [layer] * k
+            layer_ids += [position] * k
             neuron_ids += [neuron] * k
             cluster_ids += list(range(k))
     f = len(layer_ids)
@@ -168,14 +170,13 @@ def write_neighbours(paths: AtlasPaths, clusters: dict, rng) -> None:
         others = rng.permutation(np.delete(np.arange(f), row))[:int(rng.integers(0, K_NEIGHBOURS + 1))]
         index[row, :len(others)] = others
         similarity[row, :len(others)] = np.sort(rng.uniform(0.5, 1.0, len(others)))[::-1]
-    write_npz(paths.neighbours, "neighbours", 1, feature_layer=np.array(layer_ids, np.int32),
-              feature_neuron=np.array(neuron_ids, np.int32), feature_cluster=np.array(cluster_ids, np.int32),
-              neighbour_index=index, neighbour_similarity=similarity)
+    NEIGHBOURS.write_npz(paths.neighbours, feature_set=np.array(layer_ids, np.int32),
+                         feature_unit=np.array(neuron_ids, np.int32), feature_cluster=np.array(cluster_ids, np.int32),
+                         neighbour_index=index, neighbour_similarity=similarity)
 
 
 def write_report(paths: AtlasPaths) -> None:
-    write_json(paths.report, {
-        "kind": "comparison-report", "schema_version": 1,
+    REPORT.write_json(paths.report, {
         "spaces": {"pre_mlp": {"median_intra": 0.35, "median_inter": 0.6, "n_neurons_intra": 6, "n_neurons_inter": 5},
                    "embedding": {"median_intra": None, "median_inter": 0.71, "n_neurons_intra": 0,
                                  "n_neurons_inter": 4}},
@@ -189,5 +190,5 @@ def build_site(folder: Path, **overrides) -> AtlasConfig:
 
     cfg = render_config(folder, **overrides)
     write_artefacts(cfg)
-    render.run(cfg, vocabulary=VOCAB)
+    render.render_site(cfg, vocabulary=VOCAB)
     return cfg

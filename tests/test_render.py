@@ -11,6 +11,7 @@ Regenerate the golden site after an intended output change with:
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import json
 import os
@@ -26,13 +27,13 @@ import pytest
 
 import render_fixtures as fx
 from builder import render
-from builder.artefacts import read_npz
-from builder.cluster import read_layer_clusters
-from builder.collect import read_layer_examples, read_tokens
 from builder.config import AtlasConfig
 from builder.errors import ArtefactError
-from builder.importance import read_layer_importance
 from builder.paths import AtlasPaths
+from builder.render import codec, inputs, publish, sidecars, text
+from builder.render.publish import render_site
+from builder.schema import read_clusters, read_examples, read_importance, read_neighbours, read_tokens
+from builder.stage import run_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden" / "site"
@@ -109,30 +110,30 @@ def test_every_page_has_a_csp_meta_forbidding_inline_script_before_any_resource(
 def test_hostile_tokens_survive_the_json_files_exactly(built):
     _, site = built
     vocab = json.loads((site / MODEL / "data" / "vocab.json").read_text(encoding="utf-8"))["tokens"]
-    expected = [render.clean_text(token) for token in fx.VOCAB]
+    expected = [text.clean_text(token) for token in fx.VOCAB]
     assert vocab == expected
     assert vocab[fx.HOSTILE_ID["script"]] == "</script><script>alert(1)</script>"
     assert vocab[fx.HOSTILE_ID["surrogate"]] == "lone\ufffdsurrogate"
     twin = (site / MODEL / "data" / "vocab.json.js").read_bytes()
-    assert twin == render.js_wrapper("vocab", (site / MODEL / "data" / "vocab.json").read_bytes().rstrip(b"\n"))
+    assert twin == codec.js_wrapper("vocab", (site / MODEL / "data" / "vocab.json").read_bytes().rstrip(b"\n"))
 
 
 def test_lone_surrogates_become_replacement_characters_and_pairs_are_joined():
-    assert render.clean_text("a\ud800b") == "a\ufffdb"
-    assert render.clean_text("\udfff") == "\ufffd"
-    assert render.clean_text("\ud83d\ude00") == "\U0001F600"  # a valid pair written as two code units
-    assert render.clean_text("plain é 😀") == "plain é 😀"
-    render.clean_text("x\ud800").encode("utf-8")  # encodable afterwards
+    assert text.clean_text("a\ud800b") == "a\ufffdb"
+    assert text.clean_text("\udfff") == "\ufffd"
+    assert text.clean_text("\ud83d\ude00") == "\U0001F600"  # a valid pair written as two code units
+    assert text.clean_text("plain é 😀") == "plain é 😀"
+    text.clean_text("x\ud800").encode("utf-8")  # encodable afterwards
 
 
 def test_control_characters_display_as_symbols_and_bidi_text_stays_literal():
-    assert render.display_token("a\nb\tc\x00\x7f") == "a\u21b5b\u21e5c\u2400\u2421"
-    assert render.display_token("\u202eevil\u200b") == "\u202eevil\u200b"
+    assert text.display_token("a\nb\tc\x00\x7f") == "a\u21b5b\u21e5c\u2400\u2421"
+    assert text.display_token("\u202eevil\u200b") == "\u202eevil\u200b"
 
 
 def test_bibtex_fields_escape_tex_specials():
-    assert render.bibtex_escape("a_b%c&d#e{f}g$h") == r"a\_b\%c\&d\#e\{f\}g\$h"
-    assert render.bibtex_escape("x\\y^z~") == r"x\textbackslash{}y\^{}z\~{}"
+    assert text.bibtex_escape("a_b%c&d#e{f}g$h") == r"a\_b\%c\&d\#e\{f\}g\$h"
+    assert text.bibtex_escape("x\\y^z~") == r"x\textbackslash{}y\^{}z\~{}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -144,9 +145,9 @@ def test_packed_arrays_round_trip_exactly(dtype):
     rng = np.random.default_rng(3)
     values = (rng.normal(size=57) * 1000).astype(np.dtype(f"<{dtype}")) if dtype in ("i4", "f4") else \
         rng.integers(0, np.iinfo(np.dtype(dtype)).max, size=57).astype(np.dtype(f"<{dtype}"))
-    text = render.pack(values, dtype)
+    text = codec.pack(values, dtype)
     assert re.fullmatch(r"[A-Za-z0-9+/=]+", text)
-    assert np.array_equal(render.unpack(text, dtype), values)
+    assert np.array_equal(codec.unpack(text, dtype), values)
     assert zlib.decompress(base64.b64decode(text)) == values.tobytes()
 
 
@@ -154,11 +155,11 @@ def test_quantised_activations_are_within_half_a_step_and_keep_missing_values():
     rng = np.random.default_rng(0)
     window = rng.normal(1.0, 3.0, size=(40, 25)).astype(np.float32)
     window[rng.random(window.shape) < 0.1] = np.nan
-    lo, hi = render.activation_range(window, 5.0)
+    lo, hi = codec.activation_range(window, 5.0)
     assert lo <= np.nanmin(window) and hi >= max(5.0, np.nanmax(window))
-    codes = render.quantise_activations(window, lo, hi)
-    assert codes.dtype == np.uint8 and codes.max() == render.MISSING_U8 and codes[~np.isnan(window)].max() <= 254
-    decoded = render.dequantise_activations(codes, lo, hi)
+    codes = codec.quantise_activations(window, lo, hi)
+    assert codes.dtype == np.uint8 and codes.max() == codec.MISSING_U8 and codes[~np.isnan(window)].max() <= 254
+    decoded = codec.dequantise_activations(codes, lo, hi)
     assert np.array_equal(np.isnan(decoded), np.isnan(window))
     step = (hi - lo) / 254
     assert np.nanmax(np.abs(decoded - window)) <= step / 2 + 1e-9
@@ -169,7 +170,7 @@ def test_quantised_importances_are_within_half_a_step():
     rng = np.random.default_rng(1)
     scores = rng.uniform(0, 1, size=(30, 21)).astype(np.float32)
     scores[:, :3] = np.nan
-    decoded = render.dequantise_importance(render.quantise_importance(scores))
+    decoded = codec.dequantise_importance(codec.quantise_importance(scores))
     assert np.array_equal(np.isnan(decoded), np.isnan(scores))
     assert np.nanmax(np.abs(decoded - scores)) <= 0.5 / 254 + 1e-9
 
@@ -188,27 +189,27 @@ def test_sidecar_decodes_back_to_the_artefacts(built):
     n, width = ex["count"], cfg.window_before + 1 + cfg.window_after
     assert n == part.stop - part.start == 8
     lo, hi = ex["activation_range"]
-    decoded = render.dequantise_activations(render.unpack(ex["activation"], "u1").reshape(n, width), lo, hi)
+    decoded = codec.dequantise_activations(codec.unpack(ex["activation"], "u1").reshape(n, width), lo, hi)
     window = examples.window[part]
     assert np.array_equal(np.isnan(decoded), np.isnan(window))
     assert np.nanmax(np.abs(decoded - window)) <= (hi - lo) / 508 + 1e-6
-    importance = render.dequantise_importance(render.unpack(ex["importance"], "u1").reshape(n, -1))
+    importance = codec.dequantise_importance(codec.unpack(ex["importance"], "u1").reshape(n, -1))
     assert np.nanmax(np.abs(importance - scores[part])) <= 1 / 508 + 1e-6
-    ids = render.unpack(ex["tokens"], ex["token_dtype"]).reshape(n, width)
-    seq, pos = render.unpack(ex["sequence"], "u4"), render.unpack(ex["position"], "u4")
+    ids = codec.unpack(ex["tokens"], ex["token_dtype"]).reshape(n, width)
+    seq, pos = codec.unpack(ex["sequence"], "u4"), codec.unpack(ex["position"], "u4")
     assert np.array_equal(seq, examples.seq[part]) and np.array_equal(pos, examples.pos[part])
     assert np.array_equal(ids[:, cfg.window_before], tokens[seq, pos])  # the max token
-    assert np.array_equal(render.unpack(ex["cluster"], "u4"), clusters["labels"][part])
+    assert np.array_equal(codec.unpack(ex["cluster"], "u4"), clusters["labels"][part])
     links = clusters["linkage"][clusters["linkage_offsets"][neuron]:clusters["linkage_offsets"][neuron + 1]]
-    assert np.array_equal(render.unpack(doc["linkage"]["children"], "u4").reshape(-1, 2), links[:, :2])
-    assert np.allclose(render.unpack(doc["linkage"]["distance"], "f4"), links[:, 2], atol=1e-6)
+    assert np.array_equal(codec.unpack(doc["linkage"]["children"], "u4").reshape(-1, 2), links[:, :2])
+    assert np.allclose(codec.unpack(doc["linkage"]["distance"], "f4"), links[:, 2], atol=1e-6)
     assert [c["size"] for c in doc["clusters"]] == list(np.bincount(clusters["labels"][part]))
 
 
 def test_sidecar_has_the_documented_schema(built):
     _, site = built
     doc = sidecar(site, 0, 0)
-    assert doc["schema_version"] == render.SIDECAR_SCHEMA == 1
+    assert doc["schema_version"] == codec.SCHEMA_VERSIONS["neuron"] == 1
     assert doc["kind"] == "neuron" and doc["model"] == MODEL and (doc["layer"], doc["neuron"]) == (0, 0)
     assert set(doc) == {"schema_version", "kind", "model", "layer", "neuron", "path", "max_activation", "metrics",
                         "cluster_threshold", "window", "examples", "clusters", "linkage", "neighbours", "histogram",
@@ -225,11 +226,11 @@ def test_sidecar_has_the_documented_schema(built):
 
 def test_neighbours_in_the_sidecar_point_at_existing_feature_pages(built):
     cfg, site = built
-    table = read_npz(AtlasPaths.of(cfg).neighbours, "neighbours", 1)
+    table = read_neighbours(AtlasPaths.of(cfg))
     found = 0
     for page in (site / MODEL).glob("L*/N*/neuron.json"):
         doc = json.loads(page.read_text())
-        rows = render.unpack(doc["neighbours"], "i4").reshape(-1, 5)
+        rows = codec.unpack(doc["neighbours"], "i4").reshape(-1, 5)
         for source, layer, neuron, cluster, similarity in rows:
             assert 0 <= source < len(doc["clusters"])
             assert (site / MODEL / f"L{layer}" / f"N{neuron}" / f"F{cluster}" / "index.html").is_file()
@@ -315,10 +316,13 @@ def test_neuron_table_and_token_index_cover_every_neuron_and_feature(built):
     cfg, site = built
     paths = AtlasPaths.of(cfg)
     table = json.loads((site / MODEL / "data" / "neurons.json").read_text())
-    assert table["layers"] == list(fx.LAYERS) and table["d_mlp"] == fx.D_MLP
+    assert table["schema_version"] == 2
+    assert [(s["key"], s["layer"], s["size"], s["offset"]) for s in table["sets"]] == \
+        [(f"L{layer}", layer, fx.D_MLP, i * fx.D_MLP) for i, layer in enumerate(fx.LAYERS)]
     assert table["columns"]["n_examples"] == [c for layer in fx.LAYERS for c in fx.EXAMPLE_COUNTS[layer]]
     index = json.loads((site / MODEL / "data" / "tokens.json").read_text())
-    lookup = dict(zip(index["token_ids"], index["neurons"]))
+    assert index["schema_version"] == 2 and index["sets"] == table["sets"]
+    lookup = dict(zip(index["token_ids"], index["rows"]))
     tokens = read_tokens(paths)
     for position, layer in enumerate(fx.LAYERS):
         examples, clusters = read_examples(paths, f"L{layer}"), read_clusters(paths, f"L{layer}")
@@ -326,7 +330,7 @@ def test_neuron_table_and_token_index_cover_every_neuron_and_feature(built):
             for central in clusters["cluster_central"][clusters["cluster_offsets"][neuron]:
                                                        clusters["cluster_offsets"][neuron + 1]]:
                 token = int(tokens[examples.seq[central], examples.pos[central]])
-                assert position * fx.D_MLP + neuron in lookup[token]
+                assert table["sets"][position]["offset"] + neuron in lookup[token]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -335,16 +339,16 @@ def test_neuron_table_and_token_index_cover_every_neuron_and_feature(built):
 
 def test_two_renders_of_the_same_inputs_are_byte_identical(built, tmp_path):
     cfg, site = built
-    again = AtlasConfig(**{**cfg.to_dict(), "site_dir": str(tmp_path / "again")})
-    render.run(again, vocabulary=fx.VOCAB)
+    again = dataclasses.replace(cfg, site_dir=str(tmp_path / "again"))
+    render_site(again, vocabulary=fx.VOCAB)
     assert site_files(tmp_path / "again") == site_files(site)
 
 
 def test_rendering_across_worker_processes_gives_the_same_site(built, tmp_path, monkeypatch):
     cfg, site = built
-    monkeypatch.setattr(render, "POOL_MIN_NEURONS", 1)
-    parallel = AtlasConfig(**{**cfg.to_dict(), "site_dir": str(tmp_path / "parallel"), "workers": 2})
-    render.run(parallel, vocabulary=fx.VOCAB)
+    monkeypatch.setattr(publish, "POOL_MIN_UNITS", 1)
+    parallel = dataclasses.replace(cfg, site_dir=str(tmp_path / "parallel"), workers=2)
+    render_site(parallel, vocabulary=fx.VOCAB)
     assert site_files(tmp_path / "parallel") == site_files(site)
 
 
@@ -352,7 +356,7 @@ def test_a_render_that_fails_midway_leaves_the_previous_site_intact(tmp_path, mo
     cfg = fx.build_site(tmp_path)
     site = Path(cfg.site_dir)
     before = site_files(site)
-    real = render.render_neuron
+    real = publish.render_unit
     calls = []
 
     def flaky(*args, **kwargs):
@@ -361,10 +365,10 @@ def test_a_render_that_fails_midway_leaves_the_previous_site_intact(tmp_path, mo
             raise RuntimeError("disk on fire")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(render, "render_neuron", flaky)
-    changed = AtlasConfig(**{**cfg.to_dict(), "site_url": "https://changed.example/"})
+    monkeypatch.setattr(publish, "render_unit", flaky)
+    changed = dataclasses.replace(cfg, site_url="https://changed.example/")
     with pytest.raises(RuntimeError, match="disk on fire"):
-        render.run(changed, vocabulary=fx.VOCAB)
+        render_site(changed, vocabulary=fx.VOCAB)
     assert site_files(site) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["build", "site"]  # no temporary folder left behind
 
@@ -375,7 +379,7 @@ def test_an_interrupted_swap_is_recovered_before_rendering(tmp_path):
     before = site_files(site)
     os.replace(site, site.with_name(".site.old"))  # killed between the two renames of the swap
     (tmp_path / ".site.abc.tmp").mkdir()  # and a half-written site from another kill
-    render.recover_interrupted(site)
+    publish.recover_interrupted(site)
     assert site_files(site) == before and not (tmp_path / ".site.abc.tmp").exists()
 
 
@@ -388,24 +392,26 @@ def test_a_missing_artefact_is_named_with_the_stage_that_writes_it(tmp_path, art
     fx.write_artefacts(cfg)
     (Path(cfg.out_dir) / artefact).unlink()
     with pytest.raises(ArtefactError) as error:
-        render.run(cfg, vocabulary=fx.VOCAB)
+        render_site(cfg, vocabulary=fx.VOCAB)
     message = error.value.message
     assert artefact.split("/")[-1] in message and f"atlas {stage}" in message and "\n" not in message
     assert not Path(cfg.site_dir).exists()
 
 
-def test_artefacts_built_with_another_config_are_refused(tmp_path):
+def test_artefacts_built_for_another_config_are_refused_by_the_render_stage(tmp_path):
     cfg = fx.render_config(tmp_path)
     fx.write_artefacts(cfg)
-    other = AtlasConfig(**{**cfg.to_dict(), "threshold": 0.5})
-    with pytest.raises(ArtefactError, match="another config"):
-        render.run(other, vocabulary=fx.VOCAB)
+    with pytest.raises(ArtefactError, match="the collect stage is stale") as error:
+        run_stage("render", dataclasses.replace(cfg, threshold=0.5))
+    assert "atlas collect" in error.value.message and not Path(cfg.site_dir).exists()
 
 
-def test_stats_report_bytes_per_neuron_and_throughput(built):
-    cfg, site = built
-    stats = render.read_stats(cfg)
-    published, twins = render.site_bytes(site)
+def test_stats_report_bytes_per_neuron_and_throughput(tmp_path):
+    cfg = fx.render_config(tmp_path)
+    fx.write_artefacts(cfg)
+    stats = render_site(cfg, vocabulary=fx.VOCAB)
+    site = Path(cfg.site_dir)
+    published, twins = publish.site_bytes(site)
     neurons = len(fx.LAYERS) * fx.D_MLP
     assert stats["neurons"] == neurons and stats["total_bytes"] == published
     assert stats["bytes_per_neuron"] == pytest.approx(published / neurons, abs=0.1)
@@ -415,22 +421,9 @@ def test_stats_report_bytes_per_neuron_and_throughput(built):
     assert projection["3"] < projection["5"] < projection["10"]
 
 
-def test_an_up_to_date_site_is_not_rendered_again(tmp_path, monkeypatch):
-    cfg = fx.render_config(tmp_path)
-    fx.write_artefacts(cfg)
-    monkeypatch.setattr(render, "load_vocabulary", lambda cfg, min_size=0: list(fx.VOCAB))
-    render.run(cfg)
-    index = Path(cfg.site_dir) / "index.html"
-    stamp = index.stat().st_mtime_ns
-    render.run(cfg)
-    assert index.stat().st_mtime_ns == stamp
-    render.run(AtlasConfig(**{**cfg.to_dict(), "site_url": "https://example.org/"}))  # citations change
-    assert index.stat().st_mtime_ns != stamp
-
-
 def test_the_vocabulary_comes_from_the_model_tokenizer(tmp_path, tokenizer):
     cfg = fx.render_config(tmp_path, model="embedded:smollm2-135m-instruct")
-    vocab = render.load_vocabulary(cfg, min_size=len(tokenizer) + 2)
+    vocab = inputs.load_vocabulary(cfg, min_size=len(tokenizer) + 2)
     assert len(vocab) == len(tokenizer) + 2 and vocab[-1] == f"<{len(tokenizer) + 1}>"
     for token_id in (0, 1, 42, 1000, len(tokenizer) - 1):
         assert vocab[token_id] == tokenizer.decode([token_id], clean_up_tokenization_spaces=False)
@@ -448,7 +441,7 @@ def normalised(files: dict[str, bytes]) -> dict[str, bytes]:
 def test_golden_site_matches_expected_output(tmp_path, monkeypatch):
     # Pin what legitimately changes elsewhere (the config schema, the package version) so only rendering is compared.
     monkeypatch.setattr(AtlasConfig, "config_hash", lambda self: "c0ffee123456")
-    monkeypatch.setattr(render, "__version__", "0.0.0-golden")
+    monkeypatch.setattr(sidecars, "__version__", "0.0.0-golden")
     cfg = fx.build_site(tmp_path, site_url="https://example.org/atlas")
     files = normalised(site_files(Path(cfg.site_dir)))
     if os.environ.get("ATLAS_UPDATE_GOLDEN"):
