@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 import render_fixtures as fx
-from builder.cluster import ranked_labels, read_layer_clusters
+from builder.cluster import ranked_labels
+from builder.schema import read_clusters
 from builder.paths import AtlasPaths
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -249,7 +250,7 @@ def test_the_index_table_sorts_filters_and_search_finds_neurons_and_tokens(site,
     counts = page.eval_on_selector_all("#neurons tbody tr td:nth-child(3)", "ts => ts.map(t => +t.textContent)")
     assert counts == sorted(counts, reverse=True) and counts[0] == 8
     assert page.get_attribute("th:has(button[data-col=n_examples])", "aria-sort") == "descending"
-    page.select_option("#f-layer", "2")
+    page.select_option("#f-set", "L2")
     assert all(r.startswith("L2 ") for r in rows()) and len(rows()) == 5
     page.fill("#f-k", "2")
     assert 0 < len(rows()) < 5

@@ -6,10 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from builder import cluster, collect, embed, importance, neighbours, render, report
-from builder.collect import read_layer_examples, read_tokens
 from builder.config import EMBEDDED_MODEL, config_from_dict
 from builder.paths import AtlasPaths
+from builder.pipeline import STAGES
+from builder.schema import read_examples, read_tokens
+from builder.stage import run_stage
 from test_browser import Tab, serve
 
 PAYLOADS = [
@@ -41,8 +42,8 @@ def hostile_site(tmp_path_factory):
 @pytest.mark.slow
 def test_hostile_corpus_renders_literally_and_runs_nothing(hostile_site, share_embedded_model):
     cfg = hostile_site
-    for stage in (collect, embed, cluster, importance, neighbours, report, render):
-        stage.run(cfg)
+    for stage in STAGES:
+        run_stage(stage, cfg)
     paths = AtlasPaths.of(cfg)
     tokens = read_tokens(paths)
     decode = share_embedded_model.tokenizer.decode
