@@ -6,10 +6,8 @@ collection and clustering from scratch. Prints a table; nothing here is asserted
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import resource
 import time
 from concurrent.futures import ProcessPoolExecutor
 
@@ -17,8 +15,11 @@ import click
 import numpy as np
 import torch
 
-from builder.cli import _load
-from builder.config import AtlasConfig
+from builder.cli import quiet_libraries
+from builder.config import AtlasConfig, load_config
+from builder.paths import AtlasPaths
+from builder.pipeline import STAGES
+from builder.stage import peak_rss_mb
 
 log = logging.getLogger("bench")
 
@@ -27,25 +28,27 @@ GPT2_NEURONS = 36_864
 GPT2_CONTEXT = 1024
 GPT2_SEQUENCES = 10_000  # about one 1,024-token sequence per OpenWebText document
 GPT2_D_MODEL = 768
+GPT2_EXAMPLES = 100  # examples per neuron at the reference scale
+BENCH_SEQUENCES = 128  # sequences the collect benchmark forwards
+SLICE_EXAMPLES = 12  # examples of one sequence the importance slice scores both ways
+WARMUP_FEATURES = 2000  # PyNNDescent compiles with numba on first use: warm it on a small slice
 
 
 def line(name: str, value: str) -> None:
     click.echo(f"{name:<58} {value}")
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def bench_collect(cfg: AtlasConfig) -> None:
     from builder.collect import Collector, collect_batch
     from builder.data import tokenise_corpus
     from builder.models import load_model, selected_layers
+    from builder.subjects import model_subject_sets
 
     model = load_model(cfg)
     layers = selected_layers(cfg, model.n_layers)
+    sets = model_subject_sets(model, layers)
     tokens, _ = tokenise_corpus(cfg, model.tokenizer)
-    tokens = tokens[:128]
+    tokens = tokens[:BENCH_SEQUENCES]
     batches = [torch.as_tensor(tokens[i:i + cfg.batch_size], dtype=torch.long)
                for i in range(0, len(tokens), cfg.batch_size)]
     stop = max(layers) + 1
@@ -56,11 +59,11 @@ def bench_collect(cfg: AtlasConfig) -> None:
                 model.bridge(batch, return_type=None, stop_at_layer=stop)
 
     def collect() -> None:
-        collector = Collector(layers, model.d_mlp, model.d_model, cfg.context_length, cfg)
+        collector = Collector.for_config(sets, cfg)
         for index, batch in enumerate(batches):
-            collect_batch(collector, model.bridge, batch, index * cfg.batch_size, model.gated)
-        for layer in layers:
-            collector.finish(layer)
+            collect_batch(collector, model.bridge, batch, index * cfg.batch_size)
+        for s in sets:
+            collector.finish(s.key)
 
     bare()  # warm-up
     # Alternate the two so a busy machine slows both alike; keep each one's best.
@@ -107,37 +110,35 @@ def bench_cluster(workers: int) -> None:
 
 
 def bench_importance(cfg: AtlasConfig) -> None:
-    from builder.collect import read_collect_meta, read_layer_examples, read_tokens
-    from builder.importance import BLOCK, SequenceExamples, SharedMasker, examples_by_sequence, mask_token_id
+    from builder.importance import BLOCK, SharedMasker, examples_by_sequence, mask_token_id
     from builder.models import load_model
-    from builder.paths import AtlasPaths
+    from builder.schema import collect_sets, read_collect_meta, read_examples, read_tokens
 
     paths = AtlasPaths.of(cfg)
     meta = read_collect_meta(paths)
+    sets = collect_sets(meta)
     model = load_model(cfg)
-    examples = {layer: read_layer_examples(paths, layer) for layer in meta["layers"]}
     tokens = read_tokens(paths)
-    grouped = examples_by_sequence(meta["layers"], examples)
+    grouped = examples_by_sequence([read_examples(paths, s.key) for s in sets])
     first = 1 if meta["packing"]["bos_token_id"] is not None else 0
     mask = mask_token_id(cfg, model.tokenizer)
     window = cfg.window_before
-    # Slice: the first 12 examples (all layers) of the first sequence holding examples.
+    # Slice: the first examples (all sets) of the first sequence holding examples.
     seq = sorted(grouped)[0]
-    found = grouped[seq]
-    take = np.arange(min(12, len(found.layer)))
-    found = SequenceExamples(found.layer[take], found.neuron[take], found.position[take], found.row[take])
-    masker = SharedMasker(model.bridge, window, mask, first)
+    take = np.arange(min(SLICE_EXAMPLES, len(grouped[seq].set_index)))
+    found = grouped[seq].take(take)
+    masker = SharedMasker(model.bridge, sets, window, mask, first)
     start = time.perf_counter()
     masker.group(tokens[[seq]], [found], model.device)
     shared_s, shared_tokens = time.perf_counter() - start, masker.forward_tokens
     naive_tokens, start = 0, time.perf_counter()
     with torch.no_grad():
-        for layer, neuron, m in zip(found.layer, found.neuron, found.position):
+        for set_index, m in zip(found.set_index, found.position):
             for p in [None] + list(range(max(first, m - window), m + 1)):
                 row = torch.as_tensor(tokens[seq, :m + 1], dtype=torch.long)[None].clone()
                 if p is not None:
                     row[0, p] = mask
-                model.bridge.run_with_hooks(row, return_type=None, stop_at_layer=int(layer) + 1)
+                model.bridge.run_with_hooks(row, return_type=None, stop_at_layer=sets[set_index].layer + 1)
                 naive_tokens += row.numel()
     naive_s = time.perf_counter() - start
     line(f"importance: slice ({len(take)} examples of sequence {seq})", "")
@@ -145,27 +146,26 @@ def bench_importance(cfg: AtlasConfig) -> None:
     line("importance: shared forward tokens / wall", f"{shared_tokens:,} / {shared_s:.1f} s")
     line("importance: slice ratio naive / shared (tokens, wall)",
          f"{naive_tokens / shared_tokens:.1f}×, {naive_s / shared_s:.1f}×")
-    stats = json.loads(paths.importance_meta.read_text())
+    stats = STAGES["importance"].meta_type.read_json(paths.meta("importance"))
     line("importance: whole atlas forward tokens, naive / shared (target ≥ 20)",
          f"{stats['naive_forward_tokens']:,} / {stats['forward_tokens']:,} = "
          f"{stats['naive_forward_tokens'] / stats['forward_tokens']:.0f}×")
     # Reference projection: every position of every sequence is needed once neurons are many; each masked position
     # costs BLOCK + window tokens on the shared path, and (mean prefix) per example and position on the naive path.
     shared = GPT2_SEQUENCES * (GPT2_CONTEXT + GPT2_CONTEXT * (BLOCK + window))
-    naive = GPT2_NEURONS * 100 * (window + 2) * (GPT2_CONTEXT / 2)
+    naive = GPT2_NEURONS * GPT2_EXAMPLES * (window + 2) * (GPT2_CONTEXT / 2)
     line("importance: projected reference forward tokens, naive / shared", f"{naive:.2e} / {shared:.2e} = "
          f"{naive / shared:.0f}×")
 
 
 def bench_neighbours(cfg: AtlasConfig) -> None:
-    from builder.collect import read_collect_meta
     from builder.neighbours import approximate_neighbours, exact_neighbours, feature_table
-    from builder.paths import AtlasPaths
+    from builder.schema import collect_sets, read_collect_meta
 
     paths = AtlasPaths.of(cfg)
-    table, vectors = feature_table(paths, read_collect_meta(paths)["layers"], cfg.neighbour_space)
+    table, vectors = feature_table(paths, collect_sets(read_collect_meta(paths)), cfg.neighbour_space)
     k = cfg.neighbour_count + 1
-    approximate_neighbours(vectors[:2000], k, cfg.seed)  # JIT warm-up
+    approximate_neighbours(vectors[:WARMUP_FEATURES], k, cfg.seed)  # JIT warm-up
     build = _timed(lambda: approximate_neighbours(vectors, k, cfg.seed))
     approx, _ = approximate_neighbours(vectors, k, cfg.seed)
     exact_s = _timed(lambda: exact_neighbours(vectors, k))
@@ -178,26 +178,30 @@ def bench_neighbours(cfg: AtlasConfig) -> None:
 
 
 def bench_render_and_memory(cfg: AtlasConfig) -> None:
-    from builder.paths import AtlasPaths
+    from builder.errors import ArtefactError
 
     paths = AtlasPaths.of(cfg)
-    stats_path = paths.root / "render" / "stats.json"
-    if stats_path.is_file():
-        stats = json.loads(stats_path.read_text())
+    metas = {}
+    for name, stage in STAGES.items():
+        try:
+            metas[name] = stage.meta_type.read_json(paths.meta(name))
+        except ArtefactError:
+            continue
+    if "render" in metas:
+        stats = metas["render"]
         per_neuron = stats["bytes_per_neuron"]
         line("render: bytes per neuron (target ≤ 27 KB)", f"{per_neuron / 1000:.1f} KB")
         projections = stats.get("projected_bytes_per_neuron_at_100_examples", {})
         for clusters, projected in sorted(projections.items(), key=lambda item: int(item[0])):
-            line(f"render: projected GPT-2-small site, 100 examples, {clusters} clusters/neuron (limit 1 GB)",
+            line(f"render: projected GPT-2-small site, {GPT2_EXAMPLES} examples, {clusters} clusters/neuron "
+                 "(limit 1 GB)",
                  f"{projected / 1000:.1f} KB/neuron, {projected * GPT2_NEURONS / 1e9:.2f}× of 1 GB")
         rate = stats["neurons"] / stats["seconds"]
         line("render: throughput", f"{rate:,.0f} neurons/s")
         line("render: projected reference render (target < 10 min)", f"{GPT2_NEURONS / rate / 60:.1f} min")
-    peaks = []
-    for meta in paths.root.glob("*/meta.json"):
-        peak = json.loads(meta.read_text()).get("peak_rss_mb")
-        if peak:
-            peaks.append(peak)
+    for name, meta in metas.items():
+        line(f"stage wall time: {name} (last run)", f"{meta['wall_seconds']:.1f} s")
+    peaks = [meta["peak_rss_mb"] for meta in metas.values()]
     if peaks:
         line("memory: peak RSS of the embedded build (limit 8 GiB)", f"{max(peaks):,.0f} MiB "
              f"({max(peaks) / 8192:.2f}× of 8 GiB)")
@@ -207,7 +211,8 @@ def bench_render_and_memory(cfg: AtlasConfig) -> None:
 @click.option("--config", default="configs/embedded.toml")
 def main(config: str) -> None:
     logging.basicConfig(level=logging.WARNING)
-    cfg = _load(config, {})
+    quiet_libraries()
+    cfg = load_config(config)
     click.echo(f"Neuron Atlas bench — {cfg.model}, {os.cpu_count()} cores, torch {torch.__version__}")
     bench_collect(cfg)
     bench_cluster(os.cpu_count() or 1)

@@ -263,7 +263,8 @@ def test_tokenising_in_pieces_gives_the_tokens_of_the_whole_document(tmp_path, t
     np.testing.assert_array_equal(pieces, whole)
 
 
-def test_one_huge_line_is_tokenised_in_bounded_memory_and_stops_at_max_sequences(tmp_path, embedded_folder):
+def test_one_huge_line_is_tokenised_in_bounded_memory_and_stops_at_max_sequences(tmp_path,
+                                                                                   embedded_folder):
     """A 60 MB single-line document with max_sequences: memory must not grow with the line (it grew without bound
     when the whole line went to the tokenizer)."""
     import os
@@ -290,8 +291,8 @@ print(tokens.shape[0], round(grown))
 """
     from conftest import ROOT
 
-    done = subprocess.run([sys.executable, "-c", script, str(embedded_folder)], cwd=ROOT / "tests", capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    done = subprocess.run([sys.executable, "-c", script, str(embedded_folder)], cwd=ROOT / "tests",
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr[-2000:]
     rows, grown_mb = map(int, done.stdout.split())
     assert rows == 200

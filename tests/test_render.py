@@ -22,11 +22,9 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-import orjson
 import pytest
 
 import render_fixtures as fx
-from builder import render
 from builder.config import AtlasConfig
 from builder.errors import ArtefactError
 from builder.paths import AtlasPaths
@@ -286,7 +284,7 @@ def test_every_relative_link_and_resource_resolves_to_a_file(built):
 def test_neuron_pages_link_to_their_neighbours_across_layers(built):
     _, site = built
     last_of_l0 = (site / MODEL / "L0" / f"N{fx.D_MLP - 1}" / "index.html").read_text()
-    assert f'rel="next" href="../../L2/N0/index.html"' in last_of_l0
+    assert 'rel="next" href="../../L2/N0/index.html"' in last_of_l0
     first = (site / MODEL / "L0" / "N0" / "index.html").read_text()
     assert 'rel="prev"' not in first and 'rel="next" href="../N1/index.html"' in first
 

@@ -16,7 +16,7 @@ import numpy as np
 from builder.artefacts import atomic_dir
 from builder.config import AtlasConfig
 from builder.render.codec import FILE_COPY_SUFFIX, dumps, write_data_file
-from builder.render.inputs import Atlas, load_atlas, load_set
+from builder.render.inputs import load_atlas, load_set
 from builder.render.pages import REPO, Site, model_pages, render_unit
 from builder.render.sidecars import (atlas_manifest, central_tokens_of, provenance, token_index, unit_table,
                                      vocab_file)

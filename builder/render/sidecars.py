@@ -10,7 +10,7 @@ from builder.render.codec import (SCHEMA_VERSIONS, SIMILARITY_SCALE, activation_
 from builder.render.inputs import Atlas, SetData
 from builder.render.text import clean_text, display_token, fmt, has_bidi, number
 from builder.schema import COUNT_METRICS, METRIC_NAMES
-from builder.subjects import SubjectSet, UnitId
+from builder.subjects import SubjectSet
 
 LOGIT_DIGITS = 4  # significant digits of a direct logit effect in the sidecar
 HISTOGRAM_DIGITS = 4  # and of a histogram edge
@@ -179,7 +179,3 @@ def atlas_manifest(atlas: Atlas, prov: dict) -> dict:
 def vocab_file(atlas: Atlas) -> dict:
     return {"schema_version": SCHEMA_VERSIONS["vocab"], "kind": "vocab", "model": atlas.cfg.name,
             "tokens": atlas.vocab}
-
-
-def unit_id(atlas: Atlas, row: int) -> UnitId:
-    return atlas.index.unit(row)
