@@ -99,18 +99,6 @@ def read_npz(path: Path, kind: str, schema_version: int) -> dict[str, np.ndarray
     return arrays
 
 
-def is_complete(path: Path, kind: str, schema_version: int) -> bool:
-    """True if `path` holds a readable artefact of this kind and version (so a stage may skip rebuilding it)."""
-    try:
-        if str(path).endswith(".npz"):
-            read_npz(path, kind, schema_version)
-        else:
-            read_json(path, kind, schema_version)
-    except ArtefactError:
-        return False
-    return True
-
-
 @contextmanager
 def atomic_dir(path: Path) -> Iterator[Path]:
     """Yield a temporary folder beside `path`; swap it into place only if the block succeeds.

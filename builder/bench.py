@@ -89,7 +89,8 @@ def _synthetic_neurons(count: int, seed: int) -> int:
     rng = np.random.default_rng(seed)
     for _ in range(count):
         centres = rng.normal(size=(4, GPT2_D_MODEL))
-        features = centres[rng.integers(0, 4, 100)] + 0.3 * rng.normal(size=(100, GPT2_D_MODEL))
+        features = (centres[rng.integers(0, 4, GPT2_EXAMPLES)]
+                    + 0.3 * rng.normal(size=(GPT2_EXAMPLES, GPT2_D_MODEL)))
         cluster_neuron(features, 0.5)
     return count
 
@@ -97,14 +98,14 @@ def _synthetic_neurons(count: int, seed: int) -> int:
 def bench_cluster(workers: int) -> None:
     from builder.cluster import single_threaded_blas
 
-    per_task, tasks = 100, 2 * workers
+    per_task, tasks = GPT2_EXAMPLES, 2 * workers
     one = _timed(lambda: _synthetic_neurons(per_task * 2, 0)) / (per_task * 2)
     with ProcessPoolExecutor(workers, initializer=single_threaded_blas) as pool:
         sum(pool.map(_synthetic_neurons, [2] * workers, range(workers)))  # start the workers before timing
         start = time.perf_counter()
         done = sum(pool.map(_synthetic_neurons, [per_task] * tasks, range(tasks)))
         many = (time.perf_counter() - start) / done
-    line("cluster: neurons/s, 1 worker (100 examples × 768 dims)", f"{1 / one:,.0f}")
+    line(f"cluster: neurons/s, 1 worker ({GPT2_EXAMPLES} examples × {GPT2_D_MODEL} dims)", f"{1 / one:,.0f}")
     line(f"cluster: neurons/s, {workers} workers", f"{1 / many:,.0f} ({one / many:.2f}× one worker)")
     line(f"cluster: projected reference workload ({GPT2_NEURONS:,} neurons)", f"{GPT2_NEURONS * many / 60:.1f} min")
 

@@ -205,7 +205,7 @@ def set_arrays(results: list[NeuronClusters], offsets: np.ndarray) -> dict[str, 
 def build(run: StageRun) -> dict:
     paths, cfg = run.paths, run.cfg
     sets = collect_sets(read_collect_meta(paths))
-    todo = [s for s in sets if not _set_done(paths, s.key)]
+    todo = [s for s in sets if not CLUSTERS.is_readable(paths.set_file("cluster", s.key))]
     with progress(total=sum(s.size for s in sets), initial=sum(s.size for s in sets if s not in todo),
                   desc="cluster", unit="unit") as bar:
         for s in todo:
@@ -224,11 +224,3 @@ def build(run: StageRun) -> dict:
                   **{name: np.concatenate([t[name] for t in tables]) for name in METRIC_NAMES})
     return {"cluster_threshold": cfg.cluster_threshold, "sets": [s.key for s in sets],
             "sets_clustered_last_run": [s.key for s in todo]}
-
-
-def _set_done(paths: AtlasPaths, set_key: str) -> bool:
-    try:
-        read_clusters(paths, set_key)
-    except ArtefactError:
-        return False
-    return True

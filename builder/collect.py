@@ -34,7 +34,7 @@ from builder.config import AtlasConfig
 from builder.data import tokenise_corpus
 from builder.errors import ArtefactError, ConfigError
 from builder.schema import COLLECT_SHARD, EXAMPLES, HISTOGRAM_EDGES, TOKENS
-from builder.shards import sequence_shards
+from builder.shards import sequence_shards, shard_files
 from builder.stage import StageRun, progress
 from builder.subjects import Readout, SubjectSet
 
@@ -323,9 +323,8 @@ def build(run: StageRun) -> dict:
     reference = load_reference_maxima(cfg, sets, model.n_layers)
     tokens, packing = _load_or_tokenise(run, model)
     shards = sequence_shards(len(tokens), cfg.shard_sequences)
-    _remove_other_splits(paths.shard("collect", 0, 0).parent, {paths.shard("collect", r.start, r.stop).name
-                                                                 for r in shards})
-    todo = [r for r in shards if not _shard_done(paths.shard("collect", r.start, r.stop))]
+    files = shard_files(paths, "collect", shards)
+    todo = [r for r in shards if not COLLECT_SHARD.is_readable(files[r])]
     if len(todo) < len(shards):
         log.info("collect: %d of %d shards already done", len(shards) - len(todo), len(shards))
     forwarded = 0
@@ -339,10 +338,10 @@ def build(run: StageRun) -> dict:
                 collect_batch(collector, model.bridge, batch, first)
                 forwarded += end - first
                 bar.update(end - first)
-            COLLECT_SHARD.write_npz(paths.shard("collect", shard.start, shard.stop), **collector.state_arrays())
+            COLLECT_SHARD.write_npz(files[shard], **collector.state_arrays())
     merged = Collector.for_config(sets, cfg, reference)
     for shard in shards:
-        merged.absorb(COLLECT_SHARD.read_npz(paths.shard("collect", shard.start, shard.stop)))
+        merged.absorb(COLLECT_SHARD.read_npz(files[shard]))
     for s in sets:
         run.write_npz(EXAMPLES, paths.set_file("collect", s.key), **merged.finish(s.key))
     return {"model": cfg.model, "model_revision": model.revision, "n_layers": model.n_layers,
@@ -360,22 +359,6 @@ def _file_name(path: str) -> str:
     from pathlib import Path
 
     return Path(path).name
-
-
-def _shard_done(path) -> bool:
-    try:
-        COLLECT_SHARD.check_readable(path)
-    except ArtefactError:
-        return False
-    return True
-
-
-def _remove_other_splits(folder, keep: set[str]) -> None:
-    """Shards of another `shard_sequences` (a changed machine setting) cannot be merged with this split's."""
-    if folder.is_dir():
-        for stale in folder.iterdir():
-            if stale.name not in keep:
-                stale.unlink()
 
 
 def _load_or_tokenise(run: StageRun, model) -> tuple[np.ndarray, dict]:

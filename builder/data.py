@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 
 DATA_SUFFIXES = (".txt", ".jsonl", ".json")
+MESSAGE_CHARS = 160  # how much of a library's error message a one-line error quotes
 # A document is tokenised in pieces of at most this many characters, cut before a space, so memory stays bounded
 # whatever a document's length (and packing can stop at max_sequences inside one huge document). Byte-level BPE
 # pre-tokenisers start a word at its leading space, so such a cut does not change the tokens.
@@ -66,8 +67,9 @@ def iter_documents(cfg: AtlasConfig) -> Iterator[str]:
             stream = datasets.load_dataset(cfg.dataset, cfg.dataset_config or None, split=cfg.dataset_split,
                                            streaming=True)
         except Exception as error:  # datasets raises many unrelated types for "cannot find or reach it"
-            raise DatasetError(f"cannot open dataset {cfg.dataset!r} ({str(error).splitlines()[0][:160]}); check the "
-                               "name and network, or use data_files for local text") from None
+            reason = str(error).splitlines()[0][:MESSAGE_CHARS]
+            raise DatasetError(f"cannot open dataset {cfg.dataset!r} ({reason}); check the name and network, or use "
+                               "data_files for local text") from None
     count = 0
     try:
         for record in stream:
@@ -79,7 +81,8 @@ def iter_documents(cfg: AtlasConfig) -> Iterator[str]:
             count += 1
             yield record[cfg.text_field]
     except (ValueError, UnicodeDecodeError) as error:
-        raise DatasetError(f"cannot read the dataset ({str(error).splitlines()[0][:160]}); check the file format")
+        reason = str(error).splitlines()[0][:MESSAGE_CHARS]
+        raise DatasetError(f"cannot read the dataset ({reason}); check the file format") from None
 
 
 def pack_sequences(documents: Iterator[list[int] | Iterable[list[int]]], spec: PackingSpec, max_sequences: int = 0

@@ -35,10 +35,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from builder.config import SHARD_MULTIPLE, AtlasConfig
-from builder.errors import ArtefactError, AtlasError, ConfigError
+from builder.errors import AtlasError, ConfigError
 from builder.schema import (IMPORTANCE, IMPORTANCE_SHARD, SetExamples, collect_sets, read_collect_meta,
                             read_examples, read_tokens)
-from builder.shards import sequence_shards
+from builder.shards import sequence_shards, shard_files
 from builder.stage import StageRun, progress
 from builder.subjects import SubjectSet
 
@@ -310,11 +310,8 @@ def build(run: StageRun) -> dict:
         deepest = grouped[first].take(np.array([np.argmax(grouped[first].position)]))
         check_kv_cache(masker, tokens[first], deepest, model.device)
     shards = sequence_shards(len(tokens), cfg.shard_sequences)
-    shard_files = {r: paths.shard("importance", r.start, r.stop) for r in shards}
-    for stale in (paths.stage("importance") / "shards").glob("*"):
-        if stale not in shard_files.values():
-            stale.unlink()
-    todo = [r for r in shards if not _readable(shard_files[r])]
+    files = shard_files(paths, "importance", shards)
+    todo = [r for r in shards if not IMPORTANCE_SHARD.is_readable(files[r])]
     with_examples = np.array(sorted(grouped), np.int64)
 
     def count(ranges: list[range]) -> int:
@@ -324,9 +321,9 @@ def build(run: StageRun) -> dict:
         for shard in todo:
             before = masker.forward_tokens
             arrays = importance_shard(masker, tokens, grouped, sets, shard, model.device, bar)
-            IMPORTANCE_SHARD.write_npz(shard_files[shard], forward_tokens=np.array(masker.forward_tokens - before),
+            IMPORTANCE_SHARD.write_npz(files[shard], forward_tokens=np.array(masker.forward_tokens - before),
                                        **arrays)
-    parts = [IMPORTANCE_SHARD.read_npz(shard_files[r]) for r in shards]
+    parts = [IMPORTANCE_SHARD.read_npz(files[r]) for r in shards]
     for s, (clean, masked) in merge_shards(parts, sets, examples, cfg.window_before).items():
         importance, normaliser = normalised_importance(clean, masked)
         run.write_npz(IMPORTANCE, paths.set_file("importance", s), importance=importance, normaliser=normaliser,
@@ -336,11 +333,3 @@ def build(run: StageRun) -> dict:
             "forward_tokens_last_run": masker.forward_tokens, "sequences_processed_last_run": count(todo),
             "shards_run_last_run": len(todo),
             "naive_forward_tokens": naive_token_count(examples, cfg.window_before, first_maskable)}
-
-
-def _readable(path) -> bool:
-    try:
-        IMPORTANCE_SHARD.check_readable(path)
-    except ArtefactError:
-        return False
-    return True

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from builder.config import EMBEDDED_MODEL, AtlasConfig
+from builder.data import MESSAGE_CHARS
 from builder.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
@@ -177,7 +178,7 @@ def _unknown_model_message(name: str, error: Exception) -> str:
 
     near = difflib.get_close_matches(name, OFFICIAL_MODEL_NAMES, n=1, cutoff=0.6)
     hint = f" (did you mean {near[0]!r}?)" if near else ""
-    reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+    reason = str(error).strip().splitlines()[0][:MESSAGE_CHARS] if str(error).strip() else type(error).__name__
     return (f"unknown model {name!r}{hint}: not a local folder and not loadable from the hub ({reason}); use a "
             f"TransformerLens-supported hub name, a local model folder, or {EMBEDDED_MODEL!r}")
 

@@ -59,6 +59,13 @@ class ArtefactType:
             raise ArtefactError(f"{self.kind} artefact {path} is corrupt or truncated (or lacks expected arrays); "
                                 f"delete it and re-run `atlas {self.stage}`") from None
 
+    def is_readable(self, path: Path) -> bool:
+        try:
+            self.check_readable(path)
+        except ArtefactError:
+            return False
+        return True
+
     def check_readable(self, path: Path) -> None:
         """Raise ArtefactError unless `path` opens as this kind and version (cheap: no array is decompressed)."""
         path = Path(path)

@@ -9,7 +9,10 @@ process pool (`LocalExecutor`); another executor only has to run the same tasks.
 from __future__ import annotations
 
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 from typing import Callable, Iterable, Iterator, TypeVar
+
+from builder.paths import AtlasPaths
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -22,6 +25,17 @@ def sequence_shards(n_sequences: int, shard_sequences: int) -> list[range]:
     """Contiguous ranges covering 0 … n_sequences − 1, each shard_sequences long but the last."""
     return [range(first, min(n_sequences, first + shard_sequences))
             for first in range(0, n_sequences, shard_sequences)]
+
+
+def shard_files(paths: AtlasPaths, stage: str, shards: list[range]) -> dict[range, Path]:
+    """Each shard's artefact path. Shard files of another split (a changed `shard_sequences`, a machine setting) are
+    removed: they cannot be merged with this split's."""
+    files = {shard: paths.shard(stage, shard.start, shard.stop) for shard in shards}
+    folder = paths.shard(stage, 0, 0).parent
+    if folder.is_dir():
+        for stale in set(folder.iterdir()) - set(files.values()):
+            stale.unlink()
+    return files
 
 
 def unit_ranges(n_units: int, workers: int, most: int) -> list[range]:

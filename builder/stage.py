@@ -39,8 +39,9 @@ from builder.schema import ArtefactType, meta_type
 
 log = logging.getLogger(__name__)
 
-KEY_DIGITS = 16
+KEY_DIGITS = 16  # hex digits of a stage key: 64 bits, no accidental collisions between configs
 MARKER = ".key"
+READ_BLOCK = 1 << 20  # bytes hashed at a time when fingerprinting an input file
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,7 @@ class Fingerprints:
             return cached[2]
         digest = hashlib.sha256()
         with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
+            for block in iter(lambda: handle.read(READ_BLOCK), b""):
                 digest.update(block)
         self.cache[str(path)] = [stat.st_size, stat.st_mtime_ns, digest.hexdigest()]
         self.dirty = True
