@@ -27,14 +27,13 @@ from jaxtyping import Float, Int
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import squareform
 
-from builder.embed import neuron_embeddings
 from builder.errors import ArtefactError
 from builder.paths import AtlasPaths
 from builder.schema import (CLUSTERS, METRIC_NAMES, METRICS, collect_sets, read_clusters, read_collect_meta,
                             read_example_fields, read_examples, read_weights)
 from builder.shards import LocalExecutor, unit_ranges
 from builder.stage import StageRun, progress, worker_count
-from builder.subjects import SubjectSet
+from builder.subjects import SubjectSet, neuron_embeddings
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from builder.errors import ArtefactError, ConfigError
 from builder.schema import COLLECT_SHARD, EXAMPLES, HISTOGRAM_EDGES, TOKENS
 from builder.shards import sequence_shards, shard_files
 from builder.stage import StageRun, progress
-from builder.subjects import Readout, SubjectSet
+from builder.subjects import MlpLayer, Readout, SubjectSet
 
 log = logging.getLogger(__name__)
 
@@ -292,7 +292,7 @@ def load_reference_maxima(cfg: AtlasConfig, sets: list[SubjectSet], n_layers: in
     try:
         loaded = np.load(cfg.reference_maxima, allow_pickle=False)
         if isinstance(loaded, np.ndarray):
-            if any(getattr(s, "kind", "") != "mlp" for s in sets) or loaded.ndim != 2 \
+            if any(s.kind != MlpLayer.kind for s in sets) or loaded.ndim != 2 \
                     or loaded.shape != (n_layers, max(sizes.values())):
                 raise ConfigError(f"reference_maxima has shape {loaded.shape!r}; {fix}")
             maxima = {s.key: loaded[s.layer] for s in sets}
@@ -369,7 +369,7 @@ def _load_or_tokenise(run: StageRun, model) -> tuple[np.ndarray, dict]:
         tokens, packing = arrays["tokens"], json.loads(str(arrays["packing"]))
     except (ArtefactError, KeyError, ValueError):
         tokens, packing = tokenise_corpus(cfg, model.tokenizer)
-        packing = {**packing, "build_date": cfg.build_date or datetime.date.today().isoformat()}
+        packing = {**packing, "build_date": datetime.date.today().isoformat()}
         TOKENS.write_npz(path, tokens=tokens, packing=np.array(json.dumps(packing, sort_keys=True)))
     run.record(path, TOKENS)
     return tokens, packing

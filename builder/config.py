@@ -158,7 +158,7 @@ def config_from_dict(raw: dict, base_dir: Path | None = None) -> AtlasConfig:
         raise ConfigError(f"invalid config: {error}") from None
 
 
-def load_config(path: str | Path, **overrides) -> AtlasConfig:
+def load_config(path: str | Path) -> AtlasConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} not found; pass --config configs/embedded.toml or another TOML")
@@ -166,5 +166,4 @@ def load_config(path: str | Path, **overrides) -> AtlasConfig:
         raw = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise ConfigError(f"config file {str(path)!r} is not valid TOML ({error}); fix the syntax") from None
-    raw.update({k: v for k, v in overrides.items() if v is not None})
     return config_from_dict(raw, base_dir=path.parent)

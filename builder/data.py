@@ -48,8 +48,8 @@ def iter_documents(cfg: AtlasConfig) -> Iterator[str]:
             raise DatasetError(f"data file {missing[0]!r} does not exist; run `make data` or fix data_files")
         for f in cfg.data_files:
             if Path(f).suffix not in DATA_SUFFIXES:
-                raise DatasetError(f"data file {f!r} is neither .txt nor .jsonl; give text files (one document per "
-                                   "line) or .jsonl files with a text field")
+                raise DatasetError(f"data file {f!r} is neither .txt nor .jsonl (or .json); give text files (one "
+                                   "document per line) or .jsonl files with a text field")
         suffixes = {Path(f).suffix for f in cfg.data_files}
         if len(suffixes) != 1:
             raise DatasetError(f"data_files must all be .txt or all .jsonl, got {sorted(suffixes)!r}; convert them "

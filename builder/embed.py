@@ -20,34 +20,12 @@ from jaxtyping import Float
 from builder.errors import ArtefactError
 from builder.schema import WEIGHTS, SetExamples, collect_sets, read_collect_meta, read_examples
 from builder.stage import StageRun
-from builder.subjects import InputWeights
+from builder.subjects import InputWeights, embedding_preactivations, neuron_embeddings
 
 log = logging.getLogger(__name__)
 
 IDENTITY_TOLERANCE = 1e-4
 LOGIT_TOP_K = 10
-
-
-def neuron_embeddings(vectors: Float[np.ndarray, "n_examples d_input"], weights: InputWeights, unit: int
-                      ) -> Float[np.ndarray, "n_examples d_embedding"]:
-    """Element-wise product of each input vector with the unit's input weights (gate part first if gated)."""
-    linear = vectors * weights.w[:, unit]
-    if weights.w_gate is None:
-        return linear
-    return np.concatenate([vectors * weights.w_gate[:, unit], linear], axis=1)
-
-
-def embedding_preactivations(embeddings: Float[np.ndarray, "n_examples d_embedding"], weights: InputWeights,
-                             unit: int) -> tuple[np.ndarray, np.ndarray]:
-    """(pre, pre_linear) recovered from embeddings: the identity that defines them. Without a gate the second value
-    repeats the first."""
-    if weights.w_gate is None:
-        pre = embeddings.sum(axis=1, dtype=np.float64) + weights.b[unit]
-        return pre, pre
-    d_input = weights.w.shape[0]
-    gate = embeddings[:, :d_input].sum(axis=1, dtype=np.float64)
-    linear = embeddings[:, d_input:].sum(axis=1, dtype=np.float64) + weights.b[unit]
-    return gate, linear
 
 
 def direct_logit_effects(w_out: Float[torch.Tensor, "n_units d_model"], w_u: Float[torch.Tensor, "d_model d_vocab"],

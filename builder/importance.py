@@ -214,6 +214,8 @@ def check_kv_cache(masker: SharedMasker, tokens: Int[np.ndarray, " ctx"], exampl
         _, masked = masker.group(tokens[None], [example], device)[0]
         difference = float(np.nanmax(np.abs(masked[0] - reference))) if np.isfinite(reference).any() else 0.0
         consistent = np.array_equal(np.isnan(masked[0]), np.isnan(reference))
+    except torch.cuda.OutOfMemoryError:
+        raise
     except (IndexError, KeyError, AttributeError, TypeError, RuntimeError, ValueError):  # an empty or misshapen cache
         difference, consistent = float("inf"), False
     masker.forward_tokens = forward_tokens
@@ -301,17 +303,19 @@ def build(run: StageRun) -> dict:
     sets = collect_sets(meta)
     examples = [read_examples(paths, s.key) for s in sets]
     tokens = read_tokens(paths)
-    model = load_model(cfg)
     first_maskable = 1 if meta["packing"]["bos_token_id"] is not None else 0
-    masker = SharedMasker(model.bridge, sets, cfg.window_before, mask_token_id(cfg, model.tokenizer), first_maskable)
     grouped = examples_by_sequence(examples)
-    if grouped:
-        first = min(grouped)
-        deepest = grouped[first].take(np.array([np.argmax(grouped[first].position)]))
-        check_kv_cache(masker, tokens[first], deepest, model.device)
     shards = sequence_shards(len(tokens), cfg.shard_sequences)
     files = shard_files(paths, "importance", shards)
     todo = [r for r in shards if not IMPORTANCE_SHARD.is_readable(files[r])]
+    if todo:  # only shards still to run need the model (and the cache check)
+        model = load_model(cfg)
+        mask_id = mask_token_id(cfg, model.tokenizer)
+        masker = SharedMasker(model.bridge, sets, cfg.window_before, mask_id, first_maskable)
+        if grouped:
+            first = min(grouped)
+            deepest = grouped[first].take(np.array([np.argmax(grouped[first].position)]))
+            check_kv_cache(masker, tokens[first], deepest, model.device)
     with_examples = np.array(sorted(grouped), np.int64)
 
     def count(ranges: list[range]) -> int:
@@ -322,14 +326,17 @@ def build(run: StageRun) -> dict:
             before = masker.forward_tokens
             arrays = importance_shard(masker, tokens, grouped, sets, shard, model.device, bar)
             IMPORTANCE_SHARD.write_npz(files[shard], forward_tokens=np.array(masker.forward_tokens - before),
-                                       **arrays)
+                                       mask_token_id=np.array(mask_id), **arrays)
     parts = [IMPORTANCE_SHARD.read_npz(files[r]) for r in shards]
     for s, (clean, masked) in merge_shards(parts, sets, examples, cfg.window_before).items():
         importance, normaliser = normalised_importance(clean, masked)
         run.write_npz(IMPORTANCE, paths.set_file("importance", s), importance=importance, normaliser=normaliser,
                       clean=clean, masked=masked)
     forward_tokens = sum(int(p["forward_tokens"]) for p in parts)
-    return {"window": cfg.window_before, "mask_token_id": masker.mask_id, "forward_tokens": forward_tokens,
-            "forward_tokens_last_run": masker.forward_tokens, "sequences_processed_last_run": count(todo),
+    mask_ids = {int(p["mask_token_id"]) for p in parts}
+    return {"window": cfg.window_before, "mask_token_id": mask_ids.pop() if len(mask_ids) == 1 else None,
+            "forward_tokens": forward_tokens,
+            "forward_tokens_last_run": masker.forward_tokens if todo else 0,
+            "sequences_processed_last_run": count(todo),
             "shards_run_last_run": len(todo),
             "naive_forward_tokens": naive_token_count(examples, cfg.window_before, first_maskable)}

@@ -15,12 +15,11 @@ import logging
 import numpy as np
 from jaxtyping import Float, Int
 
-from builder.embed import neuron_embeddings
 from builder.paths import AtlasPaths
 from builder.schema import (NEIGHBOURS, collect_sets, read_clusters, read_collect_meta, read_example_fields,
                             read_weights)
 from builder.stage import StageRun, progress
-from builder.subjects import SubjectIndex, SubjectSet
+from builder.subjects import SubjectIndex, SubjectSet, neuron_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +103,7 @@ def similar_features(owner: Int[np.ndarray, " f"], vectors: np.ndarray, count: i
 
 def feature_owners(index: SubjectIndex, table: dict[str, np.ndarray]) -> Int[np.ndarray, " f"]:
     """Each feature's unit as a row of the subject index (set offset + unit)."""
-    return index.offsets[table["feature_set"]] + table["feature_unit"].astype(np.int64)
+    return index.rows_of(table["feature_set"], table["feature_unit"])
 
 
 def build(run: StageRun) -> dict:

@@ -32,9 +32,10 @@ def collect_inputs(cfg: AtlasConfig) -> dict[str, Path | str]:
 
 
 def render_inputs(cfg: AtlasConfig) -> dict[str, Path | str]:
-    """The site's look: templates, static files and the render package's own code."""
-    folders = {"templates": REPO / "templates", "static": REPO / "static", "code": REPO / "builder" / "render"}
-    return dict(folders)
+    """What the site is made with besides the artefacts: templates, static files, the render package's code and the
+    readers it goes through."""
+    return {"templates": REPO / "templates", "static": REPO / "static", "code": REPO / "builder" / "render",
+            "schema": REPO / "builder" / "schema.py", "subjects": REPO / "builder" / "subjects.py"}
 
 
 # The fields collect reads: model, data, selection and window. data_files and reference_maxima enter by content.

@@ -152,9 +152,10 @@ def _digest(data: bytes) -> str:
 class Keys:
     """Every stage's key parts and key for one config, computed once."""
 
-    def __init__(self, cfg: AtlasConfig, stages: dict[str, Stage]):
+    def __init__(self, cfg: AtlasConfig, stages: dict[str, Stage], save_fingerprints: bool = True):
         self.cfg = cfg
         self.stages = stages
+        self.save_fingerprints = save_fingerprints
         self.fingerprints = Fingerprints(AtlasPaths.of(cfg))
         self._parts: dict[str, dict] = {}
 
@@ -167,7 +168,8 @@ class Keys:
                 "stage": name, "version": stage.version,
                 "fields": {f: _jsonable(getattr(self.cfg, f)) for f in stage.fields},
                 "inputs": inputs, "upstream": {up: self.key(up) for up in stage.upstream}}
-            self.fingerprints.save()
+            if self.save_fingerprints:
+                self.fingerprints.save()
         return self._parts[name]
 
     def key(self, name: str) -> str:
@@ -283,14 +285,14 @@ def run_stage(name: str, cfg: AtlasConfig, keys: Keys | None = None) -> dict:
     meta = {"key": key, "key_parts": keys.parts(name), "code_version": __version__, "peak_rss_mb": peak_rss_mb(),
             "wall_seconds": round(time.perf_counter() - started, 3), "outputs": run.outputs, **counters}
     stage.meta_type.write_json(paths.meta(name), meta)
-    shutil.rmtree(folder / "shards", ignore_errors=True)
     return stage.meta_type.read_json(paths.meta(name))
 
 
 def _remove_if_only_marker(folder: Path, created_root: Path | None) -> None:
     """A stage that failed before writing anything leaves no trace (not even its marker)."""
     try:
-        if folder.is_dir() and all(p.name == MARKER for p in folder.iterdir()):
+        if folder.is_dir() and all(p.name in (MARKER, "shards") and (p.is_file() or not any(p.iterdir()))
+                                   for p in folder.iterdir()):
             shutil.rmtree(folder)
         if created_root is not None and created_root.is_dir():
             leftovers = [p for p in created_root.iterdir() if p.name != "fingerprints.json"]
@@ -303,7 +305,7 @@ def _remove_if_only_marker(folder: Path, created_root: Path | None) -> None:
 def statuses(cfg: AtlasConfig) -> list[StageState]:
     from builder.pipeline import STAGES
 
-    keys = Keys(cfg, STAGES)
+    keys = Keys(cfg, STAGES, save_fingerprints=False)  # `atlas status` writes nothing
     return [stage_state(stage, keys) for stage in STAGES.values()]
 
 

@@ -56,6 +56,28 @@ class InputWeights:
         return self.w_gate is not None
 
 
+def neuron_embeddings(vectors: "Float[np.ndarray, 'n_examples d_input']", weights: InputWeights, unit: int
+                      ) -> "Float[np.ndarray, 'n_examples d_embedding']":
+    """Element-wise product of each input vector with the unit's input weights (gate part first if gated)."""
+    linear = vectors * weights.w[:, unit]
+    if weights.w_gate is None:
+        return linear
+    return np.concatenate([vectors * weights.w_gate[:, unit], linear], axis=1)
+
+
+def embedding_preactivations(embeddings: "Float[np.ndarray, 'n_examples d_embedding']", weights: InputWeights,
+                             unit: int) -> tuple[np.ndarray, np.ndarray]:
+    """(pre, pre_linear) recovered from embeddings: the identity that defines them. Without a gate the second value
+    repeats the first."""
+    if weights.w_gate is None:
+        pre = embeddings.sum(axis=1, dtype=np.float64) + weights.b[unit]
+        return pre, pre
+    d_input = weights.w.shape[0]
+    gate = embeddings[:, :d_input].sum(axis=1, dtype=np.float64)
+    linear = embeddings[:, d_input:].sum(axis=1, dtype=np.float64) + weights.b[unit]
+    return gate, linear
+
+
 @dataclass(frozen=True)
 class SubjectSet:
     """Base of every kind of subject set. Subclasses set `kind` and implement the hook-reading methods."""
@@ -160,10 +182,12 @@ _KINDS: dict[str, type[SubjectSet]] = {MlpLayer.kind: MlpLayer}
 def subject_set_from_description(description: dict) -> SubjectSet:
     """The set a `describe()` dict names (as stored in collect's meta)."""
     kind = description.get("kind")
+    if kind not in _KINDS:
+        raise ValueError(f"unknown subject set kind, got {kind!r}; known: {sorted(_KINDS)!r}")
     if kind == MlpLayer.kind:
         return mlp_layer(int(description["layer"]), int(description["size"]), int(description["d_input"]),
                          bool(description["gated"]))
-    raise ValueError(f"unknown subject set kind, got {kind!r}; known: {sorted(_KINDS)!r}")
+    raise ValueError(f"no reader for subject set kind {kind!r}")
 
 
 def model_subject_sets(model, layers: Sequence[int]) -> list[SubjectSet]:
@@ -189,9 +213,6 @@ class SubjectIndex:
         position = self._position.get(unit_id.set_key)
         return position is not None and 0 <= unit_id.unit < self.sets[position].size
 
-    def position(self, set_key: str) -> int:
-        return self._position[set_key]
-
     def get(self, set_key: str) -> SubjectSet:
         return self.sets[self._position[set_key]]
 
@@ -210,5 +231,6 @@ class SubjectIndex:
         position = int(np.searchsorted(self.offsets, row, side="right")) - 1
         return UnitId(self.keys[position], row - int(self.offsets[position]))
 
-    def all_units(self) -> list[UnitId]:
-        return [UnitId(s.key, unit) for s in self.sets for unit in range(s.size)]
+    def rows_of(self, set_positions: np.ndarray, units: np.ndarray) -> np.ndarray:
+        """Vectorised `row`: the rows of units given as (position of their set in the index, unit)."""
+        return self.offsets[np.asarray(set_positions, np.int64)] + np.asarray(units, np.int64)

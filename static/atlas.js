@@ -64,21 +64,17 @@
     }
     return null;
   };
-  SubjectIndex.prototype.has = function (key, unit) {
-    var s = this.byKey.get(key);
-    return !!s && unit >= 0 && unit < s.size;
-  };
   SubjectIndex.prototype.ofLayer = function (layer) {
     return this.sets.filter(function (s) { return s.layer === layer; })[0] || null;
   };
   Atlas.SubjectIndex = SubjectIndex;
 
-  /* The index of this page's atlas, from <body data-sets="key:layer:size,...">. */
+  /* The index of this page's atlas, from <body data-sets="key:slug:layer:size,...">. */
   function pageIndex() {
     return new SubjectIndex((body().sets || "").split(",").filter(function (s) { return s !== ""; })
       .map(function (entry) {
         var parts = entry.split(":");
-        return { key: parts[0], layer: Number(parts[1]), size: Number(parts[2]) };
+        return { key: parts[0], slug: parts[1], layer: Number(parts[2]), size: Number(parts[3]) };
       }));
   }
 

@@ -105,12 +105,6 @@ def test_load_config_reads_toml_and_resolves_data_files_next_to_it(tmp_path):
     assert (cfg.name, cfg.layers, cfg.threshold) == ("x", (0, 3), 0.5)
 
 
-def test_load_config_applies_overrides_and_ignores_none(tmp_path):
-    path = write_toml(tmp_path / "a.toml", 'data_files = ["c.jsonl"]\nmax_examples = 7\n')
-    assert load_config(path, max_examples=3).max_examples == 3
-    assert load_config(path, max_examples=None).max_examples == 7
-
-
 def test_load_config_of_a_missing_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "absent.toml")

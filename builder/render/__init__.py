@@ -47,12 +47,3 @@ def build(run: StageRun) -> dict:
     run.record(Path(run.cfg.site_dir) / "index.html")
     return stats
 
-
-def read_stats(cfg) -> dict:
-    """The last render's figures (its meta), for `make bench`: bytes_per_neuron (published site bytes / units; the
-    GitHub Pages budget is 27 KB), local_bytes_per_neuron, neurons, seconds, neurons_per_second, mean_examples,
-    mean_clusters and projected_bytes_per_neuron_at_100_examples (keyed by mean clusters per unit)."""
-    from builder.paths import AtlasPaths
-    from builder.pipeline import STAGES
-
-    return STAGES["render"].meta_type.read_json(AtlasPaths.of(cfg).meta("render"))

@@ -143,7 +143,7 @@ def load_set(atlas: Atlas, subject: SubjectSet) -> SetData:
 def feature_rows(atlas: Atlas, subject: SubjectSet, clusters: dict[str, np.ndarray]) -> np.ndarray:
     """[n_units + 1] CSR into the neighbours feature table for this set, checked against the cluster artefact."""
     table = atlas.neighbours
-    owner = atlas.index.offsets[table["feature_set"]] + table["feature_unit"].astype(np.int64)
+    owner = atlas.index.rows_of(table["feature_set"], table["feature_unit"])
     rows = atlas.index.rows(subject.key)
     start = np.searchsorted(owner, np.arange(rows.start, rows.stop + 1, dtype=np.int64), side="left")
     counts = np.diff(start)

@@ -65,7 +65,7 @@ class Site:
         self.prov = prov
         self.common = {"csp": CSP, "model": self.model, "prov": prov,
                        "sets": [{"key": s.key, "slug": s.slug, "layer": s.layer} for s in atlas.sets],
-                       "sets_attr": ",".join(f"{s.key}:{s.layer}:{s.size}" for s in atlas.sets)}
+                       "sets_attr": ",".join(f"{s.key}:{s.slug}:{s.layer}:{s.size}" for s in atlas.sets)}
 
     def page(self, depth: int, path: str, title: str, cite_title: str, kind: str, **context) -> dict:
         """Context of a page `depth` folders below the site root (the model index is at depth 1)."""

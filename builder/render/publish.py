@@ -58,9 +58,8 @@ def render_units(task: RenderTask) -> tuple[list[tuple[int, ...]], np.ndarray, n
         _worker["sets"] = {task.set_key: load_set(atlas, atlas.index.get(task.set_key))}
     data = _worker["sets"][task.set_key]
     sizes = [render_unit(site, data, unit, Path(task.folder) / f"N{unit}") for unit in task.units]
-    tokens, units = central_tokens_of(data, atlas.cfg.window_before)
-    mine = (units >= task.units.start) & (units < task.units.stop)
-    return sizes, tokens[mine], units[mine]
+    tokens, units = central_tokens_of(data, atlas.cfg.window_before, task.units)
+    return sizes, tokens, units
 
 
 def copy_static(target: Path) -> None:
@@ -134,17 +133,19 @@ def render_site(cfg: AtlasConfig, vocabulary: list[str] | None = None) -> dict:
                  for s in atlas.sets for units in unit_ranges(s.size, workers, MAX_UNITS_PER_TASK)]
         executor = LocalExecutor(workers, initializer=functools.partial(start_worker, cfg, atlas.vocab))
         parts: dict[str, list] = {s.key: [] for s in atlas.sets}
-        with progress(total=atlas.n_units, desc="render", unit="unit") as bar:
-            for task, (task_sizes, tokens, units) in zip(tasks, executor.map(render_units, tasks)):
-                sizes += task_sizes
-                parts[task.set_key].append((tokens, units))
-                bar.update(len(task_sizes))
+        try:
+            with progress(total=atlas.n_units, desc="render", unit="unit") as bar:
+                for task, (task_sizes, tokens, units) in zip(tasks, executor.map(render_units, tasks)):
+                    sizes += task_sizes
+                    parts[task.set_key].append((tokens, units))
+                    bar.update(len(task_sizes))
+        finally:
+            _worker.clear()
         for key, pieces in parts.items():
             central_tokens[key] = np.concatenate([t for t, _ in pieces] or [np.zeros(0, np.int64)])
             central_units[key] = np.concatenate([u for _, u in pieces] or [np.zeros(0, np.int64)])
         write_data_file(data_dir / "tokens.json", "tokens", token_index(atlas, central_tokens, central_units))
         published, twins = site_bytes(tmp)
-    _worker.clear()
     seconds = time.perf_counter() - started
     n = atlas.n_units
     per_unit = np.array(sizes, np.int64).reshape(-1, SIZE_FIELDS)

@@ -143,7 +143,7 @@ def token_index(atlas: Atlas, central_tokens: dict[str, np.ndarray], central_uni
     """`tokens.json`: token id -> rows of the unit table whose features' central examples peak on that token, those
     with most such features first, then by row."""
     token = np.concatenate([central_tokens[s.key].astype(np.int64) for s in atlas.sets] or [np.zeros(0, int)])
-    row = np.concatenate([central_units[s.key].astype(np.int64) + atlas.index.offsets[i]
+    row = np.concatenate([atlas.index.rows_of(np.full(len(central_units[s.key]), i), central_units[s.key])
                           for i, s in enumerate(atlas.sets)] or [np.zeros(0, int)])
     if len(token):
         pairs, counts = np.unique(np.stack([token, row], axis=1), axis=0, return_counts=True)
@@ -157,12 +157,14 @@ def token_index(atlas: Atlas, central_tokens: dict[str, np.ndarray], central_uni
             "rows": [[int(r) for r in pairs[s:e, 1]] for s, e in zip(starts, ends)]}
 
 
-def central_tokens_of(data: SetData, window_before: int) -> tuple[np.ndarray, np.ndarray]:
-    """The max token id of every cluster's central example, and the unit each cluster belongs to."""
-    tokens = data.window_tokens[data.cluster_central, window_before] if len(data.cluster_central) else \
-        np.zeros(0, np.int64)
-    units = np.repeat(np.arange(len(data.cluster_offsets) - 1), np.diff(data.cluster_offsets))
-    return tokens, units
+def central_tokens_of(data: SetData, window_before: int, units: range) -> tuple[np.ndarray, np.ndarray]:
+    """The max token id of every cluster's central example of the given units, and the unit each cluster belongs
+    to."""
+    clusters = slice(int(data.cluster_offsets[units.start]), int(data.cluster_offsets[units.stop]))
+    central = data.cluster_central[clusters]
+    tokens = data.window_tokens[central, window_before] if len(central) else np.zeros(0, np.int64)
+    owners = np.repeat(np.arange(units.start, units.stop), np.diff(data.cluster_offsets[units.start:units.stop + 1]))
+    return tokens, owners
 
 
 def atlas_manifest(atlas: Atlas, prov: dict) -> dict:
