@@ -498,3 +498,11 @@ def test_deploy_publishes_the_site_to_a_gh_pages_branch_without_the_file_copies(
     missing = subprocess.run(["bash", str(ROOT / "scripts" / "deploy.sh"), "nowhere"], cwd=work, env=env,
                              capture_output=True, text=True)
     assert missing.returncode != 0 and "nowhere" in missing.stderr
+
+
+def test_the_method_page_explains_a_threshold_other_than_the_papers(tmp_path, built):
+    _, site = built
+    assert "this atlas uses" not in (site / MODEL / "method" / "index.html").read_text()  # 0.75: nothing to explain
+    cfg = fx.build_site(tmp_path, threshold=0.5)
+    method = (Path(cfg.site_dir) / MODEL / "method" / "index.html").read_text()
+    assert "reaching 0.75 × a neuron&#39;s maximum, chosen for GPT-2 small; this atlas uses 0.5." in method
