@@ -506,3 +506,11 @@ def test_the_method_page_explains_a_threshold_other_than_the_papers(tmp_path, bu
     cfg = fx.build_site(tmp_path, threshold=0.5)
     method = (Path(cfg.site_dir) / MODEL / "method" / "index.html").read_text()
     assert "reaching 0.75 × a neuron&#39;s maximum, chosen for GPT-2 small; this atlas uses 0.5." in method
+
+
+def test_feature_pages_number_features_as_their_urls_do_and_the_landing_page_says_how_examples_are_chosen(built):
+    _, site = built
+    page = (site / MODEL / "L0" / "N0" / "F1" / "index.html").read_text()
+    assert "feature F1 of F0–F1" in page and "cluster 2 of" not in page
+    home = (site / "index.html").read_text()
+    assert "first examples in corpus order" in home and "strongest examples" not in home
