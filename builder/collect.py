@@ -24,6 +24,7 @@ import datetime
 import json
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -347,18 +348,12 @@ def build(run: StageRun) -> dict:
     return {"model": cfg.model, "model_revision": model.revision, "n_layers": model.n_layers,
             "d_model": model.d_model, "d_mlp": model.d_mlp, "gated": model.gated, "layers": layers,
             "subject_sets": [s.describe() for s in sets],
-            "dataset": [_file_name(f) for f in cfg.data_files] if cfg.data_files else cfg.dataset,
+            "dataset": [Path(f).name for f in cfg.data_files] if cfg.data_files else cfg.dataset,
             "n_sequences": int(len(tokens)), "n_tokens": int(tokens.size), "context_length": cfg.context_length,
             "packing": packing, "threshold": cfg.threshold, "max_examples": cfg.max_examples,
             "reference_maxima": bool(cfg.reference_maxima), "window_before": cfg.window_before,
             "window_after": cfg.window_after, "n_shards": len(shards), "shards_run_last_run": len(todo),
             "forwarded_sequences_last_run": forwarded, "build_date": packing["build_date"]}
-
-
-def _file_name(path: str) -> str:
-    from pathlib import Path
-
-    return Path(path).name
 
 
 def _load_or_tokenise(run: StageRun, model) -> tuple[np.ndarray, dict]:

@@ -73,10 +73,6 @@ class StageRun:
     key: str
     outputs: list[dict] = field(default_factory=list)
 
-    @property
-    def folder(self) -> Path:
-        return self.paths.stage(self.stage.name)
-
     def record(self, path: Path, artefact: ArtefactType | None = None) -> None:
         """Declare `path` (already written) an output: done-checks will require it present, of this size and
         readable as `artefact`."""

@@ -176,18 +176,21 @@ def mlp_layer(layer: int, d_mlp: int, d_model: int, gated: bool) -> MlpLayer:
     return MlpLayer(key=f"L{layer}", size=d_mlp, d_input=d_model, layer=layer, is_gated=gated)
 
 
-_KINDS: dict[str, type[SubjectSet]] = {MlpLayer.kind: MlpLayer}
+def _mlp_layer_from(description: dict) -> MlpLayer:
+    return mlp_layer(int(description["layer"]), int(description["size"]), int(description["d_input"]),
+                     bool(description["gated"]))
+
+
+# How each kind of set is rebuilt from its description; a new kind adds its reader here.
+_READERS = {MlpLayer.kind: _mlp_layer_from}
 
 
 def subject_set_from_description(description: dict) -> SubjectSet:
     """The set a `describe()` dict names (as stored in collect's meta)."""
     kind = description.get("kind")
-    if kind not in _KINDS:
-        raise ValueError(f"unknown subject set kind, got {kind!r}; known: {sorted(_KINDS)!r}")
-    if kind == MlpLayer.kind:
-        return mlp_layer(int(description["layer"]), int(description["size"]), int(description["d_input"]),
-                         bool(description["gated"]))
-    raise ValueError(f"no reader for subject set kind {kind!r}")
+    if kind not in _READERS:
+        raise ValueError(f"unknown subject set kind, got {kind!r}; known: {sorted(_READERS)!r}")
+    return _READERS[kind](description)
 
 
 def model_subject_sets(model, layers: Sequence[int]) -> list[SubjectSet]:

@@ -16,7 +16,7 @@ import numpy as np
 from builder.artefacts import atomic_dir
 from builder.config import AtlasConfig
 from builder.render.codec import FILE_COPY_SUFFIX, dumps, write_data_file
-from builder.render.inputs import load_atlas, load_set
+from builder.render.inputs import Atlas, load_atlas, load_set
 from builder.render.pages import REPO, Site, model_pages, render_unit
 from builder.render.sidecars import (atlas_manifest, central_tokens_of, provenance, token_index, unit_table,
                                      vocab_file)
@@ -40,13 +40,12 @@ class RenderTask:
     folder: str
 
 
-# A worker's inputs, built by `start_worker` from its explicit arguments (the config and the vocabulary) in each
-# worker process; never inherited from the parent.
+# A worker's inputs, set by `start_worker` from its explicit argument (the atlas-wide inputs, pickled to each worker
+# process); never inherited from the parent.
 _worker: dict = {}
 
 
-def start_worker(cfg: AtlasConfig, vocabulary: list[str]) -> None:
-    atlas = load_atlas(cfg, vocabulary)
+def start_worker(atlas: Atlas) -> None:
     _worker.clear()
     _worker.update(atlas=atlas, site=Site(atlas, provenance(atlas)), sets={})
 
@@ -131,7 +130,7 @@ def render_site(cfg: AtlasConfig, vocabulary: list[str] | None = None) -> dict:
         model_pages(site, model_dir, tmp)
         tasks = [RenderTask(s.key, units, str(model_dir / s.slug))
                  for s in atlas.sets for units in unit_ranges(s.size, workers, MAX_UNITS_PER_TASK)]
-        executor = LocalExecutor(workers, initializer=functools.partial(start_worker, cfg, atlas.vocab))
+        executor = LocalExecutor(workers, initializer=functools.partial(start_worker, atlas))
         parts: dict[str, list] = {s.key: [] for s in atlas.sets}
         try:
             with progress(total=atlas.n_units, desc="render", unit="unit") as bar:
