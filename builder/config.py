@@ -58,6 +58,10 @@ class AtlasConfig:
     threshold: float = 0.75
     # Keep the first max_examples qualifying sequences in corpus order (not the top ones: diversity matters).
     max_examples: int = 100
+    # Examples below the threshold: [0, threshold × the neuron's max) is cut into this many equal intervals...
+    interval_count: int = 5
+    # ...and each keeps the first this-many sequences (corpus order) whose max falls in it; 0 = none.
+    interval_examples: int = 2
     # Optional reference maxima measured on a larger dataset: an .npz file with one array per subject set key
     # (`L3` -> [d_mlp]), or an .npy file of shape [n_layers, d_mlp] for MLP layers. Keyed by content, not path.
     reference_maxima: str = ""
@@ -86,12 +90,16 @@ class AtlasConfig:
     site_dir: str = "site"
     # Absolute URL the site is published at, used in citations (empty: citations use the relative path).
     site_url: str = ""
+    # Author or organisation named in every page's citation (empty: "Neuron Atlas").
+    author: str = ""
     # Date printed in provenance and citations; empty = the date collection first ran (then recorded).
     build_date: str = ""
 
     def __post_init__(self) -> None:
         _check(0 < self.threshold <= 1, "threshold must be in (0, 1]", self.threshold)
         _check(self.max_examples >= 1, "max_examples must be at least 1", self.max_examples)
+        _check(self.interval_count >= 1, "interval_count must be at least 1", self.interval_count)
+        _check(self.interval_examples >= 0, "interval_examples must be 0 (none) or more", self.interval_examples)
         _check(self.context_length >= 2, "context_length must be at least 2", self.context_length)
         _check(self.batch_size >= 1, "batch_size must be at least 1", self.batch_size)
         _check(self.max_documents >= 1, "max_documents must be at least 1", self.max_documents)
@@ -122,7 +130,7 @@ class AtlasConfig:
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:12]
 
 
-_NOT_CONTENT = {"out_dir", "site_dir", "site_url", "build_date", "device", "workers", "shard_sequences",
+_NOT_CONTENT = {"out_dir", "site_dir", "site_url", "author", "build_date", "device", "workers", "shard_sequences",
                 "batch_size"}
 
 

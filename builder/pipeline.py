@@ -38,19 +38,20 @@ def render_inputs(cfg: AtlasConfig) -> dict[str, Path | str]:
             "schema": REPO / "builder" / "schema.py", "subjects": REPO / "builder" / "subjects.py"}
 
 
-# The fields collect reads: model, data, selection and window. data_files and reference_maxima enter by content.
+# The fields collect reads: model, data, selection (examples and interval examples) and window. data_files and
+# reference_maxima enter by content.
 COLLECT_FIELDS = ("model", "model_revision", "dtype", "layers", "dataset", "dataset_config", "dataset_split",
                   "text_field", "max_documents", "max_sequences", "context_length", "prepend_bos", "threshold",
-                  "max_examples", "window_before", "window_after")
+                  "max_examples", "interval_count", "interval_examples", "window_before", "window_after")
 
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (
-    Stage("collect", COLLECT_FIELDS, (), version=2, inputs=collect_inputs),
+    Stage("collect", COLLECT_FIELDS, (), version=3, inputs=collect_inputs),
     Stage("embed", (), ("collect",), version=2),
-    Stage("cluster", ("cluster_threshold",), ("collect", "embed"), version=2),
+    Stage("cluster", ("cluster_threshold",), ("collect", "embed"), version=3),
     Stage("importance", ("mask_token",), ("collect",), version=2),
     Stage("neighbours", ("neighbour_count", "neighbour_threshold", "neighbour_space", "seed"),
-          ("collect", "embed", "cluster"), version=2),
+          ("collect", "embed", "cluster"), version=3),
     Stage("report", ("cluster_threshold",), ("collect", "cluster"), version=2),
-    Stage("render", ("name", "site_dir", "site_url", "build_date", "seed"),
+    Stage("render", ("name", "site_dir", "site_url", "author", "build_date", "seed"),
           ("collect", "embed", "cluster", "importance", "neighbours", "report"), version=2, inputs=render_inputs),
 )}

@@ -80,10 +80,10 @@ def meta_type(stage: str, version: int) -> ArtefactType:
 
 
 TOKENS = ArtefactType("collect-tokens", 1, "collect")
-COLLECT_SHARD = ArtefactType("collect-shard", 2, "collect")
-EXAMPLES = ArtefactType("collect-set", 2, "collect")
+COLLECT_SHARD = ArtefactType("collect-shard", 3, "collect")
+EXAMPLES = ArtefactType("collect-set", 3, "collect")
 WEIGHTS = ArtefactType("embed-set", 2, "embed")
-CLUSTERS = ArtefactType("cluster-set", 2, "cluster")
+CLUSTERS = ArtefactType("cluster-set", 3, "cluster")
 METRICS = ArtefactType("cluster-metrics", 2, "cluster")
 IMPORTANCE_SHARD = ArtefactType("importance-shard", 2, "importance")
 IMPORTANCE = ArtefactType("importance-set", 2, "importance")
@@ -126,7 +126,11 @@ def read_tokens(paths: AtlasPaths) -> Int[np.ndarray, "n_sequences context_lengt
 @dataclass(frozen=True)
 class SetExamples:
     """The collect artefact of one subject set. Examples are grouped by unit (offsets) in corpus order; each input
-    vector is stored once per (sequence, position) and examples point to it."""
+    vector is stored once per (sequence, position) and examples point to it.
+
+    Interval examples lie below the threshold: with T = threshold · max_activation, interval i of a unit is
+    [i·T/n, (i+1)·T/n) and holds the first k sequences in corpus order whose max falls in it (-1 / NaN where fewer;
+    none for a unit whose max is ≤ 0). Each is its sequence, the first position of its max, and that max."""
 
     max_activation: Float[np.ndarray, " n_units"]
     offsets: Int[np.ndarray, " n_units_plus_1"]
@@ -143,6 +147,9 @@ class SetExamples:
     observed_max: Float[np.ndarray, " n_units"]
     histogram: Int[np.ndarray, "n_units n_bins"]
     histogram_edges: Float[np.ndarray, " n_edges"]
+    interval_seq: Int[np.ndarray, "n_units n_intervals k"]
+    interval_pos: Int[np.ndarray, "n_units n_intervals k"]
+    interval_act: Float[np.ndarray, "n_units n_intervals k"]
 
     def unit_slice(self, unit: int) -> slice:
         return slice(int(self.offsets[unit]), int(self.offsets[unit + 1]))

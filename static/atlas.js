@@ -18,9 +18,6 @@
   var SVG_NS = "http://www.w3.org/2000/svg";
   var MISSING = 255;
   var LEVELS = 254;
-  var PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7",
-                 "#9c755f", "#17becf", "#bcbd22", "#8c564b"];
-  var ABOVE_CUT = "#9aa0a6";
   var EXAMPLES_SHOWN = 10;
 
   // ------------------------------------------------------------------------------------------------ helpers
@@ -146,23 +143,30 @@
   Atlas.unpack = unpack;
 
   async function decodeNeuron(raw) {
-    var ex = raw.examples;
+    var ex = raw.examples, iv = raw.intervals;
     var width = raw.window.before + 1 + raw.window.after;
     var parts = await Promise.all([
       unpack(ex.tokens, ex.token_dtype), unpack(ex.activation, "u1"), unpack(ex.importance, "u1"),
       unpack(ex.sequence, "u4"), unpack(ex.position, "u4"), unpack(ex.cluster, "u4"),
-      unpack(raw.linkage.children, "u4"), unpack(raw.linkage.distance, "f4"), unpack(raw.neighbours, "i4")]);
+      unpack(raw.linkage.children, "u4"), unpack(raw.linkage.distance, "f4"), unpack(raw.neighbours, "i4"),
+      unpack(ex.distance, "u1"), unpack(iv.interval, "u1"), unpack(iv.sequence, "u4"), unpack(iv.position, "u4"),
+      unpack(iv.tokens, ex.token_dtype)]);
     return {
       raw: raw, n: ex.count, width: width, before: raw.window.before, tokens: parts[0], act: parts[1],
       imp: parts[2], seq: parts[3], pos: parts[4], labels: Int32Array.from(parts[5]), children: parts[6],
-      distance: parts[7], neighbours: parts[8], lo: ex.activation_range[0], hi: ex.activation_range[1],
-      sentinel: ex.token_dtype === "u2" ? 0xffff : 0xffffffff, threshold: raw.cluster_threshold
+      distance: parts[7], neighbours: parts[8], codes: parts[9], lo: ex.activation_range[0],
+      hi: ex.activation_range[1], vocab: raw.vocab, sentinel: ex.token_dtype === "u2" ? 0xffff : 0xffffffff,
+      threshold: raw.cluster_threshold,
+      intervals: { bounds: iv.bounds, interval: parts[10], seq: parts[11], pos: parts[12], act: iv.activation,
+                   tokens: parts[13] }
     };
   }
   Atlas.decodeNeuron = decodeNeuron;
 
   function activation(N, code) { return code === MISSING ? NaN : N.lo + code / LEVELS * (N.hi - N.lo); }
   function importance(code) { return code === MISSING ? NaN : code / LEVELS; }
+  function maxActivation(N, i) { return activation(N, N.act[i * N.width + N.before]); }
+  function tokenText(N, id) { return id < N.vocab.length ? N.vocab[id] : "<" + id + ">"; }
 
   // ------------------------------------------------------------------------------------------------ clustering
 
@@ -204,7 +208,15 @@
     return md;
   }
 
-  function colour(k) { return PALETTE[k % PALETTE.length]; }
+  /* One colour code everywhere (dendrogram, swatches, example borders): the COLOURED largest clusters get a class
+   * of their own (static/atlas.css .c0-.c7 set --c), the rest share grey (.cx). */
+  var COLOURED = 8;
+  function colourClass(k) { return k < COLOURED ? "c" + k : "cx"; }
+  function setColour(node, k) {
+    node.classList.forEach(function (name) { if (/^c(\d+|x)$/.test(name)) node.classList.remove(name); });
+    if (k !== null && k !== undefined) node.classList.add(colourClass(k));
+  }
+  Atlas.colourClass = colourClass;
 
   // ------------------------------------------------------------------------------------------------ tooltip
 
@@ -242,6 +254,8 @@
 
   // ------------------------------------------------------------------------------------------------ examples
 
+  var view = { byImportance: false, order: "corpus", labels: null, cut: null, tree: null };
+
   function paint(span, byImportance) {
     var alpha, rgb;
     if (byImportance) {
@@ -265,37 +279,51 @@
     card.classList.toggle("by-importance", byImportance);
   }
 
-  function renderExample(N, vocab, index) {
+  /* A line of tokens: ids[0..width) of a window, the max token at column `before`; values per column. */
+  function tokenLine(N, ids, values, scores) {
+    var line = el("p", { class: "toks", dir: "ltr" });
+    for (var c = 0; c < ids.length; c++) {
+      var id = ids[c];
+      if (id === N.sentinel) continue;
+      var raw = tokenText(N, id);
+      var span = el("span", { class: c === N.before ? "tok max" : "tok", tabindex: c === N.before ? "0" : "-1" },
+        displayToken(raw));
+      span._raw = raw;
+      span._act = values ? values[c] : NaN;
+      span._imp = scores && c <= N.before ? scores[c] : NaN;
+      span._offset = c - N.before;
+      span._hi = N.hi;
+      span.setAttribute("aria-label", displayToken(raw) + (isNaN(span._act) ? "" : ", activation " + fmt(span._act, 3)));
+      paint(span, false);
+      line.appendChild(span);
+    }
+    line.addEventListener("keydown", tokenKeys);
+    return line;
+  }
+
+  function renderExample(N, index) {
     var card = el("div", { class: "example", "data-index": String(index) });
+    setColour(card, view.labels ? view.labels[index] : N.labels[index]);
     var head = el("div", { class: "ex-head" });
     head.appendChild(el("span", { class: "chip", "aria-hidden": "true" }));
-    var center = N.act[index * N.width + N.before];
-    head.appendChild(el("span", { class: "ex-meta" }, "max " + fmt(activation(N, center), 3) + " \u00b7 sequence " +
-      N.seq[index] + ", position " + N.pos[index]));
+    head.appendChild(el("span", { class: "ex-meta" }, "max " + fmt(maxActivation(N, index), 3) + " \u00b7 sequence " +
+      N.seq[index] + ", position " + N.pos[index] + " \u00b7 leaf " + index));
     var toggle = el("button", { type: "button", class: "imp-toggle", "aria-pressed": "false" }, "importance");
     toggle.addEventListener("click", function () {
       paintExample(card, toggle.getAttribute("aria-pressed") !== "true");
     });
     head.appendChild(toggle);
     card.appendChild(head);
-    var line = el("p", { class: "toks", dir: "ltr" });
+    var ids = [], values = [], scores = [];
     for (var c = 0; c < N.width; c++) {
-      var id = N.tokens[index * N.width + c];
-      if (id === N.sentinel) continue;
-      var raw = id < vocab.length ? vocab[id] : "<" + id + ">";
-      var span = el("span", { class: c === N.before ? "tok max" : "tok", tabindex: c === N.before ? "0" : "-1" },
-        displayToken(raw));
-      span._raw = raw;
-      span._act = activation(N, N.act[index * N.width + c]);
-      span._imp = c <= N.before ? importance(N.imp[index * (N.before + 1) + c]) : NaN;
-      span._offset = c - N.before;
-      span._hi = N.hi;
-      span.setAttribute("aria-label", displayToken(raw) + ", activation " + fmt(span._act, 3));
-      paint(span, false);
-      line.appendChild(span);
+      ids.push(N.tokens[index * N.width + c]);
+      values.push(activation(N, N.act[index * N.width + c]));
+      scores.push(c <= N.before ? importance(N.imp[index * (N.before + 1) + c]) : NaN);
     }
-    line.addEventListener("keydown", tokenKeys);
-    card.appendChild(line);
+    card.appendChild(tokenLine(N, ids, values, scores));
+    card.addEventListener("mouseenter", function () { if (view.tree) view.tree.highlight(index, true); });
+    card.addEventListener("mouseleave", function () { if (view.tree) view.tree.highlight(index, false); });
+    if (view.byImportance) paintExample(card, true);
     return card;
   }
 
@@ -315,18 +343,93 @@
     tokens[to].focus();
   }
 
-  function clusterOrder(N, k) {
-    var central = N.raw.clusters[k].central, order = [central];
-    for (var i = 0; i < N.n; i++) if (N.labels[i] === k && i !== central) order.push(i);
-    return order;
+  /* The groups of a cut: per cluster id (ranked by size, ties by first example), its members in corpus order,
+   * its central example and its summary. At the configured cut the builder's centrals and summaries are used; at
+   * another cut they are recomputed: central = the member with the least summed (quantised) distance to the other
+   * members, first on ties, as builder.cluster.central_examples does. */
+  function groupsOf(N, labels, configured) {
+    var k = 0, i;
+    for (i = 0; i < N.n; i++) k = Math.max(k, labels[i] + 1);
+    var groups = [];
+    for (var c = 0; c < k; c++) groups.push({ k: c, members: [] });
+    for (i = 0; i < N.n; i++) groups[labels[i]].members.push(i);
+    groups.forEach(function (g) {
+      if (configured) {
+        g.central = N.raw.clusters[g.k].central;
+        g.summary = N.raw.clusters[g.k].summary;
+      } else {
+        g.central = centralOf(N, g.members);
+        g.summary = summaryOf(N, g.members);
+      }
+    });
+    return groups;
+  }
+  Atlas.groupsOf = groupsOf;
+
+  function pairCode(N, i, j) {
+    if (i === j) return 0;
+    if (i > j) { var t = i; i = j; j = t; }
+    return N.codes[N.n * i - (i * (i + 1)) / 2 + (j - i - 1)];  // scipy's condensed order
   }
 
-  function renderCluster(section, N, vocab, k, shown) {
+  function centralOf(N, members) {
+    var best = members[0], bestSum = Infinity;
+    members.forEach(function (i) {
+      var sum = 0;
+      members.forEach(function (j) { sum += pairCode(N, i, j); });
+      if (sum < bestSum) { bestSum = sum; best = i; }
+    });
+    return best;
+  }
+
+  function rankedCounts(values) {
+    var count = new Map(), first = new Map();
+    values.forEach(function (v, i) { count.set(v, (count.get(v) || 0) + 1); if (!first.has(v)) first.set(v, i); });
+    return Array.from(count.keys()).sort(function (a, b) {
+      return (count.get(b) - count.get(a)) || (first.get(a) - first.get(b));
+    }).map(function (v) { return [v, count.get(v)]; });
+  }
+
+  /* The same summary as builder.render.sidecars.feature_summary, from the sidecar's (quantised) activations. */
+  function summaryOf(N, members) {
+    var maxTokens = members.map(function (i) { return N.tokens[i * N.width + N.before]; });
+    var before = N.before > 0 ? members.map(function (i) { return N.tokens[i * N.width + N.before - 1]; })
+      .filter(function (t) { return t !== N.sentinel; }) : [];
+    var acts = members.map(function (i) { return maxActivation(N, i); });
+    var top = rankedCounts(before);
+    return { top: rankedCounts(maxTokens).slice(0, 3), before: top.length ? top[0] : null,
+             mean: acts.reduce(function (a, b) { return a + b; }, 0) / acts.length,
+             max: Math.max.apply(null, acts), size: members.length };
+  }
+  Atlas.summaryOf = summaryOf;
+
+  function quoted(N, id) { return "\u201c" + displayToken(tokenText(N, id)) + "\u201d"; }
+
+  /* The same text as builder.render.pages.summary_text. */
+  function summaryText(N, summary) {
+    var parts = [summary.top.map(function (p) { return quoted(N, p[0]) + " \u00d7" + p[1]; }).join(", ")];
+    if (summary.before) parts.push("after " + quoted(N, summary.before[0]) + " \u00d7" + summary.before[1]);
+    parts.push("mean " + fmt(summary.mean, 3) + ", max " + fmt(summary.max, 3));
+    return parts.join(" \u00b7 ");
+  }
+  Atlas.summaryText = summaryText;
+
+  function orderedMembers(N, group) {
+    var rest = group.members.filter(function (i) { return i !== group.central; });
+    if (view.order === "activation") {
+      return group.members.slice().sort(function (a, b) { return (maxActivation(N, b) - maxActivation(N, a)) || a - b; });
+    }
+    return [group.central].concat(rest);
+  }
+
+  function fillExamples(section, N, group, shown) {
+    section.querySelectorAll(".examples, .more").forEach(function (node) { node.remove(); });
     var box = el("div", { class: "examples" });
-    section.appendChild(box);
-    var order = clusterOrder(N, k);
+    var similar = section.querySelector(".similar");
+    if (similar) section.insertBefore(box, similar); else section.appendChild(box);
+    var order = orderedMembers(N, group);
     var append = function (from, to) {
-      for (var j = from; j < to; j++) box.appendChild(renderExample(N, vocab, order[j]));
+      for (var j = from; j < to; j++) box.appendChild(renderExample(N, order[j]));
     };
     append(0, Math.min(order.length, shown));
     if (order.length > shown) {
@@ -335,7 +438,6 @@
       more.addEventListener("click", function () {
         append(shown, order.length);
         more.remove();
-        recolourChips();
       });
       box.after(more);
     }
@@ -351,78 +453,293 @@
     section.appendChild(box);
     var details = el("details", open ? { open: "" } : {});
     details.appendChild(el("summary", null, "Similar features (" + rows.length + ")"));
-    if (!rows.length) details.appendChild(el("p", null, "No feature above the similarity threshold."));
+    if (!rows.length) {
+      var none = el("p", null, "No feature of another neuron reaches the similarity threshold (");
+      none.appendChild(el("a", { href: modelRoot() + "method/index.html#similar" }, "why"));
+      none.appendChild(document.createTextNode(")."));
+      details.appendChild(none);
+    }
     var list = el("ol", { class: "similar-list" });
+    var sets = pageIndex().sets;
     rows.forEach(function (i) {
-      var nb = N.neighbours;
-      var li = el("li");
-      var other = pageIndex().ofLayer(nb[i + 1]);
+      var nb = N.neighbours, text = N.raw.neighbour_text[i / 5];
+      var other = sets[nb[i + 1]];
       if (!other) return;
+      var li = el("li");
       li.appendChild(el("a", { href: unitHref(other, nb[i + 2], nb[i + 3]) },
         other.slug + " N" + nb[i + 2] + " F" + nb[i + 3]));
-      li.appendChild(el("span", { class: "sim" }, " similarity " + (nb[i + 4] / 10000).toFixed(2)));
+      li.appendChild(el("span", { class: "sim" }, " " + (nb[i + 4] / 10000).toFixed(2) + " \u00b7 \u201c" +
+        text[3] + "\u201d \u00d7" + text[4] + " of " + text[5] + " \u00b7 "));
+      var snippet = el("span", { class: "snippet", dir: "ltr" });
+      snippet.appendChild(document.createTextNode(text[0]));
+      snippet.appendChild(el("mark", null, text[1]));
+      snippet.appendChild(document.createTextNode(text[2]));
+      li.appendChild(snippet);
       list.appendChild(li);
     });
     if (rows.length) details.appendChild(list);
     box.appendChild(details);
   }
 
+  /* The feature list at a cut other than the configured one: sections built from the groups, the same layout as
+   * the static list (clusters of 2+ examples, then one folded group of single examples). */
+  function renderRecut(N, groups) {
+    var box = document.getElementById("features-recut"), contents = document.getElementById("contents-recut");
+    box.textContent = "";
+    contents.textContent = "";
+    var table = el("table", { class: "data contents" }), head = el("tr");
+    ["Cluster", "Size", "Share", "Summary: max tokens \u00b7 token before \u00b7 activation", "Mean act."]
+      .forEach(function (h) { head.appendChild(el("th", { scope: "col" }, h)); });
+    table.appendChild(el("thead")).appendChild(head);
+    var tbody = table.appendChild(el("tbody"));
+    var singles = groups.filter(function (g) { return g.members.length === 1; });
+    var makeSection = function (g) {
+      var section = el("section", { class: "feature", id: "C" + g.k, "data-cluster": String(g.k) });
+      setColour(section, g.k);
+      var h = el("h3");
+      h.appendChild(el("span", { class: "swatch", "aria-hidden": "true" }));
+      h.appendChild(document.createTextNode("Cluster C" + g.k + " "));
+      h.appendChild(el("small", null, g.members.length + " example" + (g.members.length === 1 ? "" : "s") + " (" +
+        fmt(100 * g.members.length / N.n, 3) + "%) \u00b7 " + summaryText(N, g.summary)));
+      section.appendChild(h);
+      fillExamples(section, N, g, EXAMPLES_SHOWN);
+      return section;
+    };
+    groups.forEach(function (g) {
+      if (g.members.length === 1) return;
+      var tr = el("tr");
+      setColour(tr, g.k);
+      var td = el("td");
+      td.appendChild(el("span", { class: "swatch", "aria-hidden": "true" }));
+      td.appendChild(el("a", { href: "#C" + g.k }, "C" + g.k));
+      tr.appendChild(td);
+      tr.appendChild(el("td", null, String(g.members.length)));
+      tr.appendChild(el("td", null, fmt(100 * g.members.length / N.n, 3) + "%"));
+      tr.appendChild(el("td", { class: "summary" }, summaryText(N, g.summary)));
+      tr.appendChild(el("td", null, fmt(g.summary.mean, 4)));
+      tbody.appendChild(tr);
+      box.appendChild(makeSection(g));
+    });
+    if (singles.length) {
+      var tr = el("tr", { class: "cx" });
+      tr.appendChild(el("td")).appendChild(el("a", { href: "#unclustered-recut" }, "C" + singles[0].k + "\u2013C" +
+        singles[singles.length - 1].k));
+      tr.appendChild(el("td", null, String(singles.length)));
+      tr.appendChild(el("td", null, fmt(100 * singles.length / N.n, 3) + "%"));
+      tr.appendChild(el("td", { class: "summary" }, singles.length + " unclustered single example" +
+        (singles.length === 1 ? "" : "s")));
+      tr.appendChild(el("td", null, "\u2013"));
+      tbody.appendChild(tr);
+      var details = el("details", { class: "unclustered", id: "unclustered-recut" });
+      details.appendChild(el("summary", null, "Unclustered examples (" + singles.length + ")"));
+      singles.forEach(function (g) { details.appendChild(makeSection(g)); });
+      box.appendChild(details);
+    }
+    contents.appendChild(table);
+  }
+
+  function renderStatic(N, featureId) {
+    var groups = groupsOf(N, N.labels, true);
+    document.querySelectorAll("#features-static section.feature, body[data-kind=feature] section.feature")
+      .forEach(function (section) {
+        var k = Number(section.dataset.cluster);
+        fillExamples(section, N, groups[k], featureId === undefined ? EXAMPLES_SHOWN : Infinity);
+        if (!section.querySelector(".similar")) renderSimilar(section, N, k, featureId !== undefined);
+      });
+  }
+
+  /* Show the list for a cut: the static sections at the configured cut, a regrouped list at any other. */
+  function showCut(N, labels, t) {
+    var configured = Math.abs(t - N.threshold) < 1e-9;
+    view.labels = labels;
+    view.cut = t;
+    var staticList = document.getElementById("features-static"), recut = document.getElementById("features-recut");
+    var staticContents = document.getElementById("contents-static"), recutContents = document.getElementById("contents-recut");
+    if (staticList) {
+      staticList.hidden = !configured;
+      recut.hidden = configured;
+      if (staticContents) { staticContents.hidden = !configured; recutContents.hidden = configured; }
+      if (!configured) renderRecut(N, groupsOf(N, labels, false));
+    }
+    document.querySelectorAll(".example").forEach(function (card) { setColour(card, labels[Number(card.dataset.index)]); });
+    var reset = document.getElementById("cut-reset");
+    if (reset) reset.hidden = configured;
+    try {
+      window.history.replaceState(null, "", configured ? window.location.pathname + window.location.search
+        : "#cut=" + fmt(t, 4));
+    } catch (e) { /* file:// in some browsers */ }
+  }
+
+  /* Scroll to example `index` wherever it is listed (opening its folded group or "show more" first). */
+  function revealExample(index) {
+    var containers = ["features-recut", "features-static"].map(function (id) { return document.getElementById(id); })
+      .filter(function (box) { return box && !box.hidden; });
+    var root = containers[0] || document;
+    var card = root.querySelector('.example[data-index="' + index + '"]');
+    if (!card) {
+      root.querySelectorAll("button.more").forEach(function (button) { button.click(); });
+      card = root.querySelector('.example[data-index="' + index + '"]');
+    }
+    if (!card) return null;
+    var details = card.closest("details");
+    if (details) details.open = true;
+    card.scrollIntoView({ block: "center" });
+    card.classList.add("hl");
+    setTimeout(function () { card.classList.remove("hl"); }, 2000);
+    return card;
+  }
+  Atlas.revealExample = revealExample;
+
+  function renderIntervals(N) {
+    var box = document.getElementById("interval-list");
+    if (!box) return;
+    var iv = N.intervals, count = iv.interval.length;
+    var n = iv.bounds.length - 1;
+    if (!count) { box.appendChild(el("p", null, "No sequence fell below the threshold (or the neuron is dead).")); return; }
+    for (var i = n - 1; i >= 0; i--) {
+      var block = el("div", { class: "interval" });
+      block.appendChild(el("h3", null, "[" + fmt(iv.bounds[i], 3) + ", " + fmt(iv.bounds[i + 1], 3) + ")"));
+      var any = false;
+      for (var j = 0; j < count; j++) {
+        if (iv.interval[j] !== i) continue;
+        any = true;
+        var ids = Array.prototype.slice.call(iv.tokens, j * N.width, (j + 1) * N.width);
+        var values = ids.map(function (_, c) { return c === N.before ? iv.act[j] : NaN; });
+        var card = el("div", { class: "example cx" });
+        card.appendChild(el("p", { class: "ex-meta" }, "max " + fmt(iv.act[j], 3) + " \u00b7 sequence " + iv.seq[j] +
+          ", position " + iv.pos[j]));
+        card.appendChild(tokenLine(N, ids, values, null));
+        block.appendChild(card);
+      }
+      if (!any) block.appendChild(el("p", { class: "caption" }, "No sequence peaked in this interval."));
+      box.appendChild(block);
+    }
+  }
+
   // ------------------------------------------------------------------------------------------------ charts
+
+  /* Round tick values covering [lo, hi]: steps of 1, 2 or 5 × 10^k, about `count` of them. */
+  function niceTicks(lo, hi, count) {
+    if (!(hi > lo)) return [lo];
+    var raw = (hi - lo) / Math.max(1, count), mag = Math.pow(10, Math.floor(Math.log10(raw)));
+    var step = [1, 2, 5, 10].map(function (m) { return m * mag; }).filter(function (s) { return s >= raw; })[0];
+    var ticks = [];
+    for (var v = Math.ceil(lo / step) * step; v <= hi + step * 1e-9; v += step) ticks.push(Math.round(v / step) * step);
+    return ticks;
+  }
+  Atlas.niceTicks = niceTicks;
 
   function drawHistogram(box, hist, maxActivation, threshold) {
     var counts = hist.counts, edges = hist.edges;
     if (!box || !counts.length) { if (box) box.textContent = "No activations recorded."; return; }
-    var W = 600, H = 170, left = 36, bottom = 24, top = 8;
-    var chart = svgEl("svg", { viewBox: "0 0 " + W + " " + H, class: "hist", "aria-hidden": "true" });
-    var peak = Math.log10(Math.max.apply(null, counts) + 1) || 1;
-    var bw = (W - left - 4) / counts.length;
+    var W = 600, H = 200, left = 44, right = 8, bottom = 30, top = 24;
+    var plotH = H - bottom - top;
+    var chart = svgEl("svg", { viewBox: "0 0 " + W + " " + H, class: "hist", role: "img", tabindex: "0",
+                               "aria-label": "Activation histogram; arrow keys read the bins" });
+    var peakCount = Math.max.apply(null, counts);
+    var peak = Math.log10(peakCount + 1) || 1;
+    var bw = (W - left - right) / counts.length;
+    var finite = function (i) { return edges[i] === null ? null : edges[i]; };
+    var lowEdge = finite(1) !== null && finite(0) === null ? edges[1] - (edges[2] - edges[1] || 1) : edges[0];
+    var highEdge = edges[counts.length] === null ? edges[counts.length - 1] + (edges[counts.length - 1] -
+      (edges[counts.length - 2] === null ? lowEdge : edges[counts.length - 2])) : edges[counts.length];
+    var lower = function (i) { return i === 0 && edges[0] === null ? lowEdge : edges[i]; };
+    var upper = function (i) { return i + 1 === counts.length && edges[i + 1] === null ? highEdge : edges[i + 1]; };
+    function xOf(value) {  // linear inside each bin, bins of equal width
+      for (var i = 0; i < counts.length; i++) {
+        var a = lower(i), b = upper(i);
+        if (value <= b || i === counts.length - 1) return left + (i + Math.min(1, Math.max(0, (value - a) / ((b - a) || 1)))) * bw;
+      }
+      return W - right;
+    }
+    var readout = document.getElementById("hist-readout");
+    var bars = [];
+    function describe(i) {
+      return "(" + (edges[i] === null ? "\u2212\u221e" : fmt(edges[i], 3)) + ", " +
+        (edges[i + 1] === null ? "\u221e" : fmt(edges[i + 1], 3)) + "]: " + counts[i] + " token" + (counts[i] === 1 ? "" : "s");
+    }
+    function select(i) {
+      bars.forEach(function (bar, j) { bar.classList.toggle("on", j === i); });
+      if (readout) readout.textContent = i === null ? "" : "Bin " + describe(i);
+      chart._selected = i;
+    }
     counts.forEach(function (count, i) {
-      var h = Math.log10(count + 1) / peak * (H - bottom - top);
+      var h = Math.log10(count + 1) / peak * plotH;
       var bar = svgEl("rect", { x: left + i * bw, y: H - bottom - h, width: Math.max(1, bw - 1), height: h,
                                 class: "bar" });
+      var hit = svgEl("rect", { x: left + i * bw, y: top, width: bw, height: plotH, class: "hit" });
       var title = svgEl("title");
-      title.textContent = "(" + (edges[i] === null ? "\u2212\u221e" : fmt(edges[i], 3)) + ", " +
-        (edges[i + 1] === null ? "\u221e" : fmt(edges[i + 1], 3)) + "]: " + count + " tokens";
-      bar.appendChild(title);
+      title.textContent = describe(i);
+      hit.appendChild(title);
+      hit.addEventListener("mouseenter", function () { select(i); });
+      bars.push(bar);
       chart.appendChild(bar);
+      chart.appendChild(hit);
     });
-    function xOf(value) {
-      for (var i = 0; i < counts.length; i++) {
-        var upper = edges[i + 1] === null ? Infinity : edges[i + 1];
-        if (value <= upper) return left + (i + 0.5) * bw;
-      }
-      return W - 4;
-    }
-    var axis = svgEl("line", { x1: left, x2: W - 4, y1: H - bottom, y2: H - bottom, class: "axis" });
-    chart.appendChild(axis);
-    [[0, "start"], [Math.floor(counts.length / 2), "middle"], [counts.length, "end"]].forEach(function (p) {
-      var value = edges[p[0]];
-      if (value === null || value === undefined) return;
-      var label = svgEl("text", { x: left + p[0] * bw, y: H - 6, "text-anchor": p[1], class: "label" });
-      label.textContent = fmt(value, 2);
+    chart.addEventListener("mouseleave", function () { select(null); });
+    chart.addEventListener("focus", function () { if (chart._selected === null || chart._selected === undefined) select(0); });
+    chart.addEventListener("blur", function () { select(null); });
+    chart.addEventListener("keydown", function (e) {
+      var at = chart._selected === null || chart._selected === undefined ? 0 : chart._selected;
+      if (e.key === "ArrowRight") at = Math.min(counts.length - 1, at + 1);
+      else if (e.key === "ArrowLeft") at = Math.max(0, at - 1);
+      else return;
+      e.preventDefault();
+      select(at);
+    });
+    chart.appendChild(svgEl("line", { x1: left, x2: W - right, y1: H - bottom, y2: H - bottom, class: "axis" }));
+    chart.appendChild(svgEl("line", { x1: left, x2: left, y1: top, y2: H - bottom, class: "axis" }));
+    // x ticks at round values, dropping any that would crowd the previous one; 0 gets its own mark.
+    var lastX = -Infinity;
+    niceTicks(lowEdge, highEdge, 6).concat([0]).sort(function (a, b) { return a - b; }).forEach(function (v, i, all) {
+      if (i > 0 && v === all[i - 1]) return;
+      if (v < lowEdge || v > highEdge) return;
+      var x = xOf(v);
+      if (x - lastX < 34 && v !== 0) return;
+      lastX = x;
+      chart.appendChild(svgEl("line", { x1: x, x2: x, y1: H - bottom, y2: H - bottom + 4,
+                                        class: v === 0 ? "axis zero" : "axis" }));
+      var label = svgEl("text", { x: x, y: H - bottom + 15, "text-anchor": "middle", class: v === 0 ? "label zero" : "label" });
+      label.textContent = fmt(v, 3);
       chart.appendChild(label);
     });
-    var yl = svgEl("text", { x: 2, y: top + 10, class: "label" });
-    yl.textContent = "log n";
-    chart.appendChild(yl);
+    if (lowEdge < 0 && highEdge > 0) {
+      chart.appendChild(svgEl("line", { x1: xOf(0), x2: xOf(0), y1: top, y2: H - bottom, class: "zero-line" }));
+    }
+    var xl = svgEl("text", { x: W - right, y: H - 2, "text-anchor": "end", class: "label" });
+    xl.textContent = "activation";
+    chart.appendChild(xl);
+    // y ticks at counts 1, 10, 100, ... on the log scale.
+    for (var c = 1; c <= peakCount; c *= 10) {
+      var y = H - bottom - Math.log10(c + 1) / peak * plotH;
+      chart.appendChild(svgEl("line", { x1: left - 4, x2: left, y1: y, y2: y, class: "axis" }));
+      var yl = svgEl("text", { x: left - 6, y: y + 4, "text-anchor": "end", class: "label" });
+      yl.textContent = c >= 1000 ? (c / 1000) + "k" : String(c);
+      chart.appendChild(yl);
+    }
+    var ylabel = svgEl("text", { x: 2, y: 12, class: "label" });
+    ylabel.textContent = "tokens (log scale)";
+    chart.appendChild(ylabel);
     if (maxActivation > 0 && threshold) {
       var x = xOf(maxActivation * threshold);
       chart.appendChild(svgEl("line", { x1: x, x2: x, y1: top, y2: H - bottom, class: "marker" }));
-      var t = svgEl("text", { x: x - 3, y: top + 10, "text-anchor": "end", class: "label" });
+      // The label sits in the top margin, above every bar.
+      var anchor = x > W - 150 ? "end" : x < left + 150 ? "start" : "middle";
+      var t = svgEl("text", { x: x, y: top - 6, "text-anchor": anchor, class: "label marker-label" });
       t.textContent = "examples \u2265 " + fmt(maxActivation * threshold, 3);
       chart.appendChild(t);
     }
     box.appendChild(chart);
-    box.appendChild(el("p", { class: "caption" }, "Activations over every token of the dataset (log counts; bins " +
-      "grow geometrically away from 0)."));
+    box.appendChild(el("p", { class: "caption" }, "Activations over every token of the dataset: token counts on a " +
+      "log scale; bins grow geometrically away from 0 (hover or focus and use the arrow keys to read a bin)."));
   }
 
   function Dendrogram(box, N, onCut) {
-    var n = N.n, W = 900, H = 190, left = 34, bottom = 12, top = 8;
+    var n = N.n, W = 900, H = 210, left = 40, right = 70, bottom = 12, top = 10;
     var md = maxDistances(N.children, N.distance, n);
     var ymax = Math.max(Number(document.getElementById("cut").max) || 1, md.length ? md[md.length - 1] : 0) * 1.02;
     var y = function (d) { return top + (1 - d / ymax) * (H - top - bottom); };
-    var xs = new Float64Array(2 * n - 1), heights = new Float64Array(2 * n - 1), leafRank = new Int32Array(n);
+    var xs = new Float64Array(2 * n - 1), heights = new Float64Array(2 * n - 1);
     // Leaf order as scipy's dendrogram: depth-first from the root, left child first.
     var order = [], stack = [2 * n - 2];
     while (stack.length) {
@@ -431,15 +748,17 @@
       stack.push(N.children[2 * (node - n) + 1]);
       stack.push(N.children[2 * (node - n)]);
     }
-    var step = (W - left - 6) / n;
-    order.forEach(function (leaf, r) { leafRank[leaf] = r; xs[leaf] = left + (r + 0.5) * step; });
+    var step = (W - left - right) / n;
+    order.forEach(function (leaf, r) { xs[leaf] = left + (r + 0.5) * step; });
     for (var i = 0; i < n - 1; i++) {
       xs[n + i] = (xs[N.children[2 * i]] + xs[N.children[2 * i + 1]]) / 2;
       heights[n + i] = N.distance[i];
     }
     var chart = svgEl("svg", { viewBox: "0 0 " + W + " " + H, class: "dendro" });
-    [0, ymax / 2, ymax].forEach(function (d) {
-      var label = svgEl("text", { x: 2, y: y(d) + 4, class: "label" });
+    chart.appendChild(svgEl("line", { x1: left, x2: left, y1: y(0), y2: y(ymax), class: "axis" }));
+    niceTicks(0, ymax, 5).forEach(function (d) {
+      chart.appendChild(svgEl("line", { x1: left - 4, x2: left, y1: y(d), y2: y(d), class: "axis" }));
+      var label = svgEl("text", { x: left - 6, y: y(d) + 4, "text-anchor": "end", class: "label" });
       label.textContent = fmt(d, 2);
       chart.appendChild(label);
     });
@@ -451,98 +770,148 @@
       links.push(path);
       chart.appendChild(path);
     }
+    var configured = svgEl("line", { x1: left, x2: W - right, y1: y(N.threshold), y2: y(N.threshold), class: "configured" });
+    chart.appendChild(configured);
     var leaves = [];
     for (i = 0; i < n; i++) {
-      var dot = svgEl("circle", { cx: xs[i], cy: y(0), r: Math.min(4, Math.max(1.5, step / 3)), class: "leaf" });
+      var dot = svgEl("circle", { cx: xs[i], cy: y(0), r: Math.min(4, Math.max(2, step / 3)), class: "leaf",
+                                  tabindex: i === order[0] ? "0" : "-1", role: "button", "data-index": String(i),
+                                  "aria-label": "example " + i + ": " + displayToken(tokenText(N, N.tokens[i * N.width + N.before])) });
       var title = svgEl("title");
-      var id = N.tokens[i * N.width + N.before];
-      var vocab = (data("vocab") || {}).tokens || [];
-      title.textContent = "example " + i + ": " + JSON.stringify(id < vocab.length ? vocab[id] : "<" + id + ">");
+      title.textContent = "example " + i + ": " + JSON.stringify(tokenText(N, N.tokens[i * N.width + N.before]));
       dot.appendChild(title);
       leaves.push(dot);
       chart.appendChild(dot);
     }
+    chart.addEventListener("click", function (e) {
+      var leaf = e.target.closest && e.target.closest("circle.leaf");
+      if (leaf) revealExample(Number(leaf.dataset.index));
+    });
+    chart.addEventListener("keydown", function (e) {
+      var leaf = e.target.closest && e.target.closest("circle.leaf");
+      if (!leaf) return;
+      var at = order.indexOf(Number(leaf.dataset.index)), to = at;
+      if (e.key === "Enter" || e.key === " ") { e.preventDefault(); revealExample(order[at]); return; }
+      if (e.key === "ArrowRight") to = Math.min(n - 1, at + 1);
+      else if (e.key === "ArrowLeft") to = Math.max(0, at - 1);
+      else return;
+      e.preventDefault();
+      leaves[order[at]].setAttribute("tabindex", "-1");
+      leaves[order[to]].setAttribute("tabindex", "0");
+      leaves[order[to]].focus();
+    });
+    chart.addEventListener("focusin", function (e) {
+      var leaf = e.target.closest && e.target.closest("circle.leaf");
+      if (leaf) { highlightLeaf(Number(leaf.dataset.index), true); }
+    });
+    chart.addEventListener("focusout", function (e) {
+      var leaf = e.target.closest && e.target.closest("circle.leaf");
+      if (leaf) highlightLeaf(Number(leaf.dataset.index), false);
+    });
+    function highlightLeaf(i, on) { leaves[i].classList.toggle("hl", on); }
     var rep = new Int32Array(2 * n - 1);  // one leaf under each node, to read the node's cluster
     for (i = 0; i < n; i++) rep[i] = i;
     for (i = 0; i < n - 1; i++) rep[n + i] = rep[N.children[2 * i]];
-    var cutLine = svgEl("line", { x1: left, x2: W - 4, class: "cutline" });
+    var cutLine = svgEl("line", { x1: left, x2: W - right, class: "cutline" });
+    var cutLabel = svgEl("text", { x: W - right + 4, class: "label cut-label" });
+    var configuredLabel = svgEl("text", { x: W - right + 4, y: y(N.threshold) + 4, class: "label" });
+    configuredLabel.textContent = "config " + fmt(N.threshold, 3);
     chart.appendChild(cutLine);
+    chart.appendChild(cutLabel);
+    chart.appendChild(configuredLabel);
     box.appendChild(chart);
 
+    this.highlight = highlightLeaf;
     this.cut = function (t) {
       var labels = Math.abs(t - N.threshold) < 1e-9 ? N.labels : fcluster(N.children, N.distance, n, t);
-      for (var i = 0; i < n - 1; i++) links[i].style.stroke = md[i] <= t ? colour(labels[rep[n + i]]) : ABOVE_CUT;
-      for (i = 0; i < n; i++) leaves[i].style.fill = colour(labels[i]);
+      for (var i = 0; i < n - 1; i++) setColour(links[i], md[i] <= t ? labels[rep[n + i]] : null);
+      for (i = 0; i < n; i++) setColour(leaves[i], labels[i]);
       cutLine.setAttribute("y1", y(t));
       cutLine.setAttribute("y2", y(t));
+      cutLabel.setAttribute("y", y(t) + 4);
+      cutLabel.textContent = "cut " + fmt(t, 3);
+      var same = Math.abs(t - N.threshold) < 1e-9;
+      configuredLabel.style.display = same ? "none" : "";
+      configured.style.display = same ? "none" : "";
       var k = 0;
       for (i = 0; i < n; i++) k = Math.max(k, labels[i] + 1);
       onCut(labels, k, t);
     };
   }
 
-  var currentLabels = null;
-
-  function recolourChips() {
-    if (!currentLabels) return;
-    document.querySelectorAll(".example").forEach(function (card) {
-      var k = currentLabels[Number(card.dataset.index)];
-      card.style.borderLeftColor = colour(k);
-      var chip = card.querySelector(".chip");
-      if (chip) { chip.style.backgroundColor = colour(k); chip.title = "cluster " + k + " at the current cut"; }
-    });
-  }
-
   // ------------------------------------------------------------------------------------------------ pages
+
+  function cutFromLocation() {
+    var m = /[#&]cut=([0-9.]+)/.exec(window.location.hash);
+    return m ? Number(m[1]) : null;
+  }
 
   async function initNeuron() {
     var featureId = body().feature;
-    var loaded = await Promise.all([loadData("neuron", featureId === undefined ? "neuron.json" : "../neuron.json"),
-                                    loadData("vocab", modelRoot() + "data/vocab.json")]);
-    var raw = loaded[0], vocab = loaded[1].tokens;
+    var raw = await loadData("neuron", featureId === undefined ? "neuron.json" : "../neuron.json");
     var N = await decodeNeuron(raw);
     Atlas.neuron = N;
-    currentLabels = N.labels;
-    document.querySelectorAll("section.feature[id] h3").forEach(function (h) {
-      var swatch = el("span", { class: "swatch", "aria-hidden": "true" });
-      swatch.style.backgroundColor = colour(Number(h.parentNode.dataset.cluster));
-      h.prepend(swatch);
-    });
+    view.labels = N.labels;
     drawHistogram(document.getElementById("hist"), raw.histogram, raw.max_activation, raw.provenance.threshold);
-    document.querySelectorAll("section.feature").forEach(function (section) {
-      var k = Number(section.dataset.cluster);
-      renderCluster(section, N, vocab, k, featureId === undefined ? EXAMPLES_SHOWN : Infinity);
-      renderSimilar(section, N, k, featureId !== undefined);
-    });
+    renderStatic(N, featureId);
+    renderIntervals(N);
     var box = document.getElementById("dendro"), slider = document.getElementById("cut");
     if (box && slider && N.n > 1) {
       var out = document.getElementById("cut-out"), kOut = document.getElementById("cut-k");
       var tree = new Dendrogram(box, N, function (labels, k, t) {
-        currentLabels = labels;
         out.textContent = fmt(t, 3);
         kOut.textContent = k + (k === 1 ? " cluster" : " clusters") + (Math.abs(t - N.threshold) < 1e-9 ? "" :
           " (re-cut; feature pages use " + fmt(N.threshold, 3) + ")");
-        recolourChips();
+        showCut(N, labels, t);
       });
+      view.tree = tree;
       slider.addEventListener("input", function () { tree.cut(Number(slider.value)); });
-      tree.cut(Number(slider.value));
+      var reset = document.getElementById("cut-reset");
+      if (reset) reset.addEventListener("click", function () { slider.value = String(N.threshold); tree.cut(N.threshold); });
+      var wanted = cutFromLocation();
+      if (wanted !== null && isFinite(wanted) && wanted >= 0) {
+        slider.value = String(Math.min(Number(slider.max), wanted));
+        tree.cut(Math.min(Number(slider.max), wanted));
+      } else {
+        tree.cut(N.threshold);
+      }
       Atlas.dendrogram = tree;
+      window.addEventListener("hashchange", function () {
+        var t = cutFromLocation();
+        if (t !== null && t !== view.cut) { slider.value = String(t); tree.cut(t); }
+      });
     }
-    recolourChips();
     var all = document.getElementById("imp-all");
     if (all) {
       all.addEventListener("click", function () {
         var on = all.getAttribute("aria-pressed") !== "true";
+        view.byImportance = on;
         all.setAttribute("aria-pressed", on ? "true" : "false");
         all.textContent = on ? "Colour by activation" : "Colour by importance";
         document.querySelectorAll(".example").forEach(function (card) { paintExample(card, on); });
       });
     }
+    var orderSelect = document.getElementById("order");
+    if (orderSelect) {
+      orderSelect.addEventListener("change", function () {
+        view.order = orderSelect.value;
+        renderStatic(N, featureId);
+        if (view.cut !== null && Math.abs(view.cut - N.threshold) > 1e-9) renderRecut(N, groupsOf(N, view.labels, false));
+      });
+    }
     document.body.classList.add("ready");
   }
 
-  // The model index: sortable, filterable, paged table of every neuron, and search.
+  // The model index: sortable, filterable, paged table of every neuron, its state in the URL (#sort=…&page=…), so
+  // Back and a shared link restore it.
   var PAGE = 50;
+  var COLUMNS = ["max_activation", "n_examples", "n_clusters", "n_multi", "largest_share", "mean_distance",
+                 "intra_distance", "inter_distance"];
+
+  function hashParams() {
+    var params = new URLSearchParams(window.location.hash.replace(/^#/, ""));
+    return params;
+  }
 
   async function initModel() {
     var tbody = document.querySelector("#neurons tbody");
@@ -553,6 +922,7 @@
     var state = { col: "row", dir: 1, page: 0 };
     var filters = { set: document.getElementById("f-set"), ex: document.getElementById("f-ex"),
                     k: document.getElementById("f-k"), share: document.getElementById("f-share") };
+    var defaults = { set: "", ex: "0", k: "0", share: "1" };
     function value(row, col) { return col === "row" ? row : cols[col][row]; }
     function rows() {
       var set = filters.set.value ? index.byKey.get(filters.set.value) : null, minEx = Number(filters.ex.value) || 0, minK = Number(filters.k.value) || 0;
@@ -574,6 +944,35 @@
       });
       return out;
     }
+    function writeState() {
+      var params = new URLSearchParams();
+      var query = hashParams().get("q");
+      if (query) params.set("q", query);
+      if (state.col !== "row" || state.dir !== 1) params.set("sort", state.col + ":" + (state.dir > 0 ? "asc" : "desc"));
+      if (state.page) params.set("page", String(state.page + 1));
+      Object.keys(filters).forEach(function (key) {
+        if (filters[key].value !== defaults[key]) params.set(key, filters[key].value);
+      });
+      var hash = params.toString();
+      try {
+        window.history.replaceState(null, "", hash ? "#" + hash : window.location.pathname + window.location.search);
+      } catch (e) { /* file:// in some browsers */ }
+    }
+    function readState() {
+      var params = hashParams();
+      var sort = (params.get("sort") || "").split(":");
+      state.col = sort[0] && (sort[0] === "row" || COLUMNS.indexOf(sort[0]) >= 0) ? sort[0] : "row";
+      state.dir = sort[1] === "desc" ? -1 : 1;
+      state.page = Math.max(0, (Number(params.get("page")) || 1) - 1);
+      Object.keys(filters).forEach(function (key) {
+        filters[key].value = params.has(key) ? params.get(key) : defaults[key];
+      });
+      document.querySelectorAll("#neurons th").forEach(function (th) {
+        var button = th.querySelector("button");
+        th.setAttribute("aria-sort", button && button.dataset.col === state.col ?
+          (state.dir > 0 ? "ascending" : "descending") : "none");
+      });
+    }
     function draw() {
       var list = rows();
       var pages = Math.max(1, Math.ceil(list.length / PAGE));
@@ -585,16 +984,18 @@
         var td = el("td");
         td.appendChild(el("a", { href: at.set.slug + "/N" + at.unit + "/index.html" }, at.set.slug + " N" + at.unit));
         tr.appendChild(td);
-        ["max_activation", "n_examples", "n_clusters", "largest_share", "mean_distance", "intra_distance",
-         "inter_distance"].forEach(function (c) {
-          tr.appendChild(el("td", null, c === "n_examples" || c === "n_clusters" ? String(cols[c][r]) : fmt(cols[c][r], 3)));
+        COLUMNS.forEach(function (c) {
+          var v = cols[c][r];
+          tr.appendChild(el("td", null, c === "n_examples" || c === "n_clusters" || c === "n_multi" ? String(v) : fmt(v, 3)));
         });
+        tr.appendChild(el("td", { class: "desc" }, cols.summary ? cols.summary[r] : ""));
         tbody.appendChild(tr);
       });
       document.getElementById("page-info").textContent = "page " + (state.page + 1) + " of " + pages + " \u00b7 " +
         list.length + " of " + total + " neurons";
       document.getElementById("page-prev").disabled = state.page === 0;
       document.getElementById("page-next").disabled = state.page >= pages - 1;
+      writeState();
     }
     document.querySelectorAll("#neurons th button").forEach(function (button) {
       button.addEventListener("click", function () {
@@ -612,6 +1013,8 @@
     });
     document.getElementById("page-prev").addEventListener("click", function () { state.page--; draw(); });
     document.getElementById("page-next").addEventListener("click", function () { state.page++; draw(); });
+    window.addEventListener("popstate", function () { readState(); draw(); });
+    readState();
     draw();
   }
 
@@ -623,46 +1026,79 @@
   }
   Atlas.parseNeuron = parseNeuron;
 
-  async function tokenSearch(query, results) {
+  /* Words as builder.render.sidecars.words_of splits them: runs of letters/digits, or single other characters. */
+  function wordsOf(text) { return (text.toLowerCase().match(/[\p{L}\p{N}_\p{M}]+|[^\p{L}\p{N}_\p{M}\s]/gu) || []); }
+  Atlas.wordsOf = wordsOf;
+
+  /* FNV-1a (32-bit) of the word's UTF-8 bytes, as builder.render.sidecars.word_shard. */
+  function wordShard(word, shards) {
+    var bytes = new TextEncoder().encode(word), h = 0x811c9dc5;
+    for (var i = 0; i < bytes.length; i++) { h ^= bytes[i]; h = Math.imul(h, 0x01000193) >>> 0; }
+    return h % shards;
+  }
+  Atlas.wordShard = wordShard;
+
+  /* Features whose examples peak on every word of the query (or hold it near the central example's max token),
+   * ranked by how many examples peak on the words, then by unit. */
+  async function wordSearch(query, results) {
     results.textContent = "Searching\u2026";
+    var words = Array.from(new Set(wordsOf(query))).slice(0, 8);
+    var postings;
     try {
-      await Promise.all([loadData("vocab", modelRoot() + "data/vocab.json"),
-                         loadData("tokens", modelRoot() + "data/tokens.json")]);
+      var manifest = await loadData("atlas", modelRoot() + "data/atlas.json");
+      var shards = manifest.search.shards;
+      postings = await Promise.all(words.map(function (w) {
+        var shard = wordShard(w, shards);
+        return loadData("search" + shard, modelRoot() + "data/search/" + shard + ".json").then(function (doc) {
+          return doc.words[w] || [];
+        });
+      }));
     } catch (error) {
-      results.textContent = "The token index could not be loaded.";
+      results.textContent = "The search index could not be loaded (" + error.message + ").";
       return;
     }
-    var vocab = data("vocab").tokens, index = data("tokens");
-    var where = new Map(index.token_ids.map(function (id, i) { return [id, i]; }));
-    var wanted = query.trim().toLowerCase();
-    var exact = [], loose = [];
-    for (var id = 0; id < vocab.length; id++) {
-      if (!where.has(id)) continue;
-      if (vocab[id] === query) exact.push(id);
-      else if (vocab[id].trim().toLowerCase() === wanted) loose.push(id);
-    }
-    var ids = exact.concat(loose).slice(0, 20);
+    var sets = pageIndex();
+    var scores = new Map();
+    postings.forEach(function (list, w) {
+      list.forEach(function (p) {
+        var key = p[0] + ":" + p[1];
+        var entry = scores.get(key) || { row: p[0], k: p[1], peak: 0, words: 0, peaks: [] };
+        entry.peak += p[2];
+        entry.words += 1;
+        if (p[2] > 0) entry.peaks.push(words[w] + " \u00d7" + p[2]);
+        scores.set(key, entry);
+      });
+    });
+    var hits = Array.from(scores.values()).filter(function (e) { return e.words === words.length; });
+    hits.sort(function (a, b) { return (b.peak - a.peak) || (a.row - b.row) || (a.k - b.k); });
     results.textContent = "";
-    if (!ids.length) {
-      results.appendChild(el("p", null, "No neuron's features peak on a token matching " + JSON.stringify(query) + "."));
+    if (!words.length || !hits.length) {
+      results.appendChild(el("p", null, JSON.stringify(query) + " is not in this atlas: no feature's examples peak " +
+        "on " + (words.length > 1 ? "these words" : "it") + " or contain " + (words.length > 1 ? "them" : "it") +
+        " near their max token."));
       return;
     }
-    var units = new SubjectIndex(index.sets);
-    ids.forEach(function (id) {
-      var block = el("div", { class: "token-hit" });
-      var neurons = index.rows[where.get(id)];
-      block.appendChild(el("h3", null, "Token " + JSON.stringify(vocab[id]) + " (id " + id + "): " + neurons.length +
-        " neuron" + (neurons.length === 1 ? "" : "s")));
-      var list = el("ul", { class: "inline" });
-      neurons.slice(0, 100).forEach(function (row) {
+    results.appendChild(el("p", null, hits.length + " feature" + (hits.length === 1 ? "" : "s") + " for " +
+      JSON.stringify(query) + ", most examples peaking on it first:"));
+    var list = el("ol", { class: "hits" });
+    var shown = 0;
+    function more() {
+      hits.slice(shown, shown + 50).forEach(function (hit) {
+        var at = sets.unit(hit.row);
+        if (!at) return;
         var li = el("li");
-        var at = units.unit(row);
-        li.appendChild(el("a", { href: unitHref(at.set, at.unit) }, at.set.slug + " N" + at.unit));
+        li.appendChild(el("a", { href: unitHref(at.set, at.unit, hit.k) }, at.set.slug + " N" + at.unit + " F" + hit.k));
+        li.appendChild(el("span", { class: "sim" }, hit.peaks.length ? " peaks on " + hit.peaks.join(", ") :
+          " near the central example's max token"));
         list.appendChild(li);
       });
-      block.appendChild(list);
-      results.appendChild(block);
-    });
+      shown += 50;
+      if (shown >= hits.length && button) button.remove();
+    }
+    results.appendChild(list);
+    var button = hits.length > 50 ? el("button", { type: "button", class: "more" }, "More results") : null;
+    if (button) { button.addEventListener("click", more); results.appendChild(button); }
+    more();
   }
 
   function search(query) {
@@ -678,8 +1114,10 @@
     }
     if (query.trim() === "") return;
     if (results && body().kind === "model") {
-      tokenSearch(query, results);
-      try { window.history.replaceState(null, "", "#q=" + encodeURIComponent(query)); } catch (e) { /* file:// */ }
+      wordSearch(query, results);
+      var params = hashParams();
+      params.set("q", query);
+      try { window.history.replaceState(null, "", "#" + params.toString()); } catch (e) { /* file:// */ }
       return;
     }
     window.location.href = modelRoot() + "index.html#q=" + encodeURIComponent(query);
@@ -694,12 +1132,32 @@
   }
 
   function queryFromLocation() {
-    var hash = /[#&]q=([^&]*)/.exec(window.location.hash);
+    var hash = hashParams().get("q");
     var search = /[?&]q=([^&]*)/.exec(window.location.search);
-    var value = hash ? hash[1] : search ? search[1] : null;
-    if (value === null) return null;
-    try { return decodeURIComponent(value.replace(/\+/g, " ")); } catch (e) { return null; }
+    if (hash !== null) return hash;
+    if (!search) return null;
+    try { return decodeURIComponent(search[1].replace(/\+/g, " ")); } catch (e) { return null; }
   }
+
+  var KEYS = [["/", "focus the search box"], ["j / n", "next neuron (on a feature page: next feature)"],
+              ["k / p", "previous neuron (on a feature page: previous feature)"], ["r", "a random neuron"],
+              ["?", "show or hide this list"], ["Esc", "leave the search box, close this list"]];
+
+  function toggleKeys() {
+    var box = document.getElementById("keys-help");
+    if (box) { box.remove(); return; }
+    box = el("div", { id: "keys-help", role: "dialog", "aria-label": "Keyboard shortcuts", tabindex: "-1" });
+    box.appendChild(el("h2", null, "Keyboard shortcuts"));
+    var list = el("dl");
+    KEYS.forEach(function (k) { list.appendChild(el("dt", null, k[0])); list.appendChild(el("dd", null, k[1])); });
+    box.appendChild(list);
+    var close = el("button", { type: "button" }, "Close");
+    close.addEventListener("click", function () { box.remove(); });
+    box.appendChild(close);
+    document.body.appendChild(box);
+    box.focus();
+  }
+  Atlas.toggleKeys = toggleKeys;
 
   // ------------------------------------------------------------------------------------------------ chrome
 
@@ -713,8 +1171,8 @@
     var header = document.querySelector("header.top");
     if (header) {
       var form = el("form", { class: "search", role: "search" });
-      var input = el("input", { type: "search", id: "q", name: "q", placeholder: "L3 N42, 3/42 or a token",
-                                "aria-label": "Search neurons (L3 N42, 3/42) or tokens", autocomplete: "off" });
+      var input = el("input", { type: "search", id: "q", name: "q", placeholder: "L3 N42, 3/42 or words",
+                                "aria-label": "Search neurons (L3 N42, 3/42) or words", autocomplete: "off" });
       form.appendChild(input);
       form.addEventListener("submit", function (e) {
         e.preventDefault();
@@ -768,6 +1226,14 @@
     }
     var link;
     switch (e.key) {
+      case "?":
+        e.preventDefault();
+        toggleKeys();
+        break;
+      case "Escape":
+        var help = document.getElementById("keys-help");
+        if (help) help.remove();
+        break;
       case "/":
         var q = document.getElementById("q");
         if (q) { e.preventDefault(); q.focus(); q.select(); }

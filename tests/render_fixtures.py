@@ -97,7 +97,8 @@ def write_artefacts(cfg: AtlasConfig, seed: int = 0) -> None:
                   pre_linear=np.zeros(n_ex, np.float32), window=np.array(windows, np.float32).reshape(n_ex, -1),
                   vector_index=np.arange(n_ex, dtype=np.int32), vector_seq=np.array(seqs, np.int32),
                   vector_pos=np.array(poss, np.int32), vectors=vectors,
-                  histogram=histograms(rng), histogram_edges=HISTOGRAM_EDGES)
+                  histogram=histograms(rng), histogram_edges=HISTOGRAM_EDGES,
+                  **no_interval_examples(cfg))
         top = rng.integers(1, len(VOCAB), size=(D_MLP, 10)).astype(np.int32)
         top[0, :5] = [HOSTILE_ID[name] for name in ("script", "img", "newline", "template", "entity")]
         bottom = rng.integers(1, len(VOCAB), size=(D_MLP, 10)).astype(np.int32)
@@ -141,6 +142,13 @@ def write_artefacts(cfg: AtlasConfig, seed: int = 0) -> None:
         "packing": {"bos_token_id": 0, "build_date": "2024-01-01"}, "threshold": cfg.threshold,
         "max_examples": cfg.max_examples, "reference_maxima": False, "window_before": wb, "window_after": wa,
         "forwarded_sequences_last_run": N_SEQ, "build_date": "2024-01-01"})
+
+
+def no_interval_examples(cfg: AtlasConfig) -> dict[str, np.ndarray]:
+    """Collect's interval-example arrays with every slot empty (the renderer does not show them yet)."""
+    shape = (D_MLP, cfg.interval_count, cfg.interval_examples)
+    return {"interval_seq": np.full(shape, -1, np.int32), "interval_pos": np.full(shape, -1, np.int32),
+            "interval_act": np.full(shape, np.nan, np.float32)}
 
 
 def histograms(rng) -> np.ndarray:

@@ -99,8 +99,9 @@ def cases(tmp_path_factory, tiny_gpt2, corpus_file) -> dict[str, Case]:
     (artefact_dirs["emptied"] / "collect" / "L0.npz").write_bytes(b"")
     meta = artefact_dirs["old-meta"] / "collect" / "meta.json"
     text = meta.read_text()
-    assert '"schema_version": 2' in text
-    meta.write_text(text.replace('"schema_version": 2', '"schema_version": 0'))
+    version = f'"schema_version": {STAGES["collect"].version}'
+    assert version in text
+    meta.write_text(text.replace(version, '"schema_version": 0'))
     old_layer = artefact_dirs["old-layer"] / "collect" / "L0.npz"
     with np.load(old_layer, allow_pickle=False) as bundle:
         arrays = {k: bundle[k] for k in bundle.files if not k.startswith("_")}

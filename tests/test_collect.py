@@ -111,10 +111,11 @@ def assert_matches_naive(result: dict, expected: dict, post: np.ndarray, normali
 # Synthetic activation streams
 
 
-def make_config(threshold=0.75, max_examples=3, reference_maxima=""):
+def make_config(threshold=0.75, max_examples=3, reference_maxima="", interval_count=5, interval_examples=2):
     return config_from_dict({"data_files": ["unused.jsonl"], "threshold": threshold, "max_examples": max_examples,
                              "window_before": WINDOW_BEFORE, "window_after": WINDOW_AFTER,
-                             "reference_maxima": reference_maxima})
+                             "reference_maxima": reference_maxima, "interval_count": interval_count,
+                             "interval_examples": interval_examples})
 
 
 def random_stream(seed: int, n_seq: int = 40, d_mlp: int = 10, gated: bool = True):
@@ -201,7 +202,8 @@ def feed(collector: Collector, layer: int, stream, sizes=(4, 1, 7, 3), compact_a
 def stream_collector(stream, cfg, layers=(0,), reference=None) -> Collector:
     sets = [mlp_layer(layer, stream[0].shape[-1], D_MODEL, gated=stream[2] is not None) for layer in layers]
     return Collector(sets, CTX, cfg.threshold, cfg.max_examples, cfg.window_before, cfg.window_after,
-                     None if reference is None else {s.key: reference for s in sets})
+                     None if reference is None else {s.key: reference for s in sets},
+                     interval_count=cfg.interval_count, interval_examples=cfg.interval_examples)
 
 
 def collect_stream(stream, cfg, layer=0, reference=None, **feed_args) -> dict:
@@ -374,15 +376,18 @@ def late_maximum_stream(seed: int):
     return stream
 
 
-def sharded_result(stream, cfg, bounds: list[int], reference=None, reverse: bool = False) -> dict:
+def sharded_result(stream, cfg, bounds: list[int], reference=None, reverse: bool = False,
+                   order: tuple[int, ...] | None = None) -> dict:
     """Each shard (sequences bounds[i] … bounds[i + 1] − 1) collected by its own collector and stored as state
-    arrays, then absorbed by a fresh collector (in corpus order, or reversed)."""
+    arrays, then absorbed by a fresh collector (in corpus order, reversed, or in the given order of shards)."""
     states = []
     for first, end in zip(bounds[:-1], bounds[1:]):
         shard = stream_collector(stream, cfg, reference=reference)
         feed(shard, 0, stream, first=first, end=end)
         states.append({name: value.copy() for name, value in shard.state_arrays().items()})
     merged = stream_collector(stream, cfg, reference=reference)
+    if order is not None:
+        states = [states[i] for i in order]
     for state in (states[::-1] if reverse else states):
         merged.absorb(state)
     return merged.finish("L0")
@@ -479,6 +484,146 @@ def test_reference_above_every_activation_gives_no_examples():
     reference = stream[0].max(axis=(0, 1)) * 2 + 1
     result = collect_stream(stream, make_config(), reference=reference.astype(np.float32))
     assert len(result["seq"]) == 0 and (result["offsets"] == 0).all()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Interval examples: the first sequences of each interval below the threshold
+
+
+def naive_interval_examples(post: np.ndarray, threshold: float, n_intervals: int, per_interval: int,
+                            reference: np.ndarray | None = None) -> dict:
+    """Two passes: M and T = threshold·M as for the examples; then per neuron walk the sequences in corpus order and
+    put each whose max v lies in [0, T) into interval floor(v·n / T) (float64, at most n − 1) until it holds
+    per_interval. M ≤ 0: none."""
+    n_seq, _, d_mlp = post.shape
+    maxima = post.max(axis=(0, 1)) if reference is None else reference
+    shape = (d_mlp, n_intervals, per_interval)
+    out = {"interval_seq": np.full(shape, -1, np.int32), "interval_pos": np.full(shape, -1, np.int32),
+           "interval_act": np.full(shape, np.nan, np.float32)}
+    for neuron in range(d_mlp):
+        if maxima[neuron] <= 0:
+            continue
+        limit = np.float32(threshold) * np.float32(maxima[neuron])
+        filled = [0] * n_intervals
+        for seq in range(n_seq):
+            values = post[seq, :, neuron]
+            value = values.max()
+            if value < 0 or value >= limit:
+                continue
+            interval = int(min(np.floor(np.float64(value) * n_intervals / np.float64(limit)), n_intervals - 1))
+            if filled[interval] == per_interval:
+                continue
+            slot = filled[interval]
+            out["interval_seq"][neuron, interval, slot] = seq
+            out["interval_pos"][neuron, interval, slot] = int(np.argmax(values))
+            out["interval_act"][neuron, interval, slot] = value
+            filled[interval] += 1
+    return out
+
+
+def assert_intervals_match_naive(result: dict, stream, cfg, reference=None) -> None:
+    expected = naive_interval_examples(stream[0], cfg.threshold, cfg.interval_count, cfg.interval_examples, reference)
+    for name, values in expected.items():
+        assert result[name].dtype == values.dtype, name
+        np.testing.assert_array_equal(result[name], values, err_msg=name)  # NaN where empty, equal as NaN
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("threshold,n_intervals,per_interval", [(0.75, 5, 2), (0.5, 1, 3), (0.3, 7, 1), (1.0, 3, 4)])
+def test_interval_examples_match_the_two_pass_definition(seed, threshold, n_intervals, per_interval):
+    cfg = make_config(threshold=threshold, interval_count=n_intervals, interval_examples=per_interval)
+    for stream in (random_stream(seed, gated=seed % 2 == 0), crafted_stream(seed), late_maximum_stream(seed)):
+        result = collect_stream(stream, cfg, sizes=(seed + 1, 5, 2))
+        assert result["interval_seq"].shape == (stream[0].shape[-1], n_intervals, per_interval)
+        assert_intervals_match_naive(result, stream, cfg)
+        assert_matches_naive(result, expected_for(stream, cfg), stream[0], stream[3])
+
+
+def test_interval_examples_are_chosen_against_the_late_larger_maximum():
+    # Neuron 0: early sequences reach at most 1 until 17 reaches 10 (T = 7.5, intervals of 1.5). The early ones all
+    # land in [0, 1.5); 25 (7.4) in [6, 7.5); 22 (exactly T) is an example, not an interval example.
+    stream = crafted_stream()
+    result = collect_stream(stream, make_config(threshold=0.75, interval_count=5, interval_examples=2))
+    assert result["interval_seq"][0].tolist() == [[0, 1], [-1, -1], [-1, -1], [-1, -1], [25, -1]]
+    assert result["interval_pos"][0, 4, 0] == 7 and result["interval_act"][0, 4, 0] == np.float32(7.4)
+    np.testing.assert_array_equal(result["interval_act"][0, 0], stream[0][[0, 1], :, 0].max(axis=1))
+    # Neurons whose maximum is ≤ 0 have no interval examples either.
+    assert (result["interval_seq"][[4, 5]] == -1).all() and np.isnan(result["interval_act"][[4, 5]]).all()
+
+
+def test_interval_boundaries_belong_to_the_upper_interval_and_the_threshold_to_none():
+    # One neuron, M = 10, threshold 0.5: T = 5 and intervals [0, 1), [1, 2), … [4, 5). Values exactly on an edge go up;
+    # 5.0 (= T) and negative maxima are excluded; 0.0 is included.
+    values = [10.0, 0.0, 1.0, 0.999, 2.0, 5.0, -0.5, 4.9999, 3.0, 1.5, 0.5]
+    post = np.full((len(values), CTX, 1), -1.0, np.float32)
+    for seq, value in enumerate(values):
+        post[seq, seq % CTX, 0] = value
+    stream = (post, post.copy(), None, np.zeros((len(values), CTX, D_MODEL), np.float32))
+    cfg = make_config(threshold=0.5, interval_count=5, interval_examples=3)
+    result = collect_stream(stream, cfg, sizes=(2,))
+    assert result["interval_seq"][0].tolist() == [[1, 3, 10], [2, 9, -1], [4, -1, -1], [8, -1, -1], [7, -1, -1]]
+    assert_intervals_match_naive(result, stream, cfg)
+
+
+def test_interval_examples_with_reference_maxima_match_the_two_pass_definition():
+    stream = late_maximum_stream(4)
+    observed = stream[0].max(axis=(0, 1))
+    reference = (observed * np.linspace(0.4, 1.6, len(observed))).astype(np.float32)
+    reference[1], reference[2] = -1.0, 0.0
+    cfg = make_config(threshold=0.75, interval_count=4, interval_examples=3)
+    result = collect_stream(stream, cfg, reference=reference)
+    assert_intervals_match_naive(result, stream, cfg, reference)
+    assert (result["interval_seq"][[1, 2]] == -1).all()
+    filled = result["interval_seq"] >= 0
+    assert filled.any()
+    units = np.nonzero(filled)[0]
+    assert (result["interval_act"][filled] < np.float32(0.75) * reference[units]).all()  # T from the reference
+
+
+@pytest.mark.parametrize("n_shards,order", [(1, None), (2, None), (2, "reversed"), (3, None), (3, "reversed"),
+                                            (3, (1, 0, 2)), (3, (2, 0, 1))])
+def test_merged_shards_give_the_two_pass_interval_examples_even_with_a_late_larger_maximum(n_shards, order):
+    for seed, (threshold, n_intervals, per_interval) in enumerate([(0.5, 5, 2), (0.75, 3, 1), (0.3, 6, 3)]):
+        stream = late_maximum_stream(seed)
+        cfg = make_config(threshold=threshold, interval_count=n_intervals, interval_examples=per_interval)
+        merged = sharded_result(stream, cfg, SPLITS[n_shards], reverse=order == "reversed",
+                                order=order if isinstance(order, tuple) else None)
+        assert_equal_arrays(merged, collect_stream(stream, cfg))
+        assert_intervals_match_naive(merged, stream, cfg)
+        assert_matches_naive(merged, expected_for(stream, cfg), stream[0], stream[3])
+
+
+@pytest.mark.parametrize("n_shards", [1, 2, 3])
+def test_merged_shards_with_reference_maxima_give_the_two_pass_interval_examples(n_shards):
+    stream = late_maximum_stream(7)
+    reference = (stream[0].max(axis=(0, 1)) * 0.9).astype(np.float32)
+    cfg = make_config(threshold=0.5, interval_count=5, interval_examples=2)
+    merged = sharded_result(stream, cfg, SPLITS[n_shards], reference=reference, reverse=True)
+    assert_intervals_match_naive(merged, stream, cfg, reference)
+    assert_equal_arrays(merged, collect_stream(stream, cfg, reference=reference))
+
+
+def test_shard_state_records_every_sequences_max_and_first_position():
+    stream = random_stream(2)
+    cfg = make_config()
+    shard = stream_collector(stream, cfg)
+    feed(shard, 0, stream, first=11, end=30, sizes=(4, 7))
+    state = shard.state_arrays()
+    np.testing.assert_array_equal(state["L0.seq_ids"], np.arange(11, 30))
+    np.testing.assert_array_equal(state["L0.seq_max"], stream[0][11:30].max(axis=1))
+    np.testing.assert_array_equal(state["L0.seq_argmax"], stream[0][11:30].argmax(axis=1))
+    assert state["L0.seq_max"].dtype == np.float32 and state["L0.seq_argmax"].dtype == np.int32
+
+
+def test_zero_interval_examples_records_nothing_and_gives_empty_arrays():
+    stream = random_stream(3)
+    cfg = make_config(interval_count=4, interval_examples=0)
+    collector = stream_collector(stream, cfg)
+    feed(collector, 0, stream)
+    assert collector.state_arrays()["L0.seq_max"].shape == (0, stream[0].shape[-1])
+    result = collector.finish("L0")
+    assert result["interval_seq"].shape == result["interval_act"].shape == (stream[0].shape[-1], 4, 0)
+    assert_matches_naive(result, expected_for(stream, cfg), stream[0], stream[3])
 
 
 TWO_LAYERS = [mlp_layer(0, 7, D_MODEL, False), mlp_layer(1, 7, D_MODEL, False)]
@@ -618,6 +763,35 @@ def test_run_selects_the_same_examples_as_the_two_pass_definition_on_recomputed_
         np.testing.assert_array_equal(examples.pos, expected["pos"])
         np.testing.assert_allclose(examples.window, expected["window"], rtol=1e-5, atol=1e-6)
         assert np.diff(examples.offsets).max() == cfg.max_examples
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_run_records_interval_examples_in_their_intervals_at_the_sequence_maximum(collected, kind):
+    cfg, model, tokens, hooks = collected[kind]
+    n, k = cfg.interval_count, cfg.interval_examples
+    assert read_collect_meta(AtlasPaths.of(cfg))["interval_count"] == n
+    for layer in (0, 1):
+        examples = read_examples(AtlasPaths.of(cfg), f"L{layer}")
+        post = hooks[layer]["mlp.hook_post"]
+        assert examples.interval_seq.shape == examples.interval_pos.shape == examples.interval_act.shape \
+            == (model.d_mlp, n, k)
+        assert examples.interval_seq.dtype == examples.interval_pos.dtype == np.int32
+        assert examples.interval_act.dtype == np.float32
+        filled = examples.interval_seq >= 0
+        assert filled.any() and (filled == (examples.interval_pos >= 0)).all()
+        assert (filled == ~np.isnan(examples.interval_act)).all()
+        units, intervals, _ = np.nonzero(filled)
+        seq, pos, act = examples.interval_seq[filled], examples.interval_pos[filled], examples.interval_act[filled]
+        limit = np.float32(cfg.threshold) * examples.max_activation[units]
+        assert (examples.max_activation[units] > 0).all()
+        assert ((act >= 0) & (act < limit)).all()
+        in_interval = np.minimum(np.floor(act.astype(np.float64) * n / limit.astype(np.float64)), n - 1)
+        np.testing.assert_array_equal(in_interval, intervals)
+        np.testing.assert_allclose(act, post[seq, pos, units], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(act, post[seq, :, units].max(axis=1), rtol=1e-5, atol=1e-6)
+        # Per unit and interval: filled from the first slot, distinct sequences in corpus order.
+        assert (filled[..., :-1] >= filled[..., 1:]).all()
+        assert (np.diff(examples.interval_seq, axis=2)[filled[..., 1:]] > 0).all()
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])

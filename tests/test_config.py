@@ -42,6 +42,8 @@ def test_unrelated_unknown_key_is_rejected_without_a_suggestion():
     ("threshold", float("nan"), "threshold must be in (0, 1]"),
     ("max_examples", 0, "max_examples must be at least 1"),
     ("max_examples", -5, "max_examples must be at least 1"),
+    ("interval_count", 0, "interval_count must be at least 1"),
+    ("interval_examples", -1, "interval_examples must be 0 (none) or more"),
     ("context_length", 1, "context_length must be at least 2"),
     ("batch_size", 0, "batch_size must be at least 1"),
     ("shard_sequences", 0, "shard_sequences must be a positive multiple of 16"),
@@ -69,6 +71,11 @@ def test_thresholds_inside_zero_one_are_accepted(threshold):
 
 def test_max_examples_of_one_is_accepted():
     assert config_from_dict({**BASE, "max_examples": 1}).max_examples == 1
+
+
+def test_zero_interval_examples_and_one_interval_are_accepted():
+    cfg = config_from_dict({**BASE, "interval_examples": 0, "interval_count": 1})
+    assert (cfg.interval_examples, cfg.interval_count) == (0, 1)
 
 
 def test_a_source_is_required():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from builder.neighbours import exact_neighbours, feature_owners, similar_features
+from builder.neighbours import centred, exact_neighbours, feature_owners, similar_features
 from builder.paths import AtlasPaths
 from builder.schema import read_clusters, read_neighbours
 from builder.stage import run_stage
@@ -81,3 +81,16 @@ def test_neighbours_stage_indexes_every_feature_of_every_layer(tiny_models, make
     same_neuron = ((result["feature_set"][rows] == result["feature_set"][other])
                    & (result["feature_unit"][rows] == result["feature_unit"][other]))
     assert valid.any() and not same_neuron.any()
+
+
+def test_centring_removes_a_shared_component_so_the_threshold_thins_unrelated_features():
+    # A large common direction plus independent noise: raw cosines are all high, centred ones are not.
+    rng = np.random.default_rng(3)
+    vectors = 5.0 * np.ones((40, 16)) + rng.normal(size=(40, 16))
+    owners = table_of([(0, i) for i in range(40)])
+    raw, _ = similar_features(owners, vectors.astype(np.float32), 20, 0.5, 0)
+    thinned, similarity = similar_features(owners, centred(vectors).astype(np.float32), 20, 0.5, 0)
+    assert (raw >= 0).sum(axis=1).min() == 20
+    assert (thinned >= 0).sum() < 0.2 * thinned.size
+    assert np.allclose(centred(vectors).mean(axis=0), 0.0)
+    assert (similarity[np.isfinite(similarity)] >= 0.5).all()

@@ -11,7 +11,7 @@ import numpy as np
 import orjson
 
 # Each JSON file kind has its own schema version (docs/sidecar-schema.md); bump a kind only when its format changes.
-SCHEMA_VERSIONS = {"neuron": 1, "atlas": 1, "vocab": 1, "neuron-table": 2, "token-index": 2}
+SCHEMA_VERSIONS = {"neuron": 2, "atlas": 2, "vocab": 1, "neuron-table": 3, "search": 1}
 
 MISSING_U8 = 255  # quantised activation/importance: outside the sequence / not scored
 QUANT_LEVELS = 254  # uint8 codes 0..254 span the range

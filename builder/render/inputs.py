@@ -30,6 +30,7 @@ class Atlas:
     report: dict
     histogram_edges: np.ndarray
     vocab: list[str]
+    digest: dict[str, np.ndarray]  # per feature of the neighbours table: what a similar-feature link shows
 
     @property
     def sets(self) -> list[SubjectSet]:
@@ -58,7 +59,44 @@ def load_atlas(cfg: AtlasConfig, vocabulary: list[str] | None = None) -> Atlas:
         vocabulary = load_vocabulary(cfg, int(tokens.max()) + 1 if tokens.size else 0)
     return Atlas(cfg=cfg, meta=meta, index=index, tokens=tokens, metrics=metrics, neighbours=neighbours,
                  report=report, histogram_edges=np.asarray(edges, np.float64),
-                 vocab=[clean_text(str(token)) for token in vocabulary])
+                 vocab=[clean_text(str(token)) for token in vocabulary],
+                 digest=feature_digest(paths, index.sets, tokens))
+
+
+SNIPPET_BEFORE, SNIPPET_AFTER = 3, 1  # tokens around the max token in a similar feature's snippet
+
+
+def feature_digest(paths: AtlasPaths, sets: list[SubjectSet], tokens: np.ndarray) -> dict[str, np.ndarray]:
+    """For every feature (sets, units, clusters in order, as the neighbours table lists them): its central example's
+    max token in context (`snippet` [F, SNIPPET_BEFORE + 1 + SNIPPET_AFTER] token ids, -1 outside the sequence),
+    its most frequent max token with its count (ties: first in corpus order) and its size."""
+    parts: dict[str, list[np.ndarray]] = {"snippet": [], "top_token": [], "top_count": [], "size": []}
+    context = tokens.shape[1]
+    for s in sets:
+        examples = schema.read_example_fields(paths, s.key, ("seq", "pos", "offsets"))
+        clusters = schema.read_clusters(paths, s.key)
+        seq, pos = examples["seq"].astype(np.int64), examples["pos"].astype(np.int64)
+        central = clusters["cluster_central"].astype(np.int64)
+        at = pos[central][:, None] + np.arange(-SNIPPET_BEFORE, SNIPPET_AFTER + 1)[None, :]
+        inside = (at >= 0) & (at < context)
+        parts["snippet"].append(np.where(inside, tokens[seq[central][:, None], np.clip(at, 0, context - 1)], -1))
+        # Global cluster id of every example; the most frequent (cluster, max token) pair per cluster, first on ties.
+        owner = np.repeat(np.arange(s.size), np.diff(examples["offsets"]))
+        gid = clusters["cluster_offsets"][owner] + clusters["labels"]
+        token = tokens[seq, pos].astype(np.int64)
+        pairs, first, counts = np.unique(np.stack([gid, token], 1), axis=0, return_index=True, return_counts=True)
+        order = np.lexsort((first, -counts, pairs[:, 0]))
+        pairs, counts = pairs[order], counts[order]
+        lead = np.r_[True, pairs[1:, 0] != pairs[:-1, 0]] if len(pairs) else np.zeros(0, bool)
+        top_token = np.full(len(central), -1, np.int64)
+        top_count = np.zeros(len(central), np.int64)
+        top_token[pairs[lead, 0]], top_count[pairs[lead, 0]] = pairs[lead, 1], counts[lead]
+        parts["top_token"].append(top_token)
+        parts["top_count"].append(top_count)
+        parts["size"].append(clusters["cluster_size"].astype(np.int64))
+    width = SNIPPET_BEFORE + 1 + SNIPPET_AFTER
+    return {name: (np.concatenate(values) if values else np.zeros((0, width) if name == "snippet" else 0, np.int64))
+            for name, values in parts.items()}
 
 
 def load_vocabulary(cfg: AtlasConfig, min_size: int = 0) -> list[str]:
@@ -105,12 +143,19 @@ class SetData:
     metric: dict[str, np.ndarray]
     logits: dict[str, np.ndarray]
     feature_start: np.ndarray  # [n_units + 1] rows of the neighbours feature table per unit
+    distance_offsets: np.ndarray  # [n_units + 1] CSR into distance_codes
+    distance_codes: np.ndarray  # condensed uint8 distance codes of each unit's examples (builder.cluster)
+    interval_seq: np.ndarray  # [n_units, n_intervals, k] sequence of each interval example, -1 where none
+    interval_pos: np.ndarray
+    interval_act: np.ndarray
+    interval_tokens: np.ndarray  # [n_units, n_intervals, k, W] window token ids, sentinel outside
 
 
 def load_set(atlas: Atlas, subject: SubjectSet) -> SetData:
     paths = AtlasPaths.of(atlas.cfg)
     examples = schema.read_example_fields(paths, subject.key, ("offsets", "seq", "pos", "act", "window",
-                                                                "max_activation", "histogram"))
+                                                                "max_activation", "histogram", "interval_seq",
+                                                                "interval_pos", "interval_act"))
     logits = schema.read_logits(paths, subject.key)
     clusters = schema.read_clusters(paths, subject.key)
     scores = schema.read_importance(paths, subject.key)["importance"]
@@ -122,22 +167,36 @@ def load_set(atlas: Atlas, subject: SubjectSet) -> SetData:
             or len(clusters["cluster_offsets"]) != subject.size + 1):
         raise ArtefactError(f"{subject.key}: the collect, cluster and importance artefacts disagree in shape (window "
                             f"{window.shape}, importance {scores.shape}); re-run `atlas build` with this config")
-    context = atlas.tokens.shape[1]
-    positions = examples["pos"].astype(np.int64)[:, None] + np.arange(-wb, wa + 1)[None, :]
-    inside = (positions >= 0) & (positions < context)
     dtype = np.dtype(f"<{token_dtype(len(atlas.vocab))}")
-    sentinel = np.iinfo(dtype).max
-    gathered = atlas.tokens[examples["seq"].astype(np.int64)[:, None], np.clip(positions, 0, context - 1)]
+    window_tokens = windows_of(atlas.tokens, examples["seq"], examples["pos"], wb, wa, dtype)
+    interval_seq = examples["interval_seq"]
+    interval_tokens = windows_of(atlas.tokens, interval_seq.reshape(-1), examples["interval_pos"].reshape(-1), wb, wa,
+                                 dtype).reshape(*interval_seq.shape, wb + 1 + wa)
+    inside = window_tokens != np.iinfo(dtype).max
     return SetData(
         subject=subject, offsets=examples["offsets"].astype(np.int64), seq=examples["seq"], pos=examples["pos"],
         act=examples["act"], window=np.where(inside, window, np.nan).astype(np.float32),
-        window_tokens=np.where(inside, gathered, sentinel).astype(dtype), importance=scores,
+        window_tokens=window_tokens, importance=scores,
         max_activation=examples["max_activation"], histogram=examples["histogram"], labels=clusters["labels"],
         cluster_offsets=clusters["cluster_offsets"].astype(np.int64),
         cluster_central=clusters["cluster_central"].astype(np.int64), cluster_size=clusters["cluster_size"],
         linkage_offsets=clusters["linkage_offsets"].astype(np.int64), linkage=clusters["linkage"],
         metric={name: clusters[name] for name in schema.METRIC_NAMES}, logits=logits,
-        feature_start=feature_rows(atlas, subject, clusters))
+        feature_start=feature_rows(atlas, subject, clusters),
+        distance_offsets=clusters["distance_offsets"].astype(np.int64), distance_codes=clusters["distance_codes"],
+        interval_seq=interval_seq, interval_pos=examples["interval_pos"], interval_act=examples["interval_act"],
+        interval_tokens=interval_tokens)
+
+
+def windows_of(tokens: np.ndarray, seq: np.ndarray, pos: np.ndarray, before: int, after: int,
+               dtype: np.dtype) -> np.ndarray:
+    """[n, before + 1 + after] token ids around (seq, pos), the dtype's maximum outside the sequence (or where seq
+    is -1: no example)."""
+    context = tokens.shape[1]
+    positions = pos.astype(np.int64)[:, None] + np.arange(-before, after + 1)[None, :]
+    inside = (positions >= 0) & (positions < context) & (seq >= 0)[:, None]
+    gathered = tokens[np.clip(seq.astype(np.int64), 0, None)[:, None], np.clip(positions, 0, context - 1)]
+    return np.where(inside, gathered, np.iinfo(dtype).max).astype(dtype)
 
 
 def feature_rows(atlas: Atlas, subject: SubjectSet, clusters: dict[str, np.ndarray]) -> np.ndarray:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -41,20 +42,39 @@ def environment():
     return _ENV
 
 
+def page_url(atlas: Atlas, path: str) -> str:
+    """The page's URL as a citation names it: absolute under site_url, else the path relative to the site root."""
+    return f"{atlas.cfg.site_url.rstrip('/')}/{path}" if atlas.cfg.site_url else path
+
+
+def citation_key(path: str) -> str:
+    """A BibTeX key unique to the page: its path, with every character BibTeX keys cannot hold as '-'."""
+    return "neuronatlas:" + (re.sub(r"[^A-Za-z0-9:.-]", "-", path.strip("/").replace("/", ":")) or "index")
+
+
 def bibtex(atlas: Atlas, prov: dict, path: str, title: str) -> str:
     """BibTeX for the page at `path` (absolute when site_url is set, else the relative path)."""
     from builder.render.text import bibtex_escape
 
-    url = f"{atlas.cfg.site_url.rstrip('/')}/{path}" if atlas.cfg.site_url else path
-    key = "neuronatlas:" + re.sub(r"[^A-Za-z0-9:.-]", "-", path.strip("/").replace("/", ":"))
+    url = page_url(atlas, path)
     note = (f"Model {prov['model']} (revision {prov['model_revision']}); dataset {prov['dataset']}, "
             f"{prov['n_sequences']} sequences, {prov['n_tokens']} tokens; threshold {prov['threshold']}; "
             f"code {prov['code_version']}; config {prov['config_hash']}")
     year = prov["build_date"][:4]
-    return (f"@misc{{{key},\n  title = {{{{Neuron Atlas}}: {bibtex_escape(title)}}},\n"
+    return (f"@misc{{{citation_key(path)},\n  author = {{{bibtex_escape(author(atlas))}}},\n"
+            f"  title = {{{{Neuron Atlas}}: {bibtex_escape(title)}}},\n"
             f"  howpublished = {{\\url{{{url.replace('%', '%25').replace('#', '%23')}}}}},\n"
             f"  note = {{{bibtex_escape(note)}}},\n  year = {{{bibtex_escape(year)}}},\n"
             f"  date = {{{bibtex_escape(prov['build_date'])}}}\n}}\n")
+
+
+def author(atlas: Atlas) -> str:
+    return clean_text(atlas.cfg.author) or "Neuron Atlas"
+
+
+def citation_line(atlas: Atlas, prov: dict, path: str, title: str) -> str:
+    """The one-line citation shown above the BibTeX."""
+    return f"{author(atlas)} ({prov['build_date'][:4]}). Neuron Atlas: {title}. {page_url(atlas, path)}"
 
 
 class Site:
@@ -73,7 +93,8 @@ class Site:
         root = "../" * depth
         model_root = "../" * (depth - 1) if depth >= 1 else self.model + "/"
         return {**self.common, "root": root, "model_root": model_root, "path": path, "title": title,
-                "cite": bibtex(self.atlas, self.prov, path, cite_title), "kind": kind, **context}
+                "cite": bibtex(self.atlas, self.prov, path, cite_title),
+                "cite_line": citation_line(self.atlas, self.prov, path, cite_title), "kind": kind, **context}
 
     def nav(self, unit_id: UnitId, depth_below_set: int) -> dict:
         """Previous/next unit links (across sets, in index order) from a page `depth_below_set` folders below the
@@ -94,6 +115,28 @@ class Site:
         return {"prev": link(-1), "next": link(1)}
 
 
+def quoted(text: str) -> str:
+    """A token as a summary names it: display form in double quotes (the same as static/atlas.js's quoted)."""
+    return "\u201c" + display_token(text) + "\u201d"
+
+
+def summary_text(summary: dict, vocab: list[str]) -> str:
+    """`“ Ahab” ×12, “ whale” ×3 · after “ Captain” ×8 · mean 2.31, max 3.02` (static/atlas.js builds the same
+    text for re-cut clusters)."""
+    parts = [", ".join(f"{quoted(vocab[t])} \u00d7{c}" for t, c in summary["top"])]
+    if summary["before"] is not None:
+        parts.append(f"after {quoted(vocab[summary['before'][0]])} \u00d7{summary['before'][1]}")
+    parts.append(f"mean {fmt(summary['mean'], 3)}, max {fmt(summary['max'], 3)}")
+    return " \u00b7 ".join(parts)
+
+
+COLOURED_CLUSTERS = 8  # the largest clusters get a colour of their own (static/atlas.css .c0–.c7); the rest grey
+
+
+def colour_class(k: int) -> str:
+    return f"c{k}" if k < COLOURED_CLUSTERS else "cx"
+
+
 def render_unit(site: Site, data: SetData, unit: int, folder: Path) -> tuple[int, ...]:
     """Write one unit's sidecar (and its file:// twin), its page and its feature pages into `folder`.
 
@@ -106,20 +149,28 @@ def render_unit(site: Site, data: SetData, unit: int, folder: Path) -> tuple[int
     sidecar_bytes, twin_bytes = write_data_file(folder / "neuron.json", "neuron", sidecar)
     start = int(data.offsets[unit])
     count = sidecar["examples"]["count"]
-    labels = data.labels[start:start + count]
+    vocab = sidecar["vocab"]
     features = []
     for k, cluster in enumerate(sidecar["clusters"]):
-        members = np.flatnonzero(labels == k) + start
+        summary = cluster["summary"]
         features.append({"k": k, "size": cluster["size"], "share": fmt(100.0 * cluster["size"] / count, 3) + "%",
                          "central": static_example(atlas, data, start + cluster["central"]),
-                         "mean_act": fmt(float(data.act[members].mean()), 4) if len(members) else "–"})
+                         "mean_act": fmt(summary["mean"], 4), "summary": summary_text(summary, vocab),
+                         "colour": colour_class(k)})
+    clustered = [f for f in features if f["size"] > 1]
+    singles = [f for f in features if f["size"] == 1]
     metrics = sidecar["metrics"]
     metric_rows = [
-        ("Max activation", fmt(sidecar["max_activation"], 4)), ("Examples", str(metrics["n_examples"])),
-        ("Feature clusters", str(metrics["n_clusters"])), ("Largest cluster share", fmt(metrics["largest_share"])),
-        ("Max distance", fmt(metrics["max_distance"])), ("Mean distance", fmt(metrics["mean_distance"])),
-        ("Intra-cluster distance", fmt(metrics["intra_distance"])),
-        ("Inter-cluster distance", fmt(metrics["inter_distance"]))]
+        ("max_activation", "Max activation", fmt(sidecar["max_activation"], 4)),
+        ("n_examples", "Examples", str(metrics["n_examples"])),
+        ("n_clusters", "Feature clusters", f"{metrics['n_clusters']} ({len(clustered)} with 2+ examples)"),
+        ("largest_share", "Largest cluster share", fmt(metrics["largest_share"])),
+        ("max_distance", "Max distance", fmt(metrics["max_distance"])),
+        ("mean_distance", "Mean distance", fmt(metrics["mean_distance"])),
+        ("intra_distance", "Intra-cluster distance", fmt(metrics["intra_distance"])),
+        ("inter_distance", "Inter-cluster distance", fmt(metrics["inter_distance"]))]
+    metric_rows = [{"id": key, "name": name, "value": value, "definition": METRIC_DEFINITIONS[key]}
+                   for key, name, value in metric_rows]
 
     def logit_list(side: str) -> list[dict]:
         texts = [(display_token(atlas.vocab[i]) if i < len(atlas.vocab) else f"<{i}>", v)
@@ -133,16 +184,19 @@ def render_unit(site: Site, data: SetData, unit: int, folder: Path) -> tuple[int
     unit_id = UnitId(subject.key, unit)
     context = site.page(3, unit_path(site.model, subject, unit), f"{name} · {site.model}",
                         f"{site.model} {subject.label} neuron {unit}", "neuron", layer=subject.layer, neuron=unit,
-                        features=features, metric_rows=metric_rows, promoted=logit_list("top"),
-                        suppressed=logit_list("bottom"), count=count, threshold=atlas.cfg.cluster_threshold,
-                        cut_max=cut_max, nav=site.nav(unit_id, 1))
+                        features=features, clustered=clustered, singles=singles, metric_rows=metric_rows,
+                        promoted=logit_list("top"), suppressed=logit_list("bottom"), count=count,
+                        threshold=atlas.cfg.cluster_threshold, cut_max=cut_max, nav=site.nav(unit_id, 1),
+                        window_before=atlas.cfg.window_before, window_after=atlas.cfg.window_after)
     page = env.get_template("neuron.html").render(context).encode()
     (folder / "index.html").write_bytes(page)
     feature_template = env.get_template("feature.html")
-    nav = site.nav(unit_id, 2)
     feature_bytes = 0
     for feature in features:
         k = feature["k"]
+        nav = {"prev": {"href": f"../F{k - 1}/index.html", "label": f"F{k - 1}"} if k > 0 else None,
+               "next": ({"href": f"../F{k + 1}/index.html", "label": f"F{k + 1}"} if k + 1 < len(features)
+                        else None)}
         context = site.page(4, unit_path(site.model, subject, unit, k), f"{name} F{k} · {site.model}",
                             f"{site.model} {subject.label} neuron {unit} feature {k}", "feature",
                             layer=subject.layer, neuron=unit, feature=feature, count=count,
@@ -152,6 +206,21 @@ def render_unit(site: Site, data: SetData, unit: int, folder: Path) -> tuple[int
         (folder / f"F{k}" / "index.html").write_bytes(html)
         feature_bytes += len(html)
     return count, len(features), sidecar_bytes, len(page), feature_bytes, twin_bytes
+
+
+# Every metric's definition, as the tooltip and the method page's anchor (#m-<key>) give it.
+METRIC_DEFINITIONS = {
+    "max_activation": "The neuron's highest activation on any token of the dataset.",
+    "n_examples": "Sequences kept: the first ones in corpus order whose highest activation reaches the threshold "
+                  "× the maximum (at most max_examples).",
+    "n_clusters": "Feature clusters: groups of examples after cutting the average-linkage dendrogram of their "
+                  "neuron embeddings at the cluster threshold (cosine distance).",
+    "largest_share": "The largest cluster's share of the examples (1 = one feature).",
+    "max_distance": "The largest cosine distance between two examples' neuron embeddings.",
+    "mean_distance": "The mean cosine distance over all pairs of examples.",
+    "intra_distance": "The mean cosine distance between examples of the same cluster (low: coherent features).",
+    "inter_distance": "The mean cosine distance between examples of different clusters (high: distinct features).",
+}
 
 
 def random_unit(atlas: Atlas) -> tuple[SubjectSet, int]:
@@ -212,10 +281,15 @@ def model_pages(site: Site, model_dir: Path, root_dir: Path) -> None:
         path.write_bytes(env.get_template(template).render(context).encode())
 
     write(root_dir / "index.html", "home.html", site.page(0, "", "Neuron Atlas", "index", "home", coverage=coverage))
+    # GitHub Pages serves 404.html for a missing path at any depth, so its links are absolute from the site's path.
+    base = urlsplit(atlas.cfg.site_url).path.rstrip("/") + "/" if atlas.cfg.site_url else "/"
+    write(root_dir / "404.html", "404.html", {**site.page(0, "404.html", "Not found · Neuron Atlas", "index", "404"),
+                                              "root": base, "model_root": f"{base}{site.model}/"})
     write(model_dir / "index.html", "model.html",
           site.page(1, f"{site.model}/", f"{site.model} · Neuron Atlas", site.model, "model", coverage=coverage))
     (model_dir / "method").mkdir()
-    method = {"threshold": atlas.cfg.cluster_threshold, "space": atlas.cfg.neighbour_space,
+    method = {"threshold": atlas.cfg.cluster_threshold, "definitions": METRIC_DEFINITIONS,
+              "intervals": atlas.cfg.interval_count, "interval_examples": atlas.cfg.interval_examples, "space": atlas.cfg.neighbour_space,
               "threshold_note": threshold_note(atlas),
               "count": atlas.cfg.neighbour_count, "neighbour_threshold": atlas.cfg.neighbour_threshold,
               "window_before": atlas.cfg.window_before, "window_after": atlas.cfg.window_after}

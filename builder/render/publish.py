@@ -18,7 +18,7 @@ from builder.config import AtlasConfig
 from builder.render.codec import FILE_COPY_SUFFIX, dumps, write_data_file
 from builder.render.inputs import Atlas, load_atlas, load_set
 from builder.render.pages import REPO, Site, model_pages, render_unit
-from builder.render.sidecars import (atlas_manifest, central_tokens_of, provenance, token_index, unit_table,
+from builder.render.sidecars import (atlas_manifest, provenance, search_postings, search_shards, unit_table,
                                      vocab_file)
 from builder.shards import LocalExecutor, unit_ranges
 from builder.stage import progress, worker_count
@@ -50,15 +50,14 @@ def start_worker(atlas: Atlas) -> None:
     _worker.update(atlas=atlas, site=Site(atlas, provenance(atlas)), sets={})
 
 
-def render_units(task: RenderTask) -> tuple[list[tuple[int, ...]], np.ndarray, np.ndarray]:
-    """Render a task's units; returns their size tuples and their features' central max tokens and units."""
+def render_units(task: RenderTask) -> tuple[list[tuple[int, ...]], list[tuple[str, int, int, int]]]:
+    """Render a task's units; returns their size tuples and their features' search postings."""
     atlas, site = _worker["atlas"], _worker["site"]
     if task.set_key not in _worker["sets"]:
         _worker["sets"] = {task.set_key: load_set(atlas, atlas.index.get(task.set_key))}
     data = _worker["sets"][task.set_key]
     sizes = [render_unit(site, data, unit, Path(task.folder) / f"N{unit}") for unit in task.units]
-    tokens, units = central_tokens_of(data, atlas.cfg.window_before, task.units)
-    return sizes, tokens, units
+    return sizes, search_postings(atlas, data, task.units)
 
 
 def copy_static(target: Path) -> None:
@@ -117,7 +116,7 @@ def render_site(cfg: AtlasConfig, vocabulary: list[str] | None = None) -> dict:
     site_dir = Path(cfg.site_dir)
     recover_interrupted(site_dir)
     workers = worker_count(cfg) if atlas.n_units >= POOL_MIN_UNITS else 1
-    central_tokens, central_units, sizes = {}, {}, []
+    postings, sizes = [], []
     with atomic_dir(site_dir) as tmp:
         (tmp / ".nojekyll").write_bytes(b"")
         copy_static(tmp / "static")
@@ -131,19 +130,19 @@ def render_site(cfg: AtlasConfig, vocabulary: list[str] | None = None) -> dict:
         tasks = [RenderTask(s.key, units, str(model_dir / s.slug))
                  for s in atlas.sets for units in unit_ranges(s.size, workers, MAX_UNITS_PER_TASK)]
         executor = LocalExecutor(workers, initializer=functools.partial(start_worker, atlas))
-        parts: dict[str, list] = {s.key: [] for s in atlas.sets}
         try:
             with progress(total=atlas.n_units, desc="render", unit="unit") as bar:
-                for task, (task_sizes, tokens, units) in zip(tasks, executor.map(render_units, tasks)):
+                for task_sizes, task_postings in executor.map(render_units, tasks):
                     sizes += task_sizes
-                    parts[task.set_key].append((tokens, units))
+                    postings += task_postings
                     bar.update(len(task_sizes))
         finally:
             _worker.clear()
-        for key, pieces in parts.items():
-            central_tokens[key] = np.concatenate([t for t, _ in pieces] or [np.zeros(0, np.int64)])
-            central_units[key] = np.concatenate([u for _, u in pieces] or [np.zeros(0, np.int64)])
-        write_data_file(data_dir / "tokens.json", "tokens", token_index(atlas, central_tokens, central_units))
+        (data_dir / "search").mkdir()
+        search_bytes = 0
+        for shard in search_shards(atlas, postings):
+            search_bytes += write_data_file(data_dir / "search" / f"{shard['shard']}.json", f"search{shard['shard']}",
+                                            shard)[0]
         published, twins = site_bytes(tmp)
     seconds = time.perf_counter() - started
     n = atlas.n_units
@@ -153,6 +152,7 @@ def render_site(cfg: AtlasConfig, vocabulary: list[str] | None = None) -> dict:
              "local_bytes_per_neuron": round((published + twins) / n, 1) if n else 0.0,
              "mean_examples": round(float(per_unit[:, 0].mean()), 2) if n else 0.0,
              "mean_clusters": round(float(per_unit[:, 1].mean()), 2) if n else 0.0,
+             "search_bytes_per_feature": round(search_bytes / max(1, int(per_unit[:, 1].sum())), 1),
              "projected_bytes_per_neuron_at_100_examples": size_projection(per_unit, shared),
              "seconds": round(seconds, 3), "neurons_per_second": round(n / seconds, 1) if seconds > 0 else 0.0}
     log.info("render: %d units in %.1f s (%.0f units/s); %.1f KB per unit published (%.1f KB with the file:// "

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from builder import __version__
 from builder.render.codec import (SCHEMA_VERSIONS, SIMILARITY_SCALE, activation_range, pack, quantise_activations,
                                   quantise_importance, token_dtype)
-from builder.render.inputs import Atlas, SetData
+from builder.render.inputs import SNIPPET_BEFORE, Atlas, SetData
 from builder.render.text import clean_text, display_token, fmt, has_bidi, number
 from builder.schema import COUNT_METRICS, METRIC_NAMES
-from builder.subjects import SubjectSet
+from builder.subjects import SubjectSet, UnitId
 
 LOGIT_DIGITS = 4  # significant digits of a direct logit effect in the sidecar
 HISTOGRAM_DIGITS = 4  # and of a histogram edge
@@ -38,6 +40,22 @@ def provenance(atlas: Atlas) -> dict:
     }
 
 
+def local_vocabulary(atlas: Atlas, *token_arrays: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """The model token ids a page shows (sorted, sentinels dropped) and their strings: a sidecar carries only these,
+    so a page never downloads the model's whole vocabulary."""
+    ids = np.unique(np.concatenate([a.reshape(-1).astype(np.int64) for a in token_arrays]))
+    sentinel = np.iinfo(token_arrays[0].dtype).max
+    ids = ids[ids != sentinel]
+    return ids, [atlas.vocab[i] if i < len(atlas.vocab) else f"<{i}>" for i in ids.tolist()]
+
+
+def to_local(tokens: np.ndarray, ids: np.ndarray, dtype: str) -> np.ndarray:
+    """Model token ids -> indices into the local vocabulary `ids`; the sentinel stays the (local) dtype's maximum."""
+    sentinel_in = np.iinfo(tokens.dtype).max
+    local = np.searchsorted(ids, tokens.astype(np.int64))
+    return np.where(tokens == sentinel_in, np.iinfo(np.dtype(f"<{dtype}")).max, local)
+
+
 def unit_sidecar(atlas: Atlas, data: SetData, unit: int, prov: dict) -> dict:
     """`neuron.json`: one unit, everything its page and its feature pages show."""
     cfg = atlas.cfg
@@ -45,41 +63,68 @@ def unit_sidecar(atlas: Atlas, data: SetData, unit: int, prov: dict) -> dict:
     window = data.window[part]
     lo, hi = activation_range(window, float(data.max_activation[unit]))
     links = data.linkage[int(data.linkage_offsets[unit]):int(data.linkage_offsets[unit + 1])]
-    clusters = slice(int(data.cluster_offsets[unit]), int(data.cluster_offsets[unit + 1]))
+    pairs = data.distance_codes[int(data.distance_offsets[unit]):int(data.distance_offsets[unit + 1])]
     hist_counts = data.histogram[unit]
     nonzero = np.flatnonzero(hist_counts)
     first, last = (int(nonzero[0]), int(nonzero[-1])) if len(nonzero) else (0, -1)
     edges = atlas.histogram_edges
     bounds = [None if i < 0 or i >= len(edges) else number(edges[i], HISTOGRAM_DIGITS)
               for i in range(first - 1, last + 1)]
-    dtype = token_dtype(len(atlas.vocab))
+    interval_present = data.interval_seq[unit] >= 0  # [n_intervals, k]
+    interval_tokens = data.interval_tokens[unit][interval_present]
+    ids, strings = local_vocabulary(atlas, data.window_tokens[part], interval_tokens)
+    dtype = token_dtype(len(ids) + 1)
+    summaries = feature_summaries(data, unit, cfg.window_before)
+    for summary in summaries:
+        summary["top"] = [[int(np.searchsorted(ids, t)), c] for t, c in summary["top"]]
+        if summary["before"] is not None:
+            summary["before"] = [int(np.searchsorted(ids, summary["before"][0])), summary["before"][1]]
+    neighbours, neighbour_text = neighbour_rows(atlas, data, unit)
+    centrals = data.cluster_central[int(data.cluster_offsets[unit]):int(data.cluster_offsets[unit + 1])]
+    maximum = float(data.max_activation[unit])
+    n_intervals = data.interval_seq.shape[1]
+    step = float(atlas.meta["threshold"]) * maximum / n_intervals if maximum > 0 else 0.0
     return {
         "schema_version": SCHEMA_VERSIONS["neuron"],
         "kind": "neuron",
         "model": cfg.name,
+        "set": data.subject.key,
         "layer": data.subject.layer,
         "neuron": unit,
         "path": unit_path(cfg.name, data.subject, unit),
-        "max_activation": number(data.max_activation[unit]),
+        "max_activation": number(maximum),
         "metrics": {name: (int(data.metric[name][unit]) if name in COUNT_METRICS else number(data.metric[name][unit]))
                     for name in METRIC_NAMES},
         "cluster_threshold": cfg.cluster_threshold,
         "window": {"before": cfg.window_before, "after": cfg.window_after},
+        "vocab": strings,
         "examples": {
             "count": part.stop - part.start,
             "token_dtype": dtype,
-            "tokens": pack(data.window_tokens[part], dtype),
+            "tokens": pack(to_local(data.window_tokens[part], ids, dtype), dtype),
             "activation_range": [lo, hi],
             "activation": pack(quantise_activations(window, lo, hi), "u1"),
             "importance": pack(quantise_importance(data.importance[part]), "u1"),
             "sequence": pack(data.seq[part], "u4"),
             "position": pack(data.pos[part], "u4"),
             "cluster": pack(data.labels[part], "u4"),
+            "distance": pack(pairs, "u1"),
         },
-        "clusters": [{"size": int(size), "central": int(central - part.start)}
-                     for size, central in zip(data.cluster_size[clusters], data.cluster_central[clusters])],
+        "clusters": [{"size": int(size), "central": int(central - part.start), "summary": summary}
+                     for size, central, summary in zip(
+                         data.cluster_size[int(data.cluster_offsets[unit]):int(data.cluster_offsets[unit + 1])],
+                         centrals, summaries)],
+        "intervals": {
+            "bounds": [number(i * step, 4) for i in range(n_intervals + 1)],
+            "interval": pack(np.nonzero(interval_present)[0], "u1"),
+            "sequence": pack(data.interval_seq[unit][interval_present], "u4"),
+            "position": pack(data.interval_pos[unit][interval_present], "u4"),
+            "activation": [number(v, 4) for v in data.interval_act[unit][interval_present]],
+            "tokens": pack(to_local(interval_tokens, ids, dtype), dtype),
+        },
         "linkage": {"children": pack(links[:, :2], "u4"), "distance": pack(links[:, 2], "f4")},
-        "neighbours": pack(neighbour_rows(atlas, data, unit), "i4"),
+        "neighbours": pack(neighbours, "i4"),
+        "neighbour_text": neighbour_text,
         "histogram": {"edges": bounds, "counts": [int(c) for c in hist_counts[first:last + 1]]},
         "logits": {side: [[int(i), number(v, LOGIT_DIGITS)]
                           for i, v in zip(data.logits[f"logit_{side}_ids"][unit],
@@ -89,19 +134,63 @@ def unit_sidecar(atlas: Atlas, data: SetData, unit: int, prov: dict) -> dict:
     }
 
 
-def neighbour_rows(atlas: Atlas, data: SetData, unit: int) -> np.ndarray:
-    """[m, 5] int32 rows (this unit's cluster, the other set's layer, its unit, its cluster, round(similarity·10⁴)),
-    per cluster in the neighbours artefact's order, without empty slots (-1)."""
+SUMMARY_TOKENS = 3  # most frequent max tokens a feature summary names
+
+
+def ranked_counts(values: np.ndarray) -> list[tuple[int, int]]:
+    """(value, count) pairs, most frequent first, ties by first appearance: the order static/atlas.js uses too."""
+    if not len(values):
+        return []
+    unique, first, counts = np.unique(values, return_index=True, return_counts=True)
+    order = np.lexsort((first, -counts))
+    return [(int(unique[i]), int(counts[i])) for i in order]
+
+
+def feature_summary(window_tokens: np.ndarray, act: np.ndarray, window_before: int, sentinel: int) -> dict:
+    """One feature's summary from its examples' windows [n, W] and max activations [n]: its most frequent max
+    tokens with counts, the most frequent token just before the max token, mean and max activation, size."""
+    before = window_tokens[:, window_before - 1] if window_before > 0 else np.zeros(0, np.int64)
+    before = before[before != sentinel]
+    top_before = ranked_counts(before)
+    return {"top": [list(pair) for pair in ranked_counts(window_tokens[:, window_before])[:SUMMARY_TOKENS]],
+            "before": list(top_before[0]) if top_before else None,
+            "mean": number(act.mean(), 4), "max": number(act.max(), 4), "size": int(len(act))}
+
+
+def feature_summaries(data: SetData, unit: int, window_before: int) -> list[dict]:
+    """The summary of each of a unit's features, in feature order (token ids are the model's)."""
+    part = slice(int(data.offsets[unit]), int(data.offsets[unit + 1]))
+    labels = data.labels[part]
+    tokens, act = data.window_tokens[part], data.act[part]
+    sentinel = int(np.iinfo(data.window_tokens.dtype).max)
+    k = int(data.cluster_offsets[unit + 1] - data.cluster_offsets[unit])
+    return [feature_summary(tokens[labels == c], act[labels == c], window_before, sentinel) for c in range(k)]
+
+
+def neighbour_rows(atlas: Atlas, data: SetData, unit: int) -> tuple[np.ndarray, list[list]]:
+    """[m, 5] int32 rows (this unit's cluster, the other feature's set position, its unit, its cluster,
+    round(similarity·10⁴)), per cluster in the neighbours artefact's order, without empty slots (-1); and per row
+    what its link shows: [text before the max token, the max token, text after, its most frequent max token, that
+    token's count, its size] (from the other feature's central example)."""
     table = atlas.neighbours
     rows = slice(int(data.feature_start[unit]), int(data.feature_start[unit + 1]))
     index = table["neighbour_index"][rows]
     similarity = table["neighbour_similarity"][rows]
     source, slot = np.nonzero(index >= 0)
     target = index[source, slot]
-    layers = np.array([s.layer for s in atlas.sets], np.int64)
-    return np.stack([source, layers[table["feature_set"][target]], table["feature_unit"][target],
-                     table["feature_cluster"][target],
-                     np.rint(similarity[source, slot].astype(np.float64) * SIMILARITY_SCALE)], axis=1).astype(np.int32)
+    packed = np.stack([source, table["feature_set"][target], table["feature_unit"][target],
+                       table["feature_cluster"][target],
+                       np.rint(similarity[source, slot].astype(np.float64) * SIMILARITY_SCALE)], axis=1)
+    digest = atlas.digest
+    before = SNIPPET_BEFORE
+
+    def text(ids) -> str:
+        return "".join(display_token(atlas.vocab[i]) if i < len(atlas.vocab) else f"<{i}>" for i in ids if i >= 0)
+
+    texts = [[text(digest["snippet"][t][:before]), text(digest["snippet"][t][before:before + 1]),
+              text(digest["snippet"][t][before + 1:]), text([digest["top_token"][t]]), int(digest["top_count"][t]),
+              int(digest["size"][t])] for t in target.tolist()]
+    return packed.astype(np.int32), texts
 
 
 def static_example(atlas: Atlas, data: SetData, index: int) -> dict:
@@ -135,36 +224,100 @@ def unit_table(atlas: Atlas) -> dict:
     for name in METRIC_NAMES:
         columns[name] = ([int(v) for v in table[name]] if name in COUNT_METRICS
                          else [number(v, 3) for v in table[name]])
+    owner = atlas.index.rows_of(atlas.neighbours["feature_set"], atlas.neighbours["feature_unit"])
+    digest = atlas.digest
+    columns["n_multi"] = np.bincount(owner[digest["size"] >= 2], minlength=atlas.n_units).astype(int).tolist()
+    largest = np.full(atlas.n_units, -1, np.int64)
+    first_feature = atlas.neighbours["feature_cluster"] == 0
+    largest[owner[first_feature]] = np.flatnonzero(first_feature)
+    columns["summary"] = [unit_description(atlas, int(f)) if f >= 0 else "" for f in largest]
     return {"schema_version": SCHEMA_VERSIONS["neuron-table"], "kind": "neuron-table", "model": atlas.cfg.name,
             "sets": set_descriptions(atlas), "columns": columns}
 
 
-def token_index(atlas: Atlas, central_tokens: dict[str, np.ndarray], central_units: dict[str, np.ndarray]) -> dict:
-    """`tokens.json`: token id -> rows of the unit table whose features' central examples peak on that token, those
-    with most such features first, then by row."""
-    token = np.concatenate([central_tokens[s.key].astype(np.int64) for s in atlas.sets] or [np.zeros(0, int)])
-    row = np.concatenate([atlas.index.rows_of(np.full(len(central_units[s.key]), i), central_units[s.key])
-                          for i, s in enumerate(atlas.sets)] or [np.zeros(0, int)])
-    if len(token):
-        pairs, counts = np.unique(np.stack([token, row], axis=1), axis=0, return_counts=True)
-    else:
-        pairs, counts = np.zeros((0, 2), np.int64), np.zeros(0, np.int64)
-    pairs = pairs[np.lexsort((pairs[:, 1], -counts, pairs[:, 0]))]
-    unique_tokens, starts = np.unique(pairs[:, 0], return_index=True)
-    ends = np.r_[starts[1:], len(pairs)].astype(np.int64)
-    return {"schema_version": SCHEMA_VERSIONS["token-index"], "kind": "token-index", "model": atlas.cfg.name,
-            "sets": set_descriptions(atlas), "token_ids": [int(t) for t in unique_tokens],
-            "rows": [[int(r) for r in pairs[s:e, 1]] for s, e in zip(starts, ends)]}
+def unit_description(atlas: Atlas, feature: int) -> str:
+    """What the index's description column says of a unit: its largest feature's most frequent max token."""
+    digest = atlas.digest
+    token = int(digest["top_token"][feature])
+    text = display_token(atlas.vocab[token]) if 0 <= token < len(atlas.vocab) else f"<{token}>"
+    return f"\u201c{text}\u201d \u00d7{int(digest['top_count'][feature])} of {int(digest['size'][feature])}"
 
 
-def central_tokens_of(data: SetData, window_before: int, units: range) -> tuple[np.ndarray, np.ndarray]:
-    """The max token id of every cluster's central example of the given units, and the unit each cluster belongs
-    to."""
-    clusters = slice(int(data.cluster_offsets[units.start]), int(data.cluster_offsets[units.stop]))
-    central = data.cluster_central[clusters]
-    tokens = data.window_tokens[central, window_before] if len(central) else np.zeros(0, np.int64)
-    owners = np.repeat(np.arange(units.start, units.stop), np.diff(data.cluster_offsets[units.start:units.stop + 1]))
-    return tokens, owners
+# Search: words (letters/digits runs, or single other non-space characters), lower-cased, so a multi-token word such
+# as " Ahab" is one word. A feature is indexed by the word at its examples' max token (with how many examples peak
+# on it) and by the words within SEARCH_CONTEXT tokens of its central example's max token. Postings live in
+# SEARCH_SHARDS files chosen by a hash of the word (static/atlas.js computes the same hash).
+WORD = re.compile(r"\w+|[^\w\s]")
+SEARCH_CONTEXT = 3
+SEARCH_SHARDS = 64
+
+
+def words_of(text: str) -> list[str]:
+    return [m.group(0).lower() for m in WORD.finditer(text)]
+
+
+def word_shard(word: str, shards: int = SEARCH_SHARDS) -> int:
+    """FNV-1a (32-bit) of the word's UTF-8 bytes, modulo the shard count."""
+    h = 0x811C9DC5
+    for byte in word.encode("utf-8"):
+        h = ((h ^ byte) * 0x01000193) & 0xFFFFFFFF
+    return h % shards
+
+
+def peak_word(pieces: list[str], at: int) -> str | None:
+    """The word overlapping token `at` of a window of token strings (None when the token is only whitespace)."""
+    text = "".join(pieces)
+    start = sum(len(p) for p in pieces[:at])
+    end = start + len(pieces[at])
+    for m in WORD.finditer(text):
+        if m.start() < end and m.end() > start:
+            return m.group(0).lower()
+    return None
+
+
+def search_postings(atlas: Atlas, data: SetData, units: range) -> list[tuple[str, int, int, int]]:
+    """(word, unit row, feature, examples peaking on the word; 0 = only near the central example's max) for every
+    feature of the given units."""
+    wb = atlas.cfg.window_before
+    vocab = atlas.vocab
+    sentinel = int(np.iinfo(data.window_tokens.dtype).max)
+    postings = []
+    for unit in units:
+        row = atlas.index.row(UnitId(data.subject.key, unit))
+        part = slice(int(data.offsets[unit]), int(data.offsets[unit + 1]))
+        labels = data.labels[part]
+        centrals = data.cluster_central[int(data.cluster_offsets[unit]):int(data.cluster_offsets[unit + 1])]
+        peaks: list[dict[str, int]] = [dict() for _ in centrals]
+        for j, window in enumerate(data.window_tokens[part].tolist()):
+            pieces = [vocab[t] if t < len(vocab) else "" for t in window[:wb + 1] if t != sentinel]
+            tail = [vocab[t] if t < len(vocab) else "" for t in window[wb + 1:] if t != sentinel]
+            word = peak_word(pieces + tail, len(pieces) - 1)
+            if word is not None:
+                counts = peaks[labels[j]]
+                counts[word] = counts.get(word, 0) + 1
+        for k, central in enumerate(centrals.tolist()):
+            window = data.window_tokens[central].tolist()
+            near = [vocab[t] if t < len(vocab) else "" for t in window[wb - SEARCH_CONTEXT:wb + 2]
+                    if t != sentinel]
+            for word, count in peaks[k].items():
+                postings.append((word, row, k, count))
+            for word in dict.fromkeys(words_of("".join(near))):
+                if word not in peaks[k]:
+                    postings.append((word, row, k, 0))
+    return postings
+
+
+def search_shards(atlas: Atlas, postings: list[tuple[str, int, int, int]]) -> list[dict]:
+    """`search/{i}.json`: per word, its postings [unit row, feature, peak count], most peaking examples first."""
+    by_word: dict[str, list[list[int]]] = {}
+    for word, row, k, count in postings:
+        by_word.setdefault(word, []).append([row, k, count])
+    shards = [{} for _ in range(SEARCH_SHARDS)]
+    for word in sorted(by_word):
+        shards[word_shard(word)][word] = sorted(by_word[word], key=lambda p: (-p[2], p[0], p[1]))
+    return [{"schema_version": SCHEMA_VERSIONS["search"], "kind": "search", "model": atlas.cfg.name,
+             "sets": set_descriptions(atlas), "shard": i, "shards": SEARCH_SHARDS, "words": shard}
+            for i, shard in enumerate(shards)]
 
 
 def atlas_manifest(atlas: Atlas, prov: dict) -> dict:
@@ -175,6 +328,7 @@ def atlas_manifest(atlas: Atlas, prov: dict) -> dict:
             "token_dtype": token_dtype(len(atlas.vocab)),
             "window": {"before": atlas.cfg.window_before, "after": atlas.cfg.window_after},
             "cluster_threshold": atlas.cfg.cluster_threshold, "max_examples": atlas.meta.get("max_examples"),
+            "search": {"shards": SEARCH_SHARDS, "context": SEARCH_CONTEXT}, "site_url": atlas.cfg.site_url,
             "histogram_edges": [number(e, 6) for e in atlas.histogram_edges], "provenance": prov}
 
 
