@@ -605,7 +605,7 @@
         any = true;
         var ids = Array.prototype.slice.call(iv.tokens, j * N.width, (j + 1) * N.width);
         var values = ids.map(function (_, c) { return c === N.before ? iv.act[j] : NaN; });
-        var card = el("div", { class: "example cx" });
+        var card = el("div", { class: "iv-example cx" });
         card.appendChild(el("p", { class: "ex-meta" }, "max " + fmt(iv.act[j], 3) + " \u00b7 sequence " + iv.seq[j] +
           ", position " + iv.pos[j]));
         card.appendChild(tokenLine(N, ids, values, null));

@@ -32,6 +32,12 @@ WORDS = [" the", " whale", " sea", " ship", " captain", " Ahab", ".", ",", " whi
          " wind", " wave", " crew", " boat", " line", " oil", " night", " morning", " and", " of", " a", " to"]
 
 VOCAB = ["<s>"] + list(HOSTILE.values()) + WORDS  # id 0 is BOS; hostile tokens are ids 1..8
+RANDOM_VOCAB = len(VOCAB)  # random tokens are drawn below this id
+# A word split into two tokens (" Ah" + "ab"), placed once at a max token (layer 2, neuron 0, sequence 6).
+SPLIT_WORD = (" Ah", "ab")
+VOCAB += list(SPLIT_WORD)
+SPLIT_IDS = (RANDOM_VOCAB, RANDOM_VOCAB + 1)
+SPLIT_AT = (6, 10)  # sequence, position of "ab"
 HOSTILE_ID = {name: 1 + i for i, name in enumerate(HOSTILE)}
 
 LAYERS = (0, 2)
@@ -59,12 +65,13 @@ def write_artefacts(cfg: AtlasConfig, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     paths = AtlasPaths.of(cfg)
     wb, wa = cfg.window_before, cfg.window_after
-    tokens = rng.integers(len(HOSTILE) + 1, len(VOCAB), size=(N_SEQ, CONTEXT)).astype(np.int32)
+    tokens = rng.integers(len(HOSTILE) + 1, RANDOM_VOCAB, size=(N_SEQ, CONTEXT)).astype(np.int32)
     tokens[:, 0] = 0
     # Hostile tokens everywhere they can do harm: at max tokens and in context.
     tokens[1, 1:1 + len(HOSTILE)] = list(HOSTILE_ID.values())  # all inside the window of position 5
     tokens[3, 7] = HOSTILE_ID["script"]
     tokens[4, 2:6] = [HOSTILE_ID["img"], HOSTILE_ID["rtl"], HOSTILE_ID["template"], HOSTILE_ID["surrogate"]]
+    tokens[SPLIT_AT[0], SPLIT_AT[1] - 1:SPLIT_AT[1] + 1] = SPLIT_IDS
 
     TOKENS.write_npz(paths.tokens, tokens=tokens, packing=np.array('{"bos_token_id": 0, "build_date": "2024-01-01"}'))
     all_clusters = {}
@@ -78,8 +85,10 @@ def write_artefacts(cfg: AtlasConfig, seed: int = 0) -> None:
             if layer == 0 and neuron == 0:
                 chosen[:2] = [1, 4]  # the hostile sequences
                 chosen = np.sort(chosen)
+            if layer == 2 and neuron == 0 and SPLIT_AT[0] not in chosen:
+                chosen = np.sort(np.r_[SPLIT_AT[0], chosen[1:]])
             for seq in chosen:
-                pos = {1: 5, 4: 3, 3: 7}.get(int(seq), int(rng.integers(1, CONTEXT)))
+                pos = {1: 5, 4: 3, 3: 7, SPLIT_AT[0]: SPLIT_AT[1]}.get(int(seq), int(rng.integers(1, CONTEXT)))
                 act = peak * float(rng.uniform(0.8, 1.0)) if seq != chosen[0] else peak
                 offsets = np.arange(-wb, wa + 1)
                 window = rng.normal(0.0, 0.15 * peak, size=len(offsets)).astype(np.float32)
@@ -98,10 +107,10 @@ def write_artefacts(cfg: AtlasConfig, seed: int = 0) -> None:
                   vector_index=np.arange(n_ex, dtype=np.int32), vector_seq=np.array(seqs, np.int32),
                   vector_pos=np.array(poss, np.int32), vectors=vectors,
                   histogram=histograms(rng), histogram_edges=HISTOGRAM_EDGES,
-                  **no_interval_examples(cfg))
-        top = rng.integers(1, len(VOCAB), size=(D_MLP, 10)).astype(np.int32)
+                  **interval_examples(cfg, maxima))
+        top = rng.integers(1, RANDOM_VOCAB, size=(D_MLP, 10)).astype(np.int32)
         top[0, :5] = [HOSTILE_ID[name] for name in ("script", "img", "newline", "template", "entity")]
-        bottom = rng.integers(1, len(VOCAB), size=(D_MLP, 10)).astype(np.int32)
+        bottom = rng.integers(1, RANDOM_VOCAB, size=(D_MLP, 10)).astype(np.int32)
         bottom[0, :3] = [HOSTILE_ID[name] for name in ("rtl", "zero_width", "surrogate")]
         WEIGHTS.write_npz(paths.set_file("embed", f"L{layer}"),
                   w=rng.normal(size=(D_MODEL, D_MLP)).astype(np.float32), b=np.zeros(D_MLP, np.float32),
@@ -144,11 +153,19 @@ def write_artefacts(cfg: AtlasConfig, seed: int = 0) -> None:
         "forwarded_sequences_last_run": N_SEQ, "build_date": "2024-01-01"})
 
 
-def no_interval_examples(cfg: AtlasConfig) -> dict[str, np.ndarray]:
-    """Collect's interval-example arrays with every slot empty (the renderer does not show them yet)."""
+def interval_examples(cfg: AtlasConfig, maxima: list[float]) -> dict[str, np.ndarray]:
+    """Collect's interval-example arrays: for a live unit, one sequence in the middle of each interval (the second
+    slot left empty), none for a dead unit."""
     shape = (D_MLP, cfg.interval_count, cfg.interval_examples)
-    return {"interval_seq": np.full(shape, -1, np.int32), "interval_pos": np.full(shape, -1, np.int32),
-            "interval_act": np.full(shape, np.nan, np.float32)}
+    seq, pos = np.full(shape, -1, np.int32), np.full(shape, -1, np.int32)
+    act = np.full(shape, np.nan, np.float32)
+    for unit, peak in enumerate(maxima):
+        if peak <= 0 or cfg.interval_examples == 0:
+            continue
+        for i in range(cfg.interval_count):
+            seq[unit, i, 0], pos[unit, i, 0] = (3 * i + unit + 2) % N_SEQ, 2 + (i + unit) % (CONTEXT - 2)
+            act[unit, i, 0] = (i + 0.5) / cfg.interval_count * cfg.threshold * peak
+    return {"interval_seq": seq, "interval_pos": pos, "interval_act": act}
 
 
 def histograms(rng) -> np.ndarray:

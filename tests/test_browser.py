@@ -97,16 +97,6 @@ def tab(browser):
     opened.close()
 
 
-def indexed_word(site) -> str:
-    """A plain word that the token index lists (some feature's central example peaks on it)."""
-    import json
-
-    index = json.loads((site["dir"] / MODEL / "data" / "tokens.json").read_text())
-    words = [fx.VOCAB[t] for t in index["token_ids"] if fx.VOCAB[t] in fx.WORDS and fx.VOCAB[t].strip().isalpha()]
-    assert words, "the fixture's token index lists no plain word"
-    return words[0]
-
-
 def alpha(colour: str) -> float:
     """Opacity of a computed CSS colour ('rgb(…)' is opaque, 'rgba(…, a)' has alpha a)."""
     numbers = [float(x) for x in re.findall(r"[\d.]+", colour)]
@@ -205,6 +195,20 @@ def test_hostile_tokens_fire_no_dialog_and_show_their_text_literally(site, tab):
     assert tab.dialogs == [] and tab.errors == []
 
 
+def colours(page, selector: str) -> list[str]:
+    """The colour class (c0-c7, cx) of each element matching `selector`."""
+    return page.eval_on_selector_all(selector, "ns => ns.map(n => [...n.classList].find(c => /^c(\\d+|x)$/.test(c)) "
+                                               "|| '')")
+
+
+def recut_groups(page) -> dict[int, list[int]]:
+    """Cluster id -> example indices of the regrouped feature list (every example shown, folded groups opened)."""
+    page.evaluate("document.querySelectorAll('#features-recut details').forEach(d => d.open = true);"
+                  "document.querySelectorAll('#features-recut button.more').forEach(b => b.click())")
+    return page.evaluate("""() => Object.fromEntries([...document.querySelectorAll('#features-recut section.feature')]
+        .map(s => [s.dataset.cluster, [...s.querySelectorAll('.example')].map(e => +e.dataset.index)]))""")
+
+
 def test_dragging_the_threshold_recuts_the_dendrogram_like_scipy(site, tab):
     from scipy.cluster.hierarchy import fcluster
 
@@ -216,16 +220,121 @@ def test_dragging_the_threshold_recuts_the_dendrogram_like_scipy(site, tab):
         found = page.evaluate("t => Array.from(Atlas.fcluster(Atlas.neuron.children, Atlas.neuron.distance, "
                               "Atlas.neuron.n, t))", t)
         assert found == expected.tolist(), t
-    leaves = lambda: page.eval_on_selector_all("#dendro .leaf", "ls => ls.map(l => l.style.fill)")  # noqa: E731
-    at_default = leaves()
-    assert len(set(at_default)) == 2 and page.text_content("#cut-k").startswith("2 clusters")
+    leaves = lambda: colours(page, "#dendro .leaf")  # noqa: E731
+    assert len(set(leaves())) == 2 and page.text_content("#cut-k").startswith("2 clusters")
     page.locator("#cut").fill("0.01")
     assert page.text_content("#cut-k").startswith("8 clusters") and len(set(leaves())) == 8
     assert page.text_content("#cut-out") == "0.01"
     page.locator("#cut").fill("2")
     assert page.text_content("#cut-k").startswith("1 cluster") and len(set(leaves())) == 1
-    chips = page.eval_on_selector_all(".example", "cards => cards.map(c => c.style.borderLeftColor)")
-    assert len(set(chips)) == 1
+    assert len(set(colours(page, "#features-recut .example"))) == 1
+
+
+def test_a_recut_regroups_the_feature_list_like_fcluster_with_recomputed_centrals(site, tab):
+    import json
+
+    from scipy.cluster.hierarchy import fcluster
+
+    doc = json.loads((site["dir"] / MODEL / "L0" / "N0" / "neuron.json").read_text())
+    n = doc["examples"]["count"]
+    codes = np.frombuffer(__import__("zlib").decompress(__import__("base64").b64decode(doc["examples"]["distance"])),
+                          np.uint8)
+    square = np.zeros((n, n))
+    square[np.triu_indices(n, 1)] = codes
+    square += square.T
+    clusters = read_clusters(AtlasPaths.of(site["cfg"]), "L0")
+    tree = clusters["linkage"][clusters["linkage_offsets"][0]:clusters["linkage_offsets"][1]]
+    page = tab.open(site["url"] + NEURON)
+    for t in (0.3, 1.2):
+        page.locator("#cut").fill(str(t))
+        labels = ranked_labels(fcluster(tree, t=t, criterion="distance"))
+        expected = {k: np.flatnonzero(labels == k).tolist() for k in range(labels.max() + 1)}
+        groups = recut_groups(page)
+        assert {int(k): sorted(v) for k, v in groups.items()} == expected, t
+        assert page.locator("#features-static").is_hidden() and page.locator("#contents-static").is_hidden()
+        assert page.url.endswith(f"#cut={t}")
+        for k, members in expected.items():
+            # Literal reference: the member with the least summed distance code to the others, first on ties.
+            sums = [square[i, members].sum() for i in members]
+            assert groups[str(k)][0] == members[int(np.argmin(sums))], (t, k)
+            colour = colours(page, f"#features-recut section#C{k}")[0]
+            assert colour == (f"c{k}" if k < 8 else "cx")
+            assert set(colours(page, f"#features-recut section#C{k} .example")) == {colour}
+        rows = page.locator("#contents-recut tbody tr").count()
+        singles = sum(1 for m in expected.values() if len(m) == 1)
+        assert rows == sum(1 for m in expected.values() if len(m) > 1) + (1 if singles else 0)
+    page.click("#cut-reset")
+    assert page.locator("#features-static").is_visible() and "#cut" not in page.url
+    assert tab.errors == []
+
+
+def test_the_cut_lives_in_the_url_so_a_recut_view_can_be_shared(site, tab):
+    page = tab.open(site["url"] + NEURON + "#cut=1.2")
+    assert page.input_value("#cut") == "1.2" and page.text_content("#cut-out") == "1.2"
+    assert page.locator("#features-recut").is_visible() and page.locator("#features-static").is_hidden()
+    assert "re-cut" in page.text_content("#cut-k")
+    page.locator("#cut").fill("0.3")
+    assert page.url.endswith("#cut=0.3")
+    page.reload()
+    page.wait_for_selector("html[data-ready=true]")
+    assert page.input_value("#cut") == "0.3"
+    assert tab.errors == []
+
+
+def test_dendrogram_leaves_and_examples_point_at_each_other(site, tab):
+    page = tab.open(site["url"] + NEURON)
+    last = page.locator("#dendro circle.leaf").nth(7)
+    index = last.get_attribute("data-index")
+    last.click()
+    card = page.locator(f'#features-static .example[data-index="{index}"]')
+    assert "hl" in card.get_attribute("class") and card.is_visible()
+    page.locator('#features-static .example[data-index="0"]').hover()
+    assert "hl" in page.locator('#dendro circle.leaf[data-index="0"]').get_attribute("class")
+    labels = page.eval_on_selector_all("#dendro text.label", "ts => ts.map(t => t.textContent)")
+    assert "cut 0.5" in labels and all(t in labels for t in ("0", "0.5", "1"))
+    assert tab.errors == []
+
+
+def test_histogram_has_round_ticks_a_labelled_log_scale_and_reads_bins_on_focus(site, tab):
+    page = tab.open(site["url"] + NEURON)
+    labels = page.eval_on_selector_all("#hist text", "ts => ts.map(t => t.textContent)")
+    assert "tokens (log scale)" in labels and "0" in labels and "10" in labels
+    ticks = [float(t) for t in labels if re.fullmatch(r"-?\d+(\.\d+)?", t)]
+    assert ticks and all(abs(v * 10 - round(v * 10)) < 1e-9 for v in ticks)
+    marker = page.locator("#hist .marker-label").bounding_box()
+    for bar in page.locator("#hist rect.bar").all():
+        box = bar.bounding_box()
+        if box and box["height"] > 0:
+            assert marker["y"] + marker["height"] <= box["y"] + 0.5  # the threshold label sits above every bar
+    page.focus("#hist svg")
+    page.keyboard.press("ArrowRight")
+    assert re.match(r"Bin \(.+, .+\]: \d+ tokens?", page.text_content("#hist-readout"))
+    assert tab.errors == []
+
+
+def test_legends_and_metric_definitions_are_on_the_neuron_page(site, tab):
+    page = tab.open(site["url"] + NEURON)
+    legend = page.text_content("#legend")
+    assert "activation" in legend and "importance" in legend and "not scored" in legend
+    for dt in page.locator("dl.metrics > div").all():
+        assert dt.get_attribute("title")
+        href = dt.locator("a").get_attribute("href")
+        assert href.startswith("../../method/index.html#m-")
+        anchor = href.split("#")[1]
+        method = (site["dir"] / MODEL / "method" / "index.html").read_text()
+        assert f'id="{anchor}"' in method
+    assert tab.errors == []
+
+
+def test_examples_can_be_ordered_by_activation_and_interval_examples_show(site, tab):
+    page = tab.open(site["url"] + NEURON)
+    first = lambda: page.eval_on_selector_all("#F0 .example .ex-meta", "ms => ms.map(m => +m.textContent.split(' ')[1])")  # noqa: E731
+    page.select_option("#order", "activation")
+    values = first()
+    assert values == sorted(values, reverse=True) and len(values) > 1
+    assert page.locator("#interval-list .interval").count() == site["cfg"].interval_count
+    assert page.locator("#interval-list .iv-example").count() == site["cfg"].interval_count
+    assert tab.errors == []
 
 
 def test_a_feature_page_shows_its_cluster_from_the_neuron_sidecar(site, tab):
@@ -242,7 +351,7 @@ def test_a_feature_page_shows_its_cluster_from_the_neuron_sidecar(site, tab):
     assert tab.errors == []
 
 
-def test_the_index_table_sorts_filters_and_search_finds_neurons_and_tokens(site, tab):
+def test_the_index_table_sorts_filters_and_search_finds_neurons_and_words(site, tab):
     page = tab.open(site["url"] + f"{MODEL}/index.html")
     rows = lambda: page.eval_on_selector_all("#neurons tbody tr td:first-child", "ts => ts.map(t => t.textContent)")  # noqa: E731
     assert rows()[:3] == ["L0 N0", "L0 N1", "L0 N2"] and len(rows()) == 10
@@ -257,17 +366,73 @@ def test_the_index_table_sorts_filters_and_search_finds_neurons_and_tokens(site,
     page.fill("#q", "2/3")
     page.press("#q", "Enter")
     page.wait_for_url("**/tiny-atlas/L2/N3/index.html")
-    tab.open(site["url"] + f"{MODEL}/index.html")
-    word = indexed_word(site)
-    page.fill("#q", f"  {word.strip().upper()} ")  # matched ignoring case and surrounding spaces
-    page.press("#q", "Enter")
-    page.wait_for_selector("#results .token-hit")
-    assert f'"{word}"' in page.text_content("#results")
-    assert page.locator("#results .token-hit a").count() >= 1
     page.fill("#q", "L7 N0")
     page.press("#q", "Enter")
+    page.wait_for_url("**/tiny-atlas/index.html#q=*")
+    page.wait_for_selector("html[data-ready=true]")
     assert "No neuron L7 N0" in page.text_content("#results")
     assert tab.errors == []
+
+
+def test_the_index_keeps_sort_filters_and_page_in_the_url_and_back_restores_them(site, tab):
+    page = tab.open(site["url"] + f"{MODEL}/index.html")
+    page.click("th button[data-col=max_activation]")
+    page.fill("#f-ex", "2")
+    assert "sort=max_activation%3Adesc" in page.url and "ex=2" in page.url
+    shown = page.eval_on_selector_all("#neurons tbody tr td:first-child", "ts => ts.map(t => t.textContent)")
+    page.click("#neurons tbody tr a >> nth=0")
+    page.wait_for_url("**/N*/index.html")
+    page.go_back()
+    page.wait_for_selector("html[data-ready=true]")
+    assert page.input_value("#f-ex") == "2"
+    assert page.get_attribute("th:has(button[data-col=max_activation])", "aria-sort") == "descending"
+    assert page.eval_on_selector_all("#neurons tbody tr td:first-child", "ts => ts.map(t => t.textContent)") == shown
+    assert tab.errors == []
+
+
+def test_search_finds_a_multi_token_word_ranked_and_says_when_a_word_is_absent(site, tab):
+    page = tab.open(site["url"] + f"{MODEL}/index.html")
+    page.fill("#q", "  AHAB ")  # " Ah" + "ab": one word, matched ignoring case and spaces
+    page.press("#q", "Enter")
+    page.wait_for_selector("#results ol.hits li")
+    first = page.locator("#results ol.hits li a").first
+    assert first.get_attribute("href") == "L2/N0/F" + first.text_content().split(" F")[1] + "/index.html"
+    assert "peaks on ahab" in page.text_content("#results ol.hits li >> nth=0")
+    assert "q=" in page.url
+    page.fill("#q", "zeppelin")
+    page.press("#q", "Enter")
+    page.wait_for_selector("#results p:has-text('is not in this atlas')")
+    assert tab.errors == []
+
+
+def test_the_404_page_offers_search_and_the_question_mark_shows_the_keys(site, tab):
+    page = tab.open(site["url"] + "404.html")
+    assert "Not in this atlas" in page.text_content("h1") and page.locator("#q").count() == 1
+    page.keyboard.press("?")
+    assert page.locator("#keys-help").is_visible() and "j / n" in page.text_content("#keys-help")
+    page.keyboard.press("Escape")
+    assert page.locator("#keys-help").count() == 0
+    feature = tab.open(site["url"] + f"{MODEL}/L0/N0/F0/index.html")
+    feature.keyboard.press("j")
+    feature.wait_for_url("**/L0/N0/F1/index.html")
+    feature.wait_for_selector("html[data-ready=true]")
+    feature.keyboard.press("k")
+    feature.wait_for_url("**/L0/N0/F0/index.html")
+    assert tab.errors == []
+
+
+def test_a_first_visit_to_the_heaviest_neuron_page_transfers_under_100_kb(site, browser):
+    heaviest = max((site["dir"] / MODEL).glob("L*/N*/neuron.json"), key=lambda p: p.stat().st_size).parent
+    visit = Tab(browser)
+    sizes = {}
+    try:
+        visit.page.on("response", lambda r: sizes.__setitem__(r.url, len(r.body())) if r.ok else None)
+        visit.open(site["url"] + str(heaviest.relative_to(site["dir"])) + "/index.html")
+        visit.page.wait_for_timeout(200)
+        assert not any(url.endswith("vocab.json") for url in sizes)
+        assert sum(sizes.values()) < 100_000, sizes
+    finally:
+        visit.close()
 
 
 def test_dark_mode_follows_the_system_and_the_toggle_persists(site, browser):
@@ -327,9 +492,9 @@ def test_the_site_works_over_file_urls(site, tab):
     assert page.locator(".example").count() >= 1
     page = tab.open((site["dir"] / MODEL / "index.html").as_uri())
     assert page.locator("#neurons tbody tr").count() == 10
-    page.fill("#q", indexed_word(site))
+    page.fill("#q", "ahab")
     page.press("#q", "Enter")
-    page.wait_for_selector("#results .token-hit")
+    page.wait_for_selector("#results ol.hits li")
     page = tab.open((site["dir"] / "index.html").as_uri())
     page.click("a.random")
     page.wait_for_url(re.compile(r".*/L\d/N\d/index\.html$"))

@@ -66,6 +66,7 @@ def test_hostile_corpus_renders_literally_and_runs_nothing(hostile_site, share_e
             for neuron in neurons:
                 for page_path in (f"hostile/L0/N{neuron}/index.html", f"hostile/L0/N{neuron}/F0/index.html"):
                     page = tab.open(url + page_path)
+                    page.evaluate("document.querySelectorAll('details').forEach(d => d.open = true)")
                     shown += page.eval_on_selector_all(".tok", "ts => ts.map(t => t.textContent).join('')")
                     for locator in page.locator(".tok").all()[:40]:
                         locator.hover()

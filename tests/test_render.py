@@ -196,7 +196,8 @@ def test_sidecar_decodes_back_to_the_artefacts(built):
     ids = codec.unpack(ex["tokens"], ex["token_dtype"]).reshape(n, width)
     seq, pos = codec.unpack(ex["sequence"], "u4"), codec.unpack(ex["position"], "u4")
     assert np.array_equal(seq, examples.seq[part]) and np.array_equal(pos, examples.pos[part])
-    assert np.array_equal(ids[:, cfg.window_before], tokens[seq, pos])  # the max token
+    local = np.array([fx.VOCAB.index(t) if t in fx.VOCAB else -1 for t in doc["vocab"]])
+    assert np.array_equal(local[ids[:, cfg.window_before]], tokens[seq, pos])  # the max token, via the local vocab
     assert np.array_equal(codec.unpack(ex["cluster"], "u4"), clusters["labels"][part])
     links = clusters["linkage"][clusters["linkage_offsets"][neuron]:clusters["linkage_offsets"][neuron + 1]]
     assert np.array_equal(codec.unpack(doc["linkage"]["children"], "u4").reshape(-1, 2), links[:, :2])
@@ -207,18 +208,21 @@ def test_sidecar_decodes_back_to_the_artefacts(built):
 def test_sidecar_has_the_documented_schema(built):
     _, site = built
     doc = sidecar(site, 0, 0)
-    assert doc["schema_version"] == codec.SCHEMA_VERSIONS["neuron"] == 1
+    assert doc["schema_version"] == codec.SCHEMA_VERSIONS["neuron"] == 2
     assert doc["kind"] == "neuron" and doc["model"] == MODEL and (doc["layer"], doc["neuron"]) == (0, 0)
-    assert set(doc) == {"schema_version", "kind", "model", "layer", "neuron", "path", "max_activation", "metrics",
-                        "cluster_threshold", "window", "examples", "clusters", "linkage", "neighbours", "histogram",
-                        "logits", "provenance"}
+    assert set(doc) == {"schema_version", "kind", "model", "set", "layer", "neuron", "path", "max_activation",
+                        "metrics", "cluster_threshold", "window", "vocab", "examples", "clusters", "intervals",
+                        "linkage", "neighbours", "neighbour_text", "histogram", "logits", "provenance"}
     assert set(doc["examples"]) == {"count", "token_dtype", "tokens", "activation_range", "activation",
-                                    "importance", "sequence", "position", "cluster"}
+                                    "importance", "sequence", "position", "cluster", "distance"}
+    assert set(doc["intervals"]) == {"bounds", "interval", "sequence", "position", "activation", "tokens"}
+    assert set(doc["clusters"][0]) == {"size", "central", "summary"}
+    assert set(doc["clusters"][0]["summary"]) == {"top", "before", "mean", "max", "size"}
     assert set(doc["provenance"]) == {"model", "model_revision", "dataset", "n_sequences", "n_tokens", "threshold",
                                       "code_version", "config_hash", "build_date"}
     assert doc["path"] == f"{MODEL}/L0/N0/"
     schema_doc = (ROOT / "docs" / "sidecar-schema.md").read_text()
-    for key in list(doc) + list(doc["examples"]):
+    for key in list(doc) + list(doc["examples"]) + list(doc["intervals"]) + list(doc["clusters"][0]["summary"]):
         assert f"`{key}`" in schema_doc, f"{key} is not documented in docs/sidecar-schema.md"
 
 
@@ -229,9 +233,12 @@ def test_neighbours_in_the_sidecar_point_at_existing_feature_pages(built):
     for page in (site / MODEL).glob("L*/N*/neuron.json"):
         doc = json.loads(page.read_text())
         rows = codec.unpack(doc["neighbours"], "i4").reshape(-1, 5)
-        for source, layer, neuron, cluster, similarity in rows:
+        assert len(doc["neighbour_text"]) == len(rows)
+        for (source, position, neuron, cluster, similarity), text in zip(rows, doc["neighbour_text"]):
             assert 0 <= source < len(doc["clusters"])
+            layer = fx.LAYERS[position]
             assert (site / MODEL / f"L{layer}" / f"N{neuron}" / f"F{cluster}" / "index.html").is_file()
+            assert len(text) == 6 and text[4] >= 1 and text[5] >= text[4]
             assert 5000 <= similarity <= 10000  # fixture similarities are in [0.5, 1]
             found += 1
     assert found == int((table["neighbour_index"] >= 0).sum()) > 0
@@ -255,7 +262,7 @@ def test_urls_follow_the_documented_layout(built):
     paths = AtlasPaths.of(cfg)
     for name in ("index.html", ".nojekyll", "static/atlas.js", "static/atlas.css", f"{MODEL}/index.html",
                  f"{MODEL}/method/index.html", f"{MODEL}/data/atlas.json", f"{MODEL}/data/vocab.json",
-                 f"{MODEL}/data/neurons.json", f"{MODEL}/data/tokens.json", f"{MODEL}/data/vocab.json.js"):
+                 f"{MODEL}/data/neurons.json", f"{MODEL}/data/search/0.json", f"{MODEL}/data/vocab.json.js", "404.html"):
         assert (site / name).is_file(), name
     for layer in fx.LAYERS:
         assert (site / MODEL / f"L{layer}" / "index.html").is_file()
@@ -272,7 +279,12 @@ def test_every_relative_link_and_resource_resolves_to_a_file(built):
     _, site = built
     checked = 0
     for page in html_pages(site):
+        if page.name == "404.html":
+            continue  # served for a missing path at any depth: its links are absolute (test_the_404_page_...)
         for target in re.findall(r'(?:href|src)="([^"]+)"', page.read_text(encoding="utf-8")):
+            if target.startswith("#"):
+                assert f'id="{target[1:]}"' in page.read_text(encoding="utf-8"), f"{page}: no anchor {target}"
+                continue
             assert not re.match(r"[a-z]+:|/", target), f"{page} has a non-relative link {target}"
             path = (page.parent / target.split("#")[0]).resolve()
             assert path.is_file(), f"{page.relative_to(site)} links to missing {target}"
@@ -310,25 +322,48 @@ def test_model_index_states_coverage_and_the_method_page_shows_the_report(built)
     assert "0.35" in method and "0.31" in method and "0.73" in method and "6 / 5" in method
 
 
-def test_neuron_table_and_token_index_cover_every_neuron_and_feature(built):
+def test_neuron_table_and_search_index_cover_every_neuron_and_feature(built):
     cfg, site = built
     paths = AtlasPaths.of(cfg)
     table = json.loads((site / MODEL / "data" / "neurons.json").read_text())
-    assert table["schema_version"] == 2
+    assert table["schema_version"] == 3
     assert [(s["key"], s["layer"], s["size"], s["offset"]) for s in table["sets"]] == \
         [(f"L{layer}", layer, fx.D_MLP, i * fx.D_MLP) for i, layer in enumerate(fx.LAYERS)]
     assert table["columns"]["n_examples"] == [c for layer in fx.LAYERS for c in fx.EXAMPLE_COUNTS[layer]]
-    index = json.loads((site / MODEL / "data" / "tokens.json").read_text())
-    assert index["schema_version"] == 2 and index["sets"] == table["sets"]
-    lookup = dict(zip(index["token_ids"], index["rows"]))
+    manifest = json.loads((site / MODEL / "data" / "atlas.json").read_text())
+    shards = manifest["search"]["shards"]
+    words = {}
+    for i in range(shards):
+        doc = json.loads((site / MODEL / "data" / "search" / f"{i}.json").read_text())
+        assert doc["kind"] == "search" and doc["shard"] == i
+        for word, postings in doc["words"].items():
+            assert sidecars.word_shard(word, shards) == i
+            words[word] = postings
     tokens = read_tokens(paths)
+    wb, wa = cfg.window_before, cfg.window_after
     for position, layer in enumerate(fx.LAYERS):
         examples, clusters = read_examples(paths, f"L{layer}"), read_clusters(paths, f"L{layer}")
         for neuron in range(fx.D_MLP):
-            for central in clusters["cluster_central"][clusters["cluster_offsets"][neuron]:
-                                                       clusters["cluster_offsets"][neuron + 1]]:
-                token = int(tokens[examples.seq[central], examples.pos[central]])
-                assert table["sets"][position]["offset"] + neuron in lookup[token]
+            row = table["sets"][position]["offset"] + neuron
+            part = examples.unit_slice(neuron)
+            labels = clusters["labels"][part]
+            sizes = np.bincount(labels) if len(labels) else np.zeros(0, int)
+            assert table["columns"]["n_multi"][row] == int((sizes >= 2).sum())
+            assert (table["columns"]["summary"][row] != "") == (len(labels) > 0)
+            for k in range(len(sizes)):
+                # Literal reference: the word spanning each member's max token, counted.
+                expected = {}
+                for j in np.flatnonzero(labels == k) + part.start:
+                    seq, pos = int(examples.seq[j]), int(examples.pos[j])
+                    before = "".join(fx.VOCAB[t] for t in tokens[seq, max(0, pos - wb):pos])
+                    text = before + "".join(fx.VOCAB[t] for t in tokens[seq, pos:pos + wa + 1])
+                    start, end = len(before), len(before) + len(fx.VOCAB[tokens[seq, pos]])
+                    spans = [m for m in re.finditer(r"\w+|[^\w\s]", text) if m.start() < end and m.end() > start]
+                    if spans:
+                        word = spans[0].group(0).lower()
+                        expected[word] = expected.get(word, 0) + 1
+                for word, count in expected.items():
+                    assert [row, k, count] in words[word], (layer, neuron, k, word)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -511,6 +546,83 @@ def test_the_method_page_explains_a_threshold_other_than_the_papers(tmp_path, bu
 def test_feature_pages_number_features_as_their_urls_do_and_the_landing_page_says_how_examples_are_chosen(built):
     _, site = built
     page = (site / MODEL / "L0" / "N0" / "F1" / "index.html").read_text()
-    assert "feature F1 of F0–F1" in page and "cluster 2 of" not in page
+    assert "Feature F1 <small>of F0–F1</small>" in page and "cluster 2 of" not in page
     home = (site / "index.html").read_text()
     assert "first examples in corpus order" in home and "strongest examples" not in home
+
+
+def test_feature_summaries_count_max_tokens_and_the_token_before_as_a_literal_loop_does(built):
+    cfg, site = built
+    paths = AtlasPaths.of(cfg)
+    examples, clusters = read_examples(paths, "L0"), read_clusters(paths, "L0")
+    tokens = read_tokens(paths)
+    doc = sidecar(site, 0, 0)
+    part = examples.unit_slice(0)
+    for k, cluster in enumerate(doc["clusters"]):
+        members = [j for j in range(part.start, part.stop) if clusters["labels"][j] == k]
+        peaks, befores, first = {}, {}, {}
+        for order, j in enumerate(members):
+            seq, pos = int(examples.seq[j]), int(examples.pos[j])
+            peak = int(tokens[seq, pos])
+            peaks[peak] = peaks.get(peak, 0) + 1
+            first.setdefault(("p", peak), order)
+            if pos > 0:
+                before = int(tokens[seq, pos - 1])
+                befores[before] = befores.get(before, 0) + 1
+                first.setdefault(("b", before), order)
+        ranked = sorted(peaks, key=lambda t: (-peaks[t], first[("p", t)]))[:3]
+        summary = cluster["summary"]
+        assert [(fx.VOCAB[t], c) for t, c in [(ranked_id, peaks[ranked_id]) for ranked_id in ranked]] == \
+            [(fx.VOCAB[fx.VOCAB.index(doc["vocab"][t])], c) for t, c in summary["top"]]
+        best_before = min(befores, key=lambda t: (-befores[t], first[("b", t)]))
+        assert (doc["vocab"][summary["before"][0]], summary["before"][1]) == (fx.VOCAB[best_before],
+                                                                              befores[best_before])
+        acts = examples.act[members]
+        assert summary["size"] == len(members) == cluster["size"]
+        assert abs(summary["mean"] - float(acts.mean())) < 1e-3 and abs(summary["max"] - float(acts.max())) < 1e-3
+    page = (site / MODEL / "L0" / "N0" / "index.html").read_text()
+    assert "Features at a glance" in page
+    for cluster in doc["clusters"]:
+        top_token, count = cluster["summary"]["top"][0]
+        assert html.escape("\u201c" + text.display_token(doc["vocab"][top_token]) + "\u201d", quote=True) + \
+            f" \u00d7{count}" in page
+
+
+def test_single_example_features_fold_into_one_unclustered_group_and_keep_their_pages(tmp_path):
+    cfg = fx.build_site(tmp_path, cluster_threshold=0.01)  # a low cut: many features of one example
+    paths = AtlasPaths.of(cfg)
+    clusters = read_clusters(paths, "L0")
+    sizes = clusters["cluster_size"][clusters["cluster_offsets"][0]:clusters["cluster_offsets"][1]]
+    singles = np.flatnonzero(sizes == 1)
+    assert len(singles) >= 2
+    page = (Path(cfg.site_dir) / MODEL / "L0" / "N0" / "index.html").read_text()
+    group = page[page.index('<details class="unclustered" id="unclustered">'):]
+    group = group[:group.index("</details>")]
+    assert f"Unclustered examples ({len(singles)}:" in group
+    for k in range(len(sizes)):
+        assert (f'id="F{k}"' in group) == (k in singles)
+        assert (Path(cfg.site_dir) / MODEL / "L0" / "N0" / f"F{k}" / "index.html").is_file()
+
+
+def test_citations_are_absolute_with_the_configured_author_and_a_unique_key_per_page(tmp_path):
+    cfg = fx.build_site(tmp_path, site_url="https://example.org/atlas/", author="Interp Lab")
+    site = Path(cfg.site_dir)
+    keys = []
+    for page in html_pages(site):
+        body = page.read_text()
+        if "@misc{" not in body:
+            continue
+        keys.append(re.search(r"@misc\{([^,]+),", body).group(1))
+        assert "author = {Interp Lab}" in body
+        assert "Interp Lab (2024). Neuron Atlas:" in body and "https://example.org/atlas/" in body
+    assert len(keys) == len(set(keys)) > 20
+    feature = (site / MODEL / "L0" / "N0" / "F0" / "index.html").read_text()
+    assert 'class="prov"' in feature and f"config {cfg.config_hash()}" in feature
+
+
+def test_the_404_page_links_absolutely_from_the_site_url_path_and_offers_search(tmp_path):
+    cfg = fx.build_site(tmp_path, site_url="https://example.org/atlas/")
+    page = (Path(cfg.site_dir) / "404.html").read_text()
+    assert 'src="/atlas/static/atlas.js"' in page and 'href="/atlas/static/atlas.css"' in page
+    assert 'data-model="/atlas/tiny-atlas/"' in page and 'href="/atlas/tiny-atlas/index.html"' in page
+    assert 'data-kind="404"' in page  # atlas.js adds the search box to every page's header

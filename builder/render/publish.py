@@ -15,7 +15,7 @@ import numpy as np
 
 from builder.artefacts import atomic_dir
 from builder.config import AtlasConfig
-from builder.render.codec import FILE_COPY_SUFFIX, dumps, write_data_file
+from builder.render.codec import FILE_COPY_SUFFIX, write_data_file
 from builder.render.inputs import Atlas, load_atlas, load_set
 from builder.render.pages import REPO, Site, model_pages, render_unit
 from builder.render.sidecars import (atlas_manifest, provenance, search_postings, search_shards, unit_table,
@@ -124,7 +124,7 @@ def render_site(cfg: AtlasConfig, vocabulary: list[str] | None = None) -> dict:
         data_dir = model_dir / "data"
         data_dir.mkdir(parents=True)
         write_data_file(data_dir / "vocab.json", "vocab", vocab_file(atlas))
-        (data_dir / "atlas.json").write_bytes(dumps(atlas_manifest(atlas, prov)) + b"\n")
+        write_data_file(data_dir / "atlas.json", "atlas", atlas_manifest(atlas, prov))
         write_data_file(data_dir / "neurons.json", "neurons", unit_table(atlas))
         model_pages(site, model_dir, tmp)
         tasks = [RenderTask(s.key, units, str(model_dir / s.slug))
