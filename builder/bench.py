@@ -197,6 +197,13 @@ def bench_render_and_memory(cfg: AtlasConfig) -> None:
             line(f"render: projected GPT-2-small site, {GPT2_EXAMPLES} examples, {clusters} clusters/neuron "
                  "(limit 1 GB)",
                  f"{projected / 1000:.1f} KB/neuron, {projected * GPT2_NEURONS / 1e9:.2f}× of 1 GB")
+        budget = {"5": 26_800, "10": 39_600}  # issue 11's bounds at 100 examples (bytes per neuron)
+        for clusters, limit in budget.items():
+            if clusters in projections:
+                line(f"render: projection at {clusters} clusters against its bound ({limit / 1000:.1f} KB)",
+                     f"{projections[clusters] / limit:.3f}× of the bound")
+        if "search_bytes_per_feature" in stats:
+            line("render: word search index per feature (budget 200 B)", f"{stats['search_bytes_per_feature']:.0f} B")
         rate = stats["neurons"] / stats["seconds"]
         line("render: throughput", f"{rate:,.0f} neurons/s")
         line("render: projected reference render (target < 10 min)", f"{GPT2_NEURONS / rate / 60:.1f} min")

@@ -6,7 +6,8 @@ Each set's vectors are centred (its features' mean vector subtracted) before the
 a large common component (measured on the embedded atlas: the mean carries 61-63% of a central example's norm, and
 two random features have median cosine 0.38-0.40, 5% above 0.5), so without centring every feature had 20
 "neighbours" above 0.5 and the threshold thinned nothing. Centred, a random pair has median cosine ≈ 0 and the
-threshold keeps only real matches. Search is approximate nearest neighbours with PyNNDescent (cosine, fixed seed, one thread so results reproduce);
+threshold keeps only real matches.
+Search is approximate nearest neighbours with PyNNDescent (cosine, fixed seed, one thread so results reproduce);
 when there are too few features for a neighbour graph the search is exact. Features of the same unit are never
 neighbours. Up to `neighbour_count` neighbours are kept, those with cosine similarity ≥ `neighbour_threshold`;
 missing slots hold index -1 and similarity NaN.

@@ -29,6 +29,10 @@ if [ ! -f "$site/index.html" ]; then
     echo "deploy: no rendered site at '$site' (missing $site/index.html); run \`make site\` first" >&2
     exit 2
 fi
+# Citations need absolute URLs: warn when the site was rendered without site_url.
+if grep -q '"site_url":""' "$site"/*/data/atlas.json 2>/dev/null; then
+    echo "deploy: warning: the site was built without site_url, so its citations use relative paths; set site_url in the config and rebuild before publishing" >&2
+fi
 git rev-parse --git-dir >/dev/null 2>&1 || { echo "deploy: not inside a git repository" >&2; exit 2; }
 site_abs=$(cd "$site" && pwd)
 

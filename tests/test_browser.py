@@ -328,7 +328,8 @@ def test_legends_and_metric_definitions_are_on_the_neuron_page(site, tab):
 
 def test_examples_can_be_ordered_by_activation_and_interval_examples_show(site, tab):
     page = tab.open(site["url"] + NEURON)
-    first = lambda: page.eval_on_selector_all("#F0 .example .ex-meta", "ms => ms.map(m => +m.textContent.split(' ')[1])")  # noqa: E731
+    first = lambda: page.eval_on_selector_all("#F0 .example .ex-meta",  # noqa: E731
+                                              "ms => ms.map(m => +m.textContent.split(' ')[1])")
     page.select_option("#order", "activation")
     values = first()
     assert values == sorted(values, reverse=True) and len(values) > 1
@@ -501,14 +502,23 @@ def test_the_site_works_over_file_urls(site, tab):
     assert tab.errors == []
 
 
-def test_a_screenshot_of_a_neuron_page_is_saved(site, browser):
-    shot = Tab(browser, viewport={"width": 1200, "height": 900})
+@pytest.mark.parametrize("name, options", [
+    ("neuron", {"viewport": {"width": 1200, "height": 900}}),
+    ("neuron-dark", {"viewport": {"width": 1200, "height": 900}, "color_scheme": "dark"}),
+    ("neuron-phone", {"viewport": {"width": 390, "height": 844}, "device_scale_factor": 2, "is_mobile": True}),
+])
+def test_screenshots_of_a_polysemantic_neuron_page_are_saved(site, browser, name, options):
+    shot = Tab(browser, **options)
     try:
         page = shot.open(site["url"] + NEURON)
-        target = ROOT / "test-artifacts" / "neuron.png"
+        assert page.locator("#features-static section.feature").count() >= 2  # more than one feature
+        target = ROOT / "test-artifacts" / f"{name}.png"
         target.parent.mkdir(exist_ok=True)
         page.screenshot(path=str(target), full_page=True)
         assert target.stat().st_size > 20_000
         assert np.frombuffer(target.read_bytes()[:8], np.uint8).tolist() == [137, 80, 78, 71, 13, 10, 26, 10]
+        width = page.evaluate("document.documentElement.scrollWidth")
+        assert width <= options["viewport"]["width"] + 1  # nothing forces sideways scrolling
+        assert shot.errors == []
     finally:
         shot.close()

@@ -234,11 +234,11 @@ def test_neighbours_in_the_sidecar_point_at_existing_feature_pages(built):
         doc = json.loads(page.read_text())
         rows = codec.unpack(doc["neighbours"], "i4").reshape(-1, 5)
         assert len(doc["neighbour_text"]) == len(rows)
-        for (source, position, neuron, cluster, similarity), text in zip(rows, doc["neighbour_text"]):
+        for (source, position, neuron, cluster, similarity), shown in zip(rows, doc["neighbour_text"]):
             assert 0 <= source < len(doc["clusters"])
             layer = fx.LAYERS[position]
             assert (site / MODEL / f"L{layer}" / f"N{neuron}" / f"F{cluster}" / "index.html").is_file()
-            assert len(text) == 6 and text[4] >= 1 and text[5] >= text[4]
+            assert len(shown) == 6 and shown[4] >= 1 and shown[5] >= shown[4]
             assert 5000 <= similarity <= 10000  # fixture similarities are in [0.5, 1]
             found += 1
     assert found == int((table["neighbour_index"] >= 0).sum()) > 0
@@ -262,7 +262,8 @@ def test_urls_follow_the_documented_layout(built):
     paths = AtlasPaths.of(cfg)
     for name in ("index.html", ".nojekyll", "static/atlas.js", "static/atlas.css", f"{MODEL}/index.html",
                  f"{MODEL}/method/index.html", f"{MODEL}/data/atlas.json", f"{MODEL}/data/vocab.json",
-                 f"{MODEL}/data/neurons.json", f"{MODEL}/data/search/0.json", f"{MODEL}/data/vocab.json.js", "404.html"):
+                 f"{MODEL}/data/neurons.json", f"{MODEL}/data/search/0.json", f"{MODEL}/data/vocab.json.js",
+                 "404.html"):
         assert (site / name).is_file(), name
     for layer in fx.LAYERS:
         assert (site / MODEL / f"L{layer}" / "index.html").is_file()

@@ -289,7 +289,8 @@ def model_pages(site: Site, model_dir: Path, root_dir: Path) -> None:
           site.page(1, f"{site.model}/", f"{site.model} · Neuron Atlas", site.model, "model", coverage=coverage))
     (model_dir / "method").mkdir()
     method = {"threshold": atlas.cfg.cluster_threshold, "definitions": METRIC_DEFINITIONS,
-              "intervals": atlas.cfg.interval_count, "interval_examples": atlas.cfg.interval_examples, "space": atlas.cfg.neighbour_space,
+              "intervals": atlas.cfg.interval_count, "interval_examples": atlas.cfg.interval_examples,
+              "space": atlas.cfg.neighbour_space,
               "threshold_note": threshold_note(atlas),
               "count": atlas.cfg.neighbour_count, "neighbour_threshold": atlas.cfg.neighbour_threshold,
               "window_before": atlas.cfg.window_before, "window_after": atlas.cfg.window_after}

@@ -1,0 +1,1 @@
+(window.ATLAS_DATA=window.ATLAS_DATA||{})["search2"]={"kind":"search","model":"tiny-atlas","schema_version":1,"sets":[{"key":"L0","kind":"mlp","layer":0,"offset":0,"size":5,"slug":"L0"},{"key":"L2","kind":"mlp","layer":2,"offset":5,"size":5,"slug":"L2"}],"shard":2,"shards":64,"words":{"s":[[6,0,0]]}};

@@ -1,1 +1,0 @@
-(window.ATLAS_DATA=window.ATLAS_DATA||{})["tokens"]={"kind":"token-index","model":"tiny-atlas","rows":[[3,7],[0,5,6],[6],[4,5,9],[0],[1],[3],[7]],"schema_version":2,"sets":[{"key":"L0","kind":"mlp","layer":0,"offset":0,"size":5,"slug":"L0"},{"key":"L2","kind":"mlp","layer":2,"offset":5,"size":5,"slug":"L2"}],"token_ids":[1,5,9,10,13,17,18,24]};
