@@ -61,7 +61,6 @@ class NeuronClusters:
     central: Int[np.ndarray, " k"]  # index (within the neuron's examples) of each cluster's central example
     sizes: Int[np.ndarray, " k"]
     metrics: dict[str, float]
-    distance_codes: Int[np.ndarray, " n_pairs"]  # condensed distances quantised to uint8 (distance_codes())
 
 
 def ranked_labels(raw: Int[np.ndarray, " n"]) -> Int[np.ndarray, " n"]:
@@ -86,27 +85,18 @@ def central_examples(square: Float[np.ndarray, "n n"], labels: Int[np.ndarray, "
     return central
 
 
-# Condensed cosine distances in [0, 2] are published as uint8 codes round(d · 127.5), so the browser can recompute
-# central examples when a reader re-cuts the dendrogram (a step of 0.008 in distance).
-DISTANCE_CODE_SCALE = 127.5
-
-
-def distance_codes(condensed: Float[np.ndarray, " n_pairs"]) -> np.ndarray:
-    return np.rint(np.clip(condensed, 0.0, 2.0) * DISTANCE_CODE_SCALE).astype(np.uint8)
-
-
 def cluster_neuron(features: Float[np.ndarray, "n d"], threshold: float) -> NeuronClusters:
     n = len(features)
     if n == 0:
         metrics = dict.fromkeys(METRIC_NAMES, float("nan"))
         metrics.update(n_examples=0, n_clusters=0)
         return NeuronClusters(np.zeros(0, np.int32), np.zeros((0, 4)), np.zeros(0, np.int32),
-                              np.zeros(0, np.int32), metrics, np.zeros(0, np.uint8))
+                              np.zeros(0, np.int32), metrics)
     if n == 1:
         metrics = dict.fromkeys(METRIC_NAMES, float("nan"))
         metrics.update(n_examples=1, n_clusters=1, largest_share=1.0)
         return NeuronClusters(np.zeros(1, np.int32), np.zeros((0, 4)), np.zeros(1, np.int32),
-                              np.ones(1, np.int32), metrics, np.zeros(0, np.uint8))
+                              np.ones(1, np.int32), metrics)
     condensed = cosine_distances(features)
     tree = linkage(condensed, method="average")
     labels = ranked_labels(fcluster(tree, t=threshold, criterion="distance"))
@@ -114,7 +104,7 @@ def cluster_neuron(features: Float[np.ndarray, "n d"], threshold: float) -> Neur
     square = squareform(condensed)
     sizes = np.bincount(labels, minlength=k).astype(np.int32)
     return NeuronClusters(labels, tree, central_examples(square, labels, k), sizes,
-                          polysemanticity_metrics(condensed, labels, sizes), distance_codes(condensed))
+                          polysemanticity_metrics(condensed, labels, sizes))
 
 
 def polysemanticity_metrics(condensed: np.ndarray, labels: np.ndarray, sizes: np.ndarray) -> dict[str, float]:
@@ -200,7 +190,6 @@ def set_arrays(results: list[NeuronClusters], offsets: np.ndarray) -> dict[str, 
     """Flatten per-unit results; cluster centrals become indices into the set's example arrays."""
     n_clusters = np.array([len(r.sizes) for r in results])
     n_links = np.array([len(r.linkage) for r in results])
-    n_pairs = np.array([len(r.distance_codes) for r in results])
     return {
         "labels": np.concatenate([r.labels for r in results]).astype(np.int32),
         "cluster_offsets": np.r_[0, np.cumsum(n_clusters)].astype(np.int64),
@@ -208,8 +197,6 @@ def set_arrays(results: list[NeuronClusters], offsets: np.ndarray) -> dict[str, 
         "cluster_size": np.concatenate([r.sizes for r in results]).astype(np.int32),
         "linkage_offsets": np.r_[0, np.cumsum(n_links)].astype(np.int64),
         "linkage": np.concatenate([r.linkage for r in results]).astype(np.float64),
-        "distance_offsets": np.r_[0, np.cumsum(n_pairs)].astype(np.int64),
-        "distance_codes": np.concatenate([r.distance_codes for r in results]).astype(np.uint8),
         **{name: np.array([r.metrics[name] for r in results], np.float64) for name in METRIC_NAMES},
     }
 

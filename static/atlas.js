@@ -68,7 +68,9 @@
 
   /* The index of this page's atlas, from <body data-sets="key:slug:layer:size,...">. */
   function pageIndex() {
-    return new SubjectIndex((body().sets || "").split(",").filter(function (s) { return s !== ""; })
+    // Feature pages leave the list out (it would repeat on every one): it comes with the neuron's sidecar.
+    var sets = body().sets ? body().sets.split(",") : (Atlas.neuron ? Atlas.neuron.raw.sets : []);
+    return new SubjectIndex(sets.filter(function (s) { return s !== ""; })
       .map(function (entry) {
         var parts = entry.split(":");
         return { key: parts[0], slug: parts[1], layer: Number(parts[2]), size: Number(parts[3]) };
@@ -142,23 +144,60 @@
   }
   Atlas.unpack = unpack;
 
-  async function decodeNeuron(raw) {
+  /* Inverse of builder.render.codec.pack_json: base64 -> inflated UTF-8 JSON. */
+  async function unpackJson(b64) {
+    var bytes = await unpack(b64, "u1");
+    return JSON.parse(new TextDecoder().decode(bytes));
+  }
+
+  // ------------------------------------------------------------------------------------------------ decoding
+
+  var TYPES = { u1: Uint8Array, u2: Uint16Array, u4: Uint32Array, i4: Int32Array, f4: Float32Array };
+
+  /* base64 -> zlib-inflated bytes -> typed array (little-endian), as written by builder.render.pack. */
+  async function unpack(b64, dtype) {
+    var binary = atob(b64);
+    var bytes = new Uint8Array(binary.length);
+    for (var i = 0; i < binary.length; i++) bytes[i] = binary.charCodeAt(i);
+    var stream = new Blob([bytes]).stream().pipeThrough(new DecompressionStream("deflate"));
+    var buffer = await new Response(stream).arrayBuffer();
+    var Type = TYPES[dtype];
+    return new Type(buffer, 0, buffer.byteLength / Type.BYTES_PER_ELEMENT);
+  }
+  Atlas.unpack = unpack;
+
+  /* Inverse of builder.render.codec.pack_json: base64 -> inflated UTF-8 JSON. */
+  async function unpackJson(b64) {
+    var bytes = await unpack(b64, "u1");
+    return JSON.parse(new TextDecoder().decode(bytes));
+  }
+
+  /* Inverse of builder.render.codec.pack_nibbles: two 4-bit codes per byte, high nibble first. */
+  async function unpackNibbles(b64, count) {
+    var bytes = await unpack(b64, "u1"), out = new Uint8Array(count);
+    for (var i = 0; i < count; i++) out[i] = i % 2 ? bytes[i >> 1] & 15 : bytes[i >> 1] >> 4;
+    return out;
+  }
+
+  /* A neuron sidecar decoded; `common` is the atlas's common vocabulary (data/common.json) that its own `vocab`
+   * (the rarer tokens it shows) continues. */
+  async function decodeNeuron(raw, common) {
     var ex = raw.examples, iv = raw.intervals;
     var width = raw.window.before + 1 + raw.window.after;
     var parts = await Promise.all([
       unpack(ex.tokens, ex.token_dtype), unpack(ex.activation, "u1"), unpack(ex.importance, "u1"),
       unpack(ex.sequence, "u4"), unpack(ex.position, "u4"), unpack(ex.cluster, "u4"),
-      unpack(raw.linkage.children, "u4"), unpack(raw.linkage.distance, "f4"), unpack(raw.neighbours, "i4"),
-      unpack(ex.distance, "u1"), unpack(iv.interval, "u1"), unpack(iv.sequence, "u4"), unpack(iv.position, "u4"),
+      unpack(raw.linkage.children, "u4"), unpack(raw.linkage.distance, "f4"), unpackJson(raw.vocab),
+      unpack(iv.interval, "u1"), unpack(iv.sequence, "u4"), unpack(iv.position, "u4"),
       unpack(iv.tokens, ex.token_dtype)]);
     return {
       raw: raw, n: ex.count, width: width, before: raw.window.before, tokens: parts[0], act: parts[1],
       imp: parts[2], seq: parts[3], pos: parts[4], labels: Int32Array.from(parts[5]), children: parts[6],
-      distance: parts[7], neighbours: parts[8], codes: parts[9], lo: ex.activation_range[0],
-      hi: ex.activation_range[1], vocab: raw.vocab, sentinel: ex.token_dtype === "u2" ? 0xffff : 0xffffffff,
+      distance: parts[7], vocab: common.concat(parts[8]), lo: ex.activation_range[0],
+      hi: ex.activation_range[1], sentinel: ex.token_dtype === "u2" ? 0xffff : 0xffffffff,
       threshold: raw.cluster_threshold,
-      intervals: { bounds: iv.bounds, interval: parts[10], seq: parts[11], pos: parts[12], act: iv.activation,
-                   tokens: parts[13] }
+      intervals: { bounds: iv.bounds, interval: parts[9], seq: parts[10], pos: parts[11], act: iv.activation,
+                   tokens: parts[12] }
     };
   }
   Atlas.decodeNeuron = decodeNeuron;
@@ -345,8 +384,8 @@
 
   /* The groups of a cut: per cluster id (ranked by size, ties by first example), its members in corpus order,
    * its central example and its summary. At the configured cut the builder's centrals and summaries are used; at
-   * another cut they are recomputed: central = the member with the least summed (quantised) distance to the other
-   * members, first on ties, as builder.cluster.central_examples does. */
+   * another cut they are recomputed: central = the member with the least summed cophenetic distance to the other
+   * members, first on ties (the sidecar holds the dendrogram, not the pairwise distances). */
   function groupsOf(N, labels, configured) {
     var k = 0, i;
     for (i = 0; i < N.n; i++) k = Math.max(k, labels[i] + 1);
@@ -366,17 +405,26 @@
   }
   Atlas.groupsOf = groupsOf;
 
-  function pairCode(N, i, j) {
-    if (i === j) return 0;
-    if (i > j) { var t = i; i = j; j = t; }
-    return N.codes[N.n * i - (i * (i + 1)) / 2 + (j - i - 1)];  // scipy's condensed order
+  /* Cophenetic distances between the examples (the height of the merge that first joins two of them), as
+   * scipy.cluster.hierarchy.cophenet gives them: a square matrix, built once per neuron from the linkage. */
+  function cophenetic(N) {
+    if (N.cophenetic) return N.cophenetic;
+    var n = N.n, square = new Float64Array(n * n), members = [];
+    for (var i = 0; i < n; i++) members.push([i]);
+    for (var m = 0; m < n - 1; m++) {
+      var a = members[N.children[2 * m]], b = members[N.children[2 * m + 1]], d = N.distance[m];
+      a.forEach(function (x) { b.forEach(function (y) { square[x * n + y] = d; square[y * n + x] = d; }); });
+      members.push(a.concat(b));
+    }
+    N.cophenetic = square;
+    return square;
   }
 
   function centralOf(N, members) {
-    var best = members[0], bestSum = Infinity;
+    var square = cophenetic(N), best = members[0], bestSum = Infinity;
     members.forEach(function (i) {
       var sum = 0;
-      members.forEach(function (j) { sum += pairCode(N, i, j); });
+      members.forEach(function (j) { sum += square[i * N.n + j]; });
       if (sum < bestSum) { bestSum = sum; best = i; }
     });
     return best;
@@ -407,6 +455,10 @@
 
   /* The same text as builder.render.pages.summary_text. */
   function summaryText(N, summary) {
+    if (summary.size === 1) {
+      return quoted(N, summary.top[0][0]) + (summary.before ? " after " + quoted(N, summary.before[0]) : "") +
+        " \u00b7 " + fmt(summary.max, 3);
+    }
     var parts = [summary.top.map(function (p) { return quoted(N, p[0]) + " \u00d7" + p[1]; }).join(", ")];
     if (summary.before) parts.push("after " + quoted(N, summary.before[0]) + " \u00d7" + summary.before[1]);
     parts.push("mean " + fmt(summary.mean, 3) + ", max " + fmt(summary.max, 3));
@@ -446,25 +498,24 @@
     });
   }
 
-  function renderSimilar(section, N, k, open) {
-    var rows = [];
-    for (var i = 0; i < N.neighbours.length; i += 5) if (N.neighbours[i] === k) rows.push(i);
-    var box = el("div", { class: "similar" });
-    section.appendChild(box);
-    var details = el("details", open ? { open: "" } : {});
-    details.appendChild(el("summary", null, "Similar features (" + rows.length + ")"));
-    if (!rows.length) {
-      var none = el("p", null, "No feature of another neuron reaches the similarity threshold (");
-      none.appendChild(el("a", { href: modelRoot() + "method/index.html#similar" }, "why"));
-      none.appendChild(document.createTextNode(")."));
-      details.appendChild(none);
+  /* The unit's similar features (similar.json), loaded the first time a reader opens a list of them. */
+  var similarLoad = null;
+  function loadSimilar(featurePage) {
+    if (!similarLoad) {
+      similarLoad = loadData("similar", featurePage ? "../similar.json" : "similar.json").then(async function (doc) {
+        return { rows: await unpack(doc.rows, "i4"), text: await unpackJson(doc.text) };
+      });
     }
+    return similarLoad;
+  }
+
+  function fillSimilar(details, S, k) {
     var list = el("ol", { class: "similar-list" });
     var sets = pageIndex().sets;
-    rows.forEach(function (i) {
-      var nb = N.neighbours, text = N.raw.neighbour_text[i / 5];
-      var other = sets[nb[i + 1]];
-      if (!other) return;
+    for (var i = 0; i < S.rows.length; i += 5) {
+      if (S.rows[i] !== k) continue;
+      var nb = S.rows, text = S.text[i / 5], other = sets[nb[i + 1]];
+      if (!other) continue;
       var li = el("li");
       li.appendChild(el("a", { href: unitHref(other, nb[i + 2], nb[i + 3]) },
         other.slug + " N" + nb[i + 2] + " F" + nb[i + 3]));
@@ -476,9 +527,34 @@
       snippet.appendChild(document.createTextNode(text[2]));
       li.appendChild(snippet);
       list.appendChild(li);
-    });
-    if (rows.length) details.appendChild(list);
+    }
+    details.appendChild(list);
+  }
+
+  function renderSimilar(section, N, k, featurePage) {
+    var count = N.raw.clusters[k].similar;
+    var box = el("div", { class: "similar" });
+    section.appendChild(box);
+    var details = el("details", featurePage ? { open: "" } : {});
+    details.appendChild(el("summary", null, "Similar features (" + count + ")"));
     box.appendChild(details);
+    if (!count) {
+      var none = el("p", null, "No feature of another neuron reaches the similarity threshold (");
+      none.appendChild(el("a", { href: modelRoot() + "method/index.html#similar" }, "why"));
+      none.appendChild(document.createTextNode(")."));
+      details.appendChild(none);
+      return;
+    }
+    var filled = false;
+    var fill = function () {
+      if (filled || !details.open) return;
+      filled = true;
+      loadSimilar(featurePage).then(function (S) { fillSimilar(details, S, k); }, function (error) {
+        details.appendChild(el("p", { class: "error" }, "Could not load the similar features: " + error.message));
+      });
+    };
+    details.addEventListener("toggle", fill);
+    fill();
   }
 
   /* The feature list at a cut other than the configured one: sections built from the groups, the same layout as
@@ -839,6 +915,31 @@
     };
   }
 
+  // ------------------------------------------------------------------------------------------------ citation
+
+  /* The same escaping and text as builder.render.pages.bibtex (tests compare the two). */
+  function bibtexEscape(text) {
+    return String(text).replace(/[\\{}%&$#_^~]/g, function (c) {
+      return c === "\\" ? "\\textbackslash{}" : c === "^" ? "\\^{}" : c === "~" ? "\\~{}" : "\\" + c;
+    });
+  }
+
+  function bibtex(cite, prov) {
+    var note = "Model " + prov.model + " (revision " + prov.model_revision + "); dataset " + prov.dataset + ", " +
+      prov.n_sequences + " sequences, " + prov.n_tokens + " tokens; threshold " + prov.threshold + "; code " +
+      prov.code_version + "; config " + prov.config_hash;
+    return "@misc{" + cite.key + ",\n  author = {" + bibtexEscape(cite.author) + "},\n" +
+      "  title = {{Neuron Atlas}: " + bibtexEscape(cite.title) + "},\n" +
+      "  howpublished = {\\url{" + cite.url.replace(/%/g, "%25").replace(/#/g, "%23") + "}},\n" +
+      "  note = {" + bibtexEscape(note) + "},\n  year = {" + bibtexEscape(prov.build_date.slice(0, 4)) + "},\n" +
+      "  date = {" + bibtexEscape(prov.build_date) + "}\n}\n";
+  }
+
+  function fillCitation(prov) {
+    var cite = document.getElementById("cite");
+    if (cite && cite.dataset.key && !cite.textContent) cite.textContent = bibtex(cite.dataset, prov);
+  }
+
   // ------------------------------------------------------------------------------------------------ pages
 
   function cutFromLocation() {
@@ -848,8 +949,11 @@
 
   async function initNeuron() {
     var featureId = body().feature;
-    var raw = await loadData("neuron", featureId === undefined ? "neuron.json" : "../neuron.json");
-    var N = await decodeNeuron(raw);
+    var loaded = await Promise.all([loadData("neuron", featureId === undefined ? "neuron.json" : "../neuron.json"),
+                                    loadData("common", modelRoot() + "data/common.json")]);
+    var raw = loaded[0];
+    fillCitation(raw.provenance);
+    var N = await decodeNeuron(raw, loaded[1].tokens);
     Atlas.neuron = N;
     view.labels = N.labels;
     drawHistogram(document.getElementById("hist"), raw.histogram, raw.max_activation, raw.provenance.threshold);

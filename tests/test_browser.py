@@ -231,19 +231,12 @@ def test_dragging_the_threshold_recuts_the_dendrogram_like_scipy(site, tab):
 
 
 def test_a_recut_regroups_the_feature_list_like_fcluster_with_recomputed_centrals(site, tab):
-    import json
+    from scipy.cluster.hierarchy import cophenet, fcluster
+    from scipy.spatial.distance import squareform
 
-    from scipy.cluster.hierarchy import fcluster
-
-    doc = json.loads((site["dir"] / MODEL / "L0" / "N0" / "neuron.json").read_text())
-    n = doc["examples"]["count"]
-    codes = np.frombuffer(__import__("zlib").decompress(__import__("base64").b64decode(doc["examples"]["distance"])),
-                          np.uint8)
-    square = np.zeros((n, n))
-    square[np.triu_indices(n, 1)] = codes
-    square += square.T
     clusters = read_clusters(AtlasPaths.of(site["cfg"]), "L0")
     tree = clusters["linkage"][clusters["linkage_offsets"][0]:clusters["linkage_offsets"][1]]
+    square = squareform(cophenet(tree))
     page = tab.open(site["url"] + NEURON)
     for t in (0.3, 1.2):
         page.locator("#cut").fill(str(t))
@@ -254,7 +247,7 @@ def test_a_recut_regroups_the_feature_list_like_fcluster_with_recomputed_central
         assert page.locator("#features-static").is_hidden() and page.locator("#contents-static").is_hidden()
         assert page.url.endswith(f"#cut={t}")
         for k, members in expected.items():
-            # Literal reference: the member with the least summed distance code to the others, first on ties.
+            # Literal reference: the member with the least summed cophenetic distance to the others, first on ties.
             sums = [square[i, members].sum() for i in members]
             assert groups[str(k)][0] == members[int(np.argmin(sums))], (t, k)
             colour = colours(page, f"#features-recut section#C{k}")[0]
@@ -379,6 +372,10 @@ def test_the_index_keeps_sort_filters_and_page_in_the_url_and_back_restores_them
     page = tab.open(site["url"] + f"{MODEL}/index.html")
     page.click("th button[data-col=max_activation]")
     page.fill("#f-ex", "2")
+    for _ in range(40):  # the hash is rewritten on the input event
+        if "ex=2" in page.url:
+            break
+        page.wait_for_timeout(50)
     assert "sort=max_activation%3Adesc" in page.url and "ex=2" in page.url
     shown = page.eval_on_selector_all("#neurons tbody tr td:first-child", "ts => ts.map(t => t.textContent)")
     page.click("#neurons tbody tr a >> nth=0")
@@ -419,6 +416,18 @@ def test_the_404_page_offers_search_and_the_question_mark_shows_the_keys(site, t
     feature.wait_for_selector("html[data-ready=true]")
     feature.keyboard.press("k")
     feature.wait_for_url("**/L0/N0/F0/index.html")
+    assert tab.errors == []
+
+
+def test_the_bibtex_a_feature_page_writes_is_the_one_the_builder_would_print(site, tab):
+    from builder.render.inputs import load_atlas
+    from builder.render.pages import bibtex
+    from builder.render.sidecars import provenance
+
+    atlas = load_atlas(site["cfg"], fx.VOCAB)
+    page = tab.open(site["url"] + f"{MODEL}/L0/N0/F1/index.html")
+    expected = bibtex(atlas, provenance(atlas), f"{MODEL}/L0/N0/F1/", f"{MODEL} layer 0 neuron 0 feature 1")
+    assert page.text_content("#cite") == expected
     assert tab.errors == []
 
 

@@ -173,6 +173,13 @@ def test_quantised_importances_are_within_half_a_step():
     assert np.nanmax(np.abs(decoded - scores)) <= 0.5 / 254 + 1e-9
 
 
+def page_vocabulary(site: Path, doc: dict) -> list[str]:
+    """A sidecar's vocabulary: the atlas's common tokens, then its own."""
+    common = json.loads((site / MODEL / "data" / "common.json").read_text())
+    assert common["kind"] == "common" and common["schema_version"] == codec.SCHEMA_VERSIONS["common"]
+    return common["tokens"] + codec.unpack_json(doc["vocab"])
+
+
 def test_sidecar_decodes_back_to_the_artefacts(built):
     cfg, site = built
     paths = AtlasPaths.of(cfg)
@@ -196,7 +203,7 @@ def test_sidecar_decodes_back_to_the_artefacts(built):
     ids = codec.unpack(ex["tokens"], ex["token_dtype"]).reshape(n, width)
     seq, pos = codec.unpack(ex["sequence"], "u4"), codec.unpack(ex["position"], "u4")
     assert np.array_equal(seq, examples.seq[part]) and np.array_equal(pos, examples.pos[part])
-    local = np.array([fx.VOCAB.index(t) if t in fx.VOCAB else -1 for t in doc["vocab"]])
+    local = np.array([fx.VOCAB.index(t) if t in fx.VOCAB else -1 for t in page_vocabulary(site, doc)])
     assert np.array_equal(local[ids[:, cfg.window_before]], tokens[seq, pos])  # the max token, via the local vocab
     assert np.array_equal(codec.unpack(ex["cluster"], "u4"), clusters["labels"][part])
     links = clusters["linkage"][clusters["linkage_offsets"][neuron]:clusters["linkage_offsets"][neuron + 1]]
@@ -210,19 +217,23 @@ def test_sidecar_has_the_documented_schema(built):
     doc = sidecar(site, 0, 0)
     assert doc["schema_version"] == codec.SCHEMA_VERSIONS["neuron"] == 2
     assert doc["kind"] == "neuron" and doc["model"] == MODEL and (doc["layer"], doc["neuron"]) == (0, 0)
-    assert set(doc) == {"schema_version", "kind", "model", "set", "layer", "neuron", "path", "max_activation",
+    assert set(doc) == {"schema_version", "kind", "model", "sets", "set", "layer", "neuron", "path", "max_activation",
                         "metrics", "cluster_threshold", "window", "vocab", "examples", "clusters", "intervals",
-                        "linkage", "neighbours", "neighbour_text", "histogram", "logits", "provenance"}
+                        "linkage", "histogram", "logits", "provenance"}
     assert set(doc["examples"]) == {"count", "token_dtype", "tokens", "activation_range", "activation",
-                                    "importance", "sequence", "position", "cluster", "distance"}
+                                    "importance", "sequence", "position", "cluster"}
     assert set(doc["intervals"]) == {"bounds", "interval", "sequence", "position", "activation", "tokens"}
-    assert set(doc["clusters"][0]) == {"size", "central", "summary"}
+    assert set(doc["clusters"][0]) == {"size", "central", "summary", "similar"}
+    similar = json.loads((site / MODEL / "L0" / "N0" / "similar.json").read_text())
+    assert set(similar) == {"schema_version", "kind", "model", "path", "rows", "text"}
+    assert similar["kind"] == "similar" and similar["schema_version"] == codec.SCHEMA_VERSIONS["similar"]
     assert set(doc["clusters"][0]["summary"]) == {"top", "before", "mean", "max", "size"}
     assert set(doc["provenance"]) == {"model", "model_revision", "dataset", "n_sequences", "n_tokens", "threshold",
                                       "code_version", "config_hash", "build_date"}
     assert doc["path"] == f"{MODEL}/L0/N0/"
     schema_doc = (ROOT / "docs" / "sidecar-schema.md").read_text()
-    for key in list(doc) + list(doc["examples"]) + list(doc["intervals"]) + list(doc["clusters"][0]["summary"]):
+    for key in (list(doc) + list(doc["examples"]) + list(doc["intervals"]) + list(doc["clusters"][0]["summary"])
+                + list(similar) + ["similar"]):
         assert f"`{key}`" in schema_doc, f"{key} is not documented in docs/sidecar-schema.md"
 
 
@@ -232,9 +243,12 @@ def test_neighbours_in_the_sidecar_point_at_existing_feature_pages(built):
     found = 0
     for page in (site / MODEL).glob("L*/N*/neuron.json"):
         doc = json.loads(page.read_text())
-        rows = codec.unpack(doc["neighbours"], "i4").reshape(-1, 5)
-        assert len(doc["neighbour_text"]) == len(rows)
-        for (source, position, neuron, cluster, similarity), shown in zip(rows, doc["neighbour_text"]):
+        similar = json.loads(page.with_name("similar.json").read_text())
+        rows = codec.unpack(similar["rows"], "i4").reshape(-1, 5)
+        texts = codec.unpack_json(similar["text"])
+        assert len(texts) == len(rows)
+        assert [c["similar"] for c in doc["clusters"]] == np.bincount(rows[:, 0], minlength=len(doc["clusters"])).tolist()
+        for (source, position, neuron, cluster, similarity), shown in zip(rows, texts):
             assert 0 <= source < len(doc["clusters"])
             layer = fx.LAYERS[position]
             assert (site / MODEL / f"L{layer}" / f"N{neuron}" / f"F{cluster}" / "index.html").is_file()
@@ -270,7 +284,7 @@ def test_urls_follow_the_documented_layout(built):
         offsets = read_clusters(paths, f"L{layer}")["cluster_offsets"]
         for neuron in range(fx.D_MLP):
             folder = site / MODEL / f"L{layer}" / f"N{neuron}"
-            for name in ("index.html", "neuron.json", "neuron.json.js"):
+            for name in ("index.html", "neuron.json", "neuron.json.js", "similar.json", "similar.json.js"):
                 assert (folder / name).is_file()
             features = sorted(p.name for p in folder.glob("F*"))
             assert features == sorted(f"F{k}" for k in range(int(offsets[neuron + 1] - offsets[neuron])))
@@ -305,14 +319,18 @@ def test_neuron_pages_link_to_their_neighbours_across_layers(built):
 def test_citations_name_the_exact_page_and_its_provenance(tmp_path):
     cfg = fx.build_site(tmp_path, site_url="https://example.org/atlas/")
     page = (Path(cfg.site_dir) / MODEL / "L0" / "N0" / "F1" / "index.html").read_text()
-    assert r"\url{https://example.org/atlas/tiny-atlas/L0/N0/F1/}" in page
-    assert "@misc{neuronatlas:tiny-atlas:L0:N0:F1," in page
+    # Feature and neuron pages: atlas.js writes the BibTeX from these and the sidecar's provenance (the browser
+    # test compares it with pages.bibtex); the method page prints it.
+    assert 'data-url="https://example.org/atlas/tiny-atlas/L0/N0/F1/"' in page
+    assert 'data-key="neuronatlas:tiny-atlas:L0:N0:F1"' in page
+    method = (Path(cfg.site_dir) / MODEL / "method" / "index.html").read_text()
+    assert r"\url{https://example.org/atlas/tiny-atlas/method/}" in method
     for fact in ("revision rev-1", "corpus.jsonl", "24 sequences", "384 tokens", "threshold 0.75", "code 0.1.0",
                  f"config {cfg.config_hash()}", "date = {2024-01-01}"):
-        assert fact in page, fact
+        assert fact in method, fact
     relative = fx.build_site(tmp_path / "relative")
-    assert r"\url{tiny-atlas/L0/N0/F1/}" in (Path(relative.site_dir) / MODEL / "L0" / "N0" / "F1" /
-                                             "index.html").read_text()
+    assert 'data-url="tiny-atlas/L0/N0/F1/"' in (Path(relative.site_dir) / MODEL / "L0" / "N0" / "F1" /
+                                                 "index.html").read_text()
 
 
 def test_model_index_states_coverage_and_the_method_page_shows_the_report(built):
@@ -488,7 +506,9 @@ def test_golden_site_matches_expected_output(tmp_path, monkeypatch):
     assert sorted(files) == sorted(expected), "the set of files differs from tests/golden/site"
     for name in expected:
         assert files[name] == expected[name], f"{name} differs from tests/golden/site/{name}"
-    assert site_files(Path(cfg.site_dir) / "static") == site_files(ROOT / "static")
+    published = {name: (publish.compact_source(data.decode()).encode() if name.endswith((".js", ".css")) else data)
+                 for name, data in site_files(ROOT / "static").items()}
+    assert site_files(Path(cfg.site_dir) / "static") == published
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -558,6 +578,7 @@ def test_feature_summaries_count_max_tokens_and_the_token_before_as_a_literal_lo
     examples, clusters = read_examples(paths, "L0"), read_clusters(paths, "L0")
     tokens = read_tokens(paths)
     doc = sidecar(site, 0, 0)
+    vocab = page_vocabulary(site, doc)
     part = examples.unit_slice(0)
     for k, cluster in enumerate(doc["clusters"]):
         members = [j for j in range(part.start, part.stop) if clusters["labels"][j] == k]
@@ -574,9 +595,9 @@ def test_feature_summaries_count_max_tokens_and_the_token_before_as_a_literal_lo
         ranked = sorted(peaks, key=lambda t: (-peaks[t], first[("p", t)]))[:3]
         summary = cluster["summary"]
         assert [(fx.VOCAB[t], c) for t, c in [(ranked_id, peaks[ranked_id]) for ranked_id in ranked]] == \
-            [(fx.VOCAB[fx.VOCAB.index(doc["vocab"][t])], c) for t, c in summary["top"]]
+            [(vocab[t], c) for t, c in summary["top"]]
         best_before = min(befores, key=lambda t: (-befores[t], first[("b", t)]))
-        assert (doc["vocab"][summary["before"][0]], summary["before"][1]) == (fx.VOCAB[best_before],
+        assert (vocab[summary["before"][0]], summary["before"][1]) == (fx.VOCAB[best_before],
                                                                               befores[best_before])
         acts = examples.act[members]
         assert summary["size"] == len(members) == cluster["size"]
@@ -585,7 +606,7 @@ def test_feature_summaries_count_max_tokens_and_the_token_before_as_a_literal_lo
     assert "Features at a glance" in page
     for cluster in doc["clusters"]:
         top_token, count = cluster["summary"]["top"][0]
-        assert html.escape("\u201c" + text.display_token(doc["vocab"][top_token]) + "\u201d", quote=True) + \
+        assert html.escape("\u201c" + text.display_token(vocab[top_token]) + "\u201d", quote=True) + \
             f" \u00d7{count}" in page
 
 
@@ -611,10 +632,11 @@ def test_citations_are_absolute_with_the_configured_author_and_a_unique_key_per_
     keys = []
     for page in html_pages(site):
         body = page.read_text()
-        if "@misc{" not in body:
+        if 'id="cite"' not in body:
             continue
-        keys.append(re.search(r"@misc\{([^,]+),", body).group(1))
-        assert "author = {Interp Lab}" in body
+        found = re.search(r"@misc\{([^,]+),", body) or re.search(r'data-key="([^"]+)"', body)
+        keys.append(found.group(1))
+        assert "author = {Interp Lab}" in body or 'data-author="Interp Lab"' in body
         assert "Interp Lab (2024). Neuron Atlas:" in body and "https://example.org/atlas/" in body
     assert len(keys) == len(set(keys)) > 20
     feature = (site / MODEL / "L0" / "N0" / "F0" / "index.html").read_text()

@@ -11,7 +11,7 @@ import numpy as np
 import orjson
 
 # Each JSON file kind has its own schema version (docs/sidecar-schema.md); bump a kind only when its format changes.
-SCHEMA_VERSIONS = {"neuron": 2, "atlas": 2, "vocab": 1, "neuron-table": 3, "search": 1}
+SCHEMA_VERSIONS = {"neuron": 2, "similar": 1, "common": 1, "atlas": 2, "vocab": 1, "neuron-table": 3, "search": 1}
 
 MISSING_U8 = 255  # quantised activation/importance: outside the sequence / not scored
 QUANT_LEVELS = 254  # uint8 codes 0..254 span the range
@@ -26,6 +26,15 @@ def pack(array: np.ndarray, dtype: str) -> str:
     """Base64 of the zlib-compressed little-endian bytes of `array` as `dtype` (u1, u2, u4, i4, f4)."""
     data = np.ascontiguousarray(array, dtype=np.dtype(f"<{dtype}")).tobytes()
     return base64.b64encode(zlib.compress(data, ZLIB_LEVEL)).decode("ascii")
+
+
+def pack_json(document) -> str:
+    """Base64 of the zlib-compressed UTF-8 JSON of `document`: bulky text (token strings, link texts)."""
+    return base64.b64encode(zlib.compress(orjson.dumps(document), ZLIB_LEVEL)).decode("ascii")
+
+
+def unpack_json(text: str):
+    return orjson.loads(zlib.decompress(base64.b64decode(text)))
 
 
 def unpack(text: str, dtype: str) -> np.ndarray:

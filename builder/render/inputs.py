@@ -31,6 +31,7 @@ class Atlas:
     histogram_edges: np.ndarray
     vocab: list[str]
     digest: dict[str, np.ndarray]  # per feature of the neighbours table: what a similar-feature link shows
+    common: np.ndarray  # the token ids every page shares (data/common.json), sorted
 
     @property
     def sets(self) -> list[SubjectSet]:
@@ -60,7 +61,28 @@ def load_atlas(cfg: AtlasConfig, vocabulary: list[str] | None = None) -> Atlas:
     return Atlas(cfg=cfg, meta=meta, index=index, tokens=tokens, metrics=metrics, neighbours=neighbours,
                  report=report, histogram_edges=np.asarray(edges, np.float64),
                  vocab=[clean_text(str(token)) for token in vocabulary],
-                 digest=feature_digest(paths, index.sets, tokens))
+                 digest=feature_digest(paths, index.sets, tokens),
+                 common=common_tokens(paths, index.sets, tokens, cfg.window_before, cfg.window_after))
+
+
+COMMON_TOKENS = 1024  # the most frequent tokens of the atlas's windows, fetched once (≈ 9 KB) and cached by browsers
+
+
+def common_tokens(paths: AtlasPaths, sets: list[SubjectSet], tokens: np.ndarray, before: int,
+                  after: int) -> np.ndarray:
+    """The COMMON_TOKENS token ids shown most often in the atlas's example windows (ties: lower id), sorted: every
+    page shares them through one file, so a sidecar carries only the strings of its rarer tokens."""
+    counts = np.zeros(int(tokens.max()) + 1 if tokens.size else 0, np.int64)
+    for s in sets:
+        examples = schema.read_example_fields(paths, s.key, ("seq", "pos", "interval_seq", "interval_pos"))
+        for seq, pos in ((examples["seq"], examples["pos"]),
+                         (examples["interval_seq"].reshape(-1), examples["interval_pos"].reshape(-1))):
+            window = windows_of(tokens, seq, pos, before, after, np.dtype("<u4"))
+            shown = window[window != np.iinfo(np.uint32).max]
+            counts += np.bincount(shown, minlength=len(counts))[:len(counts)]
+    used = np.flatnonzero(counts)
+    top = used[np.lexsort((used, -counts[used]))][:COMMON_TOKENS]
+    return np.sort(top)
 
 
 SNIPPET_BEFORE, SNIPPET_AFTER = 3, 1  # tokens around the max token in a similar feature's snippet
@@ -143,8 +165,6 @@ class SetData:
     metric: dict[str, np.ndarray]
     logits: dict[str, np.ndarray]
     feature_start: np.ndarray  # [n_units + 1] rows of the neighbours feature table per unit
-    distance_offsets: np.ndarray  # [n_units + 1] CSR into distance_codes
-    distance_codes: np.ndarray  # condensed uint8 distance codes of each unit's examples (builder.cluster)
     interval_seq: np.ndarray  # [n_units, n_intervals, k] sequence of each interval example, -1 where none
     interval_pos: np.ndarray
     interval_act: np.ndarray
@@ -183,7 +203,6 @@ def load_set(atlas: Atlas, subject: SubjectSet) -> SetData:
         linkage_offsets=clusters["linkage_offsets"].astype(np.int64), linkage=clusters["linkage"],
         metric={name: clusters[name] for name in schema.METRIC_NAMES}, logits=logits,
         feature_start=feature_rows(atlas, subject, clusters),
-        distance_offsets=clusters["distance_offsets"].astype(np.int64), distance_codes=clusters["distance_codes"],
         interval_seq=interval_seq, interval_pos=examples["interval_pos"], interval_act=examples["interval_act"],
         interval_tokens=interval_tokens)
 

@@ -89,11 +89,16 @@ class Site:
                        "sets_attr": ",".join(f"{s.key}:{s.slug}:{s.layer}:{s.size}" for s in atlas.sets)}
 
     def page(self, depth: int, path: str, title: str, cite_title: str, kind: str, **context) -> dict:
-        """Context of a page `depth` folders below the site root (the model index is at depth 1)."""
+        """Context of a page `depth` folders below the site root (the model index is at depth 1). Unit and feature
+        pages leave their BibTeX to static/atlas.js, which builds the same text from the provenance in the sidecar
+        they load anyway (`cite_data`): written out, it would be a third of every feature page."""
         root = "../" * depth
         model_root = "../" * (depth - 1) if depth >= 1 else self.model + "/"
+        from_sidecar = kind in ("neuron", "feature")
         return {**self.common, "root": root, "model_root": model_root, "path": path, "title": title,
-                "cite": bibtex(self.atlas, self.prov, path, cite_title),
+                "cite": "" if from_sidecar else bibtex(self.atlas, self.prov, path, cite_title),
+                "cite_data": {"key": citation_key(path), "author": author(self.atlas), "title": cite_title,
+                              "url": page_url(self.atlas, path)} if from_sidecar else None,
                 "cite_line": citation_line(self.atlas, self.prov, path, cite_title), "kind": kind, **context}
 
     def nav(self, unit_id: UnitId, depth_below_set: int) -> dict:
@@ -121,8 +126,11 @@ def quoted(text: str) -> str:
 
 
 def summary_text(summary: dict, vocab: list[str]) -> str:
-    """`“ Ahab” ×12, “ whale” ×3 · after “ Captain” ×8 · mean 2.31, max 3.02` (static/atlas.js builds the same
-    text for re-cut clusters)."""
+    """`“ Ahab” ×12, “ whale” ×3 · after “ Captain” ×8 · mean 2.31, max 3.02`; for one example `“ Ahab” after
+    “ Captain” · 2.31` (static/atlas.js builds the same text for re-cut clusters)."""
+    if summary["size"] == 1:
+        after = f" after {quoted(vocab[summary['before'][0]])}" if summary["before"] is not None else ""
+        return f"{quoted(vocab[summary['top'][0][0]])}{after} \u00b7 {fmt(summary['max'], 3)}"
     parts = [", ".join(f"{quoted(vocab[t])} \u00d7{c}" for t, c in summary["top"])]
     if summary["before"] is not None:
         parts.append(f"after {quoted(vocab[summary['before'][0]])} \u00d7{summary['before'][1]}")
@@ -144,12 +152,14 @@ def render_unit(site: Site, data: SetData, unit: int, folder: Path) -> tuple[int
     atlas = site.atlas
     env = environment()
     subject = data.subject
-    sidecar = unit_sidecar(atlas, data, unit, site.prov)
+    files = unit_sidecar(atlas, data, unit, site.prov)
+    sidecar, vocab = files.neuron, files.vocab
     folder.mkdir(parents=True)
     sidecar_bytes, twin_bytes = write_data_file(folder / "neuron.json", "neuron", sidecar)
+    similar_bytes, similar_twin = write_data_file(folder / "similar.json", "similar", files.similar)
+    sidecar_bytes, twin_bytes = sidecar_bytes + similar_bytes, twin_bytes + similar_twin
     start = int(data.offsets[unit])
     count = sidecar["examples"]["count"]
-    vocab = sidecar["vocab"]
     features = []
     for k, cluster in enumerate(sidecar["clusters"]):
         summary = cluster["summary"]

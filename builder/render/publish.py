@@ -18,7 +18,7 @@ from builder.config import AtlasConfig
 from builder.render.codec import FILE_COPY_SUFFIX, write_data_file
 from builder.render.inputs import Atlas, load_atlas, load_set
 from builder.render.pages import REPO, Site, model_pages, render_unit
-from builder.render.sidecars import (atlas_manifest, provenance, search_postings, search_shards, unit_table,
+from builder.render.sidecars import (atlas_manifest, common_file, provenance, search_postings, search_shards, unit_table,
                                      vocab_file)
 from builder.shards import LocalExecutor, unit_ranges
 from builder.stage import progress, worker_count
@@ -60,10 +60,33 @@ def render_units(task: RenderTask) -> tuple[list[tuple[int, ...]], list[tuple[st
     return sizes, search_postings(atlas, data, task.units)
 
 
+def compact_source(text: str) -> str:
+    """static/*.js and *.css as published: without indentation, blank lines and comments that start a line (the
+    sources keep them). Safe for these files: no string or template spans lines, no line starts inside a string,
+    and block comments that start a line end on a line of their own."""
+    lines, in_comment = [], False
+    for line in text.splitlines():
+        line = line.strip()
+        if in_comment:
+            in_comment = "*/" not in line
+            continue
+        if line.startswith("/*"):
+            in_comment = "*/" not in line
+            continue
+        if not line or line.startswith("//"):
+            continue
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
 def copy_static(target: Path) -> None:
     target.mkdir()
     for source in sorted(STATIC.iterdir()):
-        if source.is_file() and not source.name.startswith("."):
+        if not source.is_file() or source.name.startswith("."):
+            continue
+        if source.suffix in (".js", ".css"):
+            (target / source.name).write_text(compact_source(source.read_text(encoding="utf-8")), encoding="utf-8")
+        else:
             shutil.copyfile(source, target / source.name)
 
 
@@ -124,6 +147,7 @@ def render_site(cfg: AtlasConfig, vocabulary: list[str] | None = None) -> dict:
         data_dir = model_dir / "data"
         data_dir.mkdir(parents=True)
         write_data_file(data_dir / "vocab.json", "vocab", vocab_file(atlas))
+        write_data_file(data_dir / "common.json", "common", common_file(atlas))
         write_data_file(data_dir / "atlas.json", "atlas", atlas_manifest(atlas, prov))
         write_data_file(data_dir / "neurons.json", "neurons", unit_table(atlas))
         model_pages(site, model_dir, tmp)

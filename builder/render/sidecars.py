@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 import numpy as np
 
 from builder import __version__
-from builder.render.codec import (SCHEMA_VERSIONS, SIMILARITY_SCALE, activation_range, pack, quantise_activations,
+from builder.render.codec import (SCHEMA_VERSIONS, SIMILARITY_SCALE, activation_range, pack, pack_json,
+                                  quantise_activations,
                                   quantise_importance, token_dtype)
 from builder.render.inputs import SNIPPET_BEFORE, Atlas, SetData
 from builder.render.text import clean_text, display_token, fmt, has_bidi, number
@@ -40,30 +42,50 @@ def provenance(atlas: Atlas) -> dict:
     }
 
 
+def token_text(atlas: Atlas, token: int) -> str:
+    return atlas.vocab[token] if token < len(atlas.vocab) else f"<{token}>"
+
+
 def local_vocabulary(atlas: Atlas, *token_arrays: np.ndarray) -> tuple[np.ndarray, list[str]]:
-    """The model token ids a page shows (sorted, sentinels dropped) and their strings: a sidecar carries only these,
-    so a page never downloads the model's whole vocabulary."""
-    ids = np.unique(np.concatenate([a.reshape(-1).astype(np.int64) for a in token_arrays]))
-    sentinel = np.iinfo(token_arrays[0].dtype).max
-    ids = ids[ids != sentinel]
-    return ids, [atlas.vocab[i] if i < len(atlas.vocab) else f"<{i}>" for i in ids.tolist()]
+    """A page's vocabulary: the atlas's common tokens (data/common.json), then the other token ids it shows (sorted);
+    returns all those ids in that order and the strings of the others, the only ones its sidecar carries. So a page
+    never downloads the model's whole vocabulary."""
+    shown = np.unique(np.concatenate([a.reshape(-1).astype(np.int64) for a in token_arrays]))
+    shown = shown[shown != np.iinfo(token_arrays[0].dtype).max]
+    extra = np.setdiff1d(shown, atlas.common)
+    return np.concatenate([atlas.common, extra]), [token_text(atlas, i) for i in extra.tolist()]
 
 
 def to_local(tokens: np.ndarray, ids: np.ndarray, dtype: str) -> np.ndarray:
-    """Model token ids -> indices into the local vocabulary `ids`; the sentinel stays the (local) dtype's maximum."""
+    """Model token ids -> indices into a page's vocabulary `ids`; the sentinel becomes the (local) dtype's maximum."""
     sentinel_in = np.iinfo(tokens.dtype).max
-    local = np.searchsorted(ids, tokens.astype(np.int64))
+    order = np.argsort(ids, kind="stable")
+    at = np.clip(np.searchsorted(ids[order], tokens.astype(np.int64)), 0, max(0, len(ids) - 1))
+    local = order[at] if len(ids) else np.zeros_like(tokens, np.int64)
     return np.where(tokens == sentinel_in, np.iinfo(np.dtype(f"<{dtype}")).max, local)
 
 
-def unit_sidecar(atlas: Atlas, data: SetData, unit: int, prov: dict) -> dict:
-    """`neuron.json`: one unit, everything its page and its feature pages show."""
+def common_file(atlas: Atlas) -> dict:
+    """`common.json`: the strings of the tokens every page's vocabulary starts with."""
+    return {"schema_version": SCHEMA_VERSIONS["common"], "kind": "common", "model": atlas.cfg.name,
+            "tokens": [token_text(atlas, i) for i in atlas.common.tolist()]}
+
+
+class UnitFiles(NamedTuple):
+    """A unit's data files and the local vocabulary its summaries index."""
+
+    neuron: dict  # neuron.json: what its page shows on load
+    similar: dict  # similar.json: its features' similar features, fetched when a reader opens them
+    vocab: list[str]
+
+
+def unit_sidecar(atlas: Atlas, data: SetData, unit: int, prov: dict) -> UnitFiles:
+    """`neuron.json` (one unit, everything its page and its feature pages show) and `similar.json`."""
     cfg = atlas.cfg
     part = slice(int(data.offsets[unit]), int(data.offsets[unit + 1]))
     window = data.window[part]
     lo, hi = activation_range(window, float(data.max_activation[unit]))
     links = data.linkage[int(data.linkage_offsets[unit]):int(data.linkage_offsets[unit + 1])]
-    pairs = data.distance_codes[int(data.distance_offsets[unit]):int(data.distance_offsets[unit + 1])]
     hist_counts = data.histogram[unit]
     nonzero = np.flatnonzero(hist_counts)
     first, last = (int(nonzero[0]), int(nonzero[-1])) if len(nonzero) else (0, -1)
@@ -74,20 +96,28 @@ def unit_sidecar(atlas: Atlas, data: SetData, unit: int, prov: dict) -> dict:
     interval_tokens = data.interval_tokens[unit][interval_present]
     ids, strings = local_vocabulary(atlas, data.window_tokens[part], interval_tokens)
     dtype = token_dtype(len(ids) + 1)
+    vocab = [token_text(atlas, i) for i in ids.tolist()]
     summaries = feature_summaries(data, unit, cfg.window_before)
+    position = {int(t): i for i, t in enumerate(ids.tolist())}
     for summary in summaries:
-        summary["top"] = [[int(np.searchsorted(ids, t)), c] for t, c in summary["top"]]
+        summary["top"] = [[position[t], c] for t, c in summary["top"]]
         if summary["before"] is not None:
-            summary["before"] = [int(np.searchsorted(ids, summary["before"][0])), summary["before"][1]]
+            summary["before"] = [position[summary["before"][0]], summary["before"][1]]
     neighbours, neighbour_text = neighbour_rows(atlas, data, unit)
     centrals = data.cluster_central[int(data.cluster_offsets[unit]):int(data.cluster_offsets[unit + 1])]
     maximum = float(data.max_activation[unit])
     n_intervals = data.interval_seq.shape[1]
     step = float(atlas.meta["threshold"]) * maximum / n_intervals if maximum > 0 else 0.0
-    return {
+    similar_counts = np.bincount(neighbours[:, 0], minlength=len(centrals)) if len(neighbours) else \
+        np.zeros(len(centrals), np.int64)
+    similar = {"schema_version": SCHEMA_VERSIONS["similar"], "kind": "similar", "model": cfg.name,
+               "path": unit_path(cfg.name, data.subject, unit), "rows": pack(neighbours, "i4"),
+               "text": pack_json(neighbour_text)}
+    document = {
         "schema_version": SCHEMA_VERSIONS["neuron"],
         "kind": "neuron",
         "model": cfg.name,
+        "sets": [f"{s.key}:{s.slug}:{s.layer}:{s.size}" for s in atlas.sets],
         "set": data.subject.key,
         "layer": data.subject.layer,
         "neuron": unit,
@@ -97,7 +127,7 @@ def unit_sidecar(atlas: Atlas, data: SetData, unit: int, prov: dict) -> dict:
                     for name in METRIC_NAMES},
         "cluster_threshold": cfg.cluster_threshold,
         "window": {"before": cfg.window_before, "after": cfg.window_after},
-        "vocab": strings,
+        "vocab": pack_json(strings),
         "examples": {
             "count": part.stop - part.start,
             "token_dtype": dtype,
@@ -108,12 +138,12 @@ def unit_sidecar(atlas: Atlas, data: SetData, unit: int, prov: dict) -> dict:
             "sequence": pack(data.seq[part], "u4"),
             "position": pack(data.pos[part], "u4"),
             "cluster": pack(data.labels[part], "u4"),
-            "distance": pack(pairs, "u1"),
         },
-        "clusters": [{"size": int(size), "central": int(central - part.start), "summary": summary}
-                     for size, central, summary in zip(
+        "clusters": [{"size": int(size), "central": int(central - part.start), "summary": summary,
+                      "similar": int(n_similar)}
+                     for size, central, summary, n_similar in zip(
                          data.cluster_size[int(data.cluster_offsets[unit]):int(data.cluster_offsets[unit + 1])],
-                         centrals, summaries)],
+                         centrals, summaries, similar_counts)],
         "intervals": {
             "bounds": [number(i * step, 4) for i in range(n_intervals + 1)],
             "interval": pack(np.nonzero(interval_present)[0], "u1"),
@@ -123,8 +153,6 @@ def unit_sidecar(atlas: Atlas, data: SetData, unit: int, prov: dict) -> dict:
             "tokens": pack(to_local(interval_tokens, ids, dtype), dtype),
         },
         "linkage": {"children": pack(links[:, :2], "u4"), "distance": pack(links[:, 2], "f4")},
-        "neighbours": pack(neighbours, "i4"),
-        "neighbour_text": neighbour_text,
         "histogram": {"edges": bounds, "counts": [int(c) for c in hist_counts[first:last + 1]]},
         "logits": {side: [[int(i), number(v, LOGIT_DIGITS)]
                           for i, v in zip(data.logits[f"logit_{side}_ids"][unit],
@@ -132,6 +160,7 @@ def unit_sidecar(atlas: Atlas, data: SetData, unit: int, prov: dict) -> dict:
                    for side in ("top", "bottom")},
         "provenance": prov,
     }
+    return UnitFiles(document, similar, vocab)
 
 
 SUMMARY_TOKENS = 3  # most frequent max tokens a feature summary names

@@ -1,0 +1,1 @@
+(window.ATLAS_DATA=window.ATLAS_DATA||{})["similar"]={"kind":"similar","model":"tiny-atlas","path":"tiny-atlas/L0/N0/","rows":"eNpjZIAARiidrQhhw/ggsEiWgQEAEHIBUA==","schema_version":1,"text":"eNqLjlZSKM7ILFAoz8xLUUjKTyxR0lFSKM/ILEkFMxLLUpEEDHUMY3VAOhIzcxRK8hVy84vyMvPSgSps9IuTizILSuxsoHRiTmpRiYahJlwCZExGYlFBfn4ekeoNdUxiYwFDtDP8"};

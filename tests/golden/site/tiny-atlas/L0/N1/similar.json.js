@@ -1,0 +1,1 @@
+(window.ATLAS_DATA=window.ATLAS_DATA||{})["similar"]={"kind":"similar","model":"tiny-atlas","path":"tiny-atlas/L0/N1/","rows":"eNpjYGBgYGSAABAtIItgw0CiNAMDAAZoAK0=","schema_version":1,"text":"eNqLjlZSKM9IzElVyE9TSFTSgfJAjOSi1HIgnZikpGOoYxyrA1RZnJiZo1CSr5CbX5SXmZcOlLXRL04uyiwosbOB0kDNRSUahppwCZBRGYlFBfn5eUSqN9QxiY0FAEqwMKk="};

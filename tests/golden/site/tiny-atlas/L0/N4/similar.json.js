@@ -1,0 +1,1 @@
+(window.ATLAS_DATA=window.ATLAS_DATA||{})["similar"]={"kind":"similar","model":"tiny-atlas","path":"tiny-atlas/L0/N4/","rows":"eNpjYGBgYGSAABAtqsaAAkBi/soMDAAHdwCx","schema_version":1,"text":"eNqLjlZSKM9IzElVyE9TSFTSgfJAjOSi1HIgnZikpGOoYxyrA1SZkpqcrVCcmJkDUZqcWFCSmJkHYoIEgfSjhnWpZZk5jxrWgDSZxMYCAF02Hfo="};

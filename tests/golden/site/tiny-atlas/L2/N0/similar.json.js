@@ -1,0 +1,1 @@
+(window.ATLAS_DATA=window.ATLAS_DATA||{})["similar"]={"kind":"similar","model":"tiny-atlas","path":"tiny-atlas/L2/N0/","rows":"eNpjZGBgYGRAAGkZBB9G10hA2MhYVYSBAQAZIAEN","schema_version":1,"text":"eNqNzsEKgCAMANBfGZ4KhBA6Rj8SHVZJDsqJjvr9UiI6dtrc3uaGQUFC2kAYdo6e/Kq06po0RwrSd0/EzUapTP02bgQOY2D2P73R7ajzb44CnOQXmBgl7zkdiS0JHvZTMNqUCbztcxski1mIK/D7ynq8AI/JQQ8="};

@@ -1,0 +1,1 @@
+(window.ATLAS_DATA=window.ATLAS_DATA||{})["similar"]={"kind":"similar","model":"tiny-atlas","path":"tiny-atlas/L2/N2/","rows":"eNpjYGBgYGSAABA9XwXBZoLSlTIMcMACpUVFGBgAMSABjA==","schema_version":1,"text":"eNqLjlZSKM9IzElVyE9TSFTSgfJAjOSi1HIgnZikpGOoYxyrA1SZlJ9YolCcmqhQnpmXAlIDEgDReZnpGSUIAUMdI5B6PR2FkoxUFENR+SBzYwGiRCTJ"};

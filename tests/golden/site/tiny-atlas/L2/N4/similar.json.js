@@ -1,0 +1,1 @@
+(window.ATLAS_DATA=window.ATLAS_DATA||{})["similar"]={"kind":"similar","model":"tiny-atlas","path":"tiny-atlas/L2/N4/","rows":"eNpjYEAARiD+pYTgM0PFMoFiABz4Aa0=","schema_version":1,"text":"eNqLjlZSSElNzlYoTszMUUhU0lFSSE4sKEnMzAMxQYJA+lHDutSyzJxHDWuUdAx1TGJ1gJrKM/NSFMozMktSFfIy0zNKQMozEosK8vNBOnVQuIY6xrGxAElCIjU="};
