@@ -118,6 +118,9 @@
     return loaded;
   }
   Atlas.loadData = loadData;
+  // For static/index.js (the model index and word search, loaded by the model index page only).
+  Atlas.lib = { el: el, fmt: fmt, data: data, body: body, modelRoot: modelRoot, unitHref: unitHref,
+                pageIndex: pageIndex, SubjectIndex: SubjectIndex, hashParams: hashParams };
 
   function loadScript(src) {
     return new Promise(function (resolve, reject) {
@@ -393,13 +396,8 @@
     for (var c = 0; c < k; c++) groups.push({ k: c, members: [] });
     for (i = 0; i < N.n; i++) groups[labels[i]].members.push(i);
     groups.forEach(function (g) {
-      if (configured) {
-        g.central = N.raw.clusters[g.k].central;
-        g.summary = N.raw.clusters[g.k].summary;
-      } else {
-        g.central = centralOf(N, g.members);
-        g.summary = summaryOf(N, g.members);
-      }
+      g.central = configured ? N.raw.clusters[g.k].central : centralOf(N, g.members);
+      g.summary = summaryOf(N, g.members);
     });
     return groups;
   }
@@ -616,7 +614,7 @@
 
   function renderStatic(N, featureId) {
     var groups = groupsOf(N, N.labels, true);
-    document.querySelectorAll("#features-static section.feature, body[data-kind=feature] section.feature")
+    document.querySelectorAll("#features-static .feature, body[data-kind=feature] section.feature")
       .forEach(function (section) {
         var k = Number(section.dataset.cluster);
         fillExamples(section, N, groups[k], featureId === undefined ? EXAMPLES_SHOWN : Infinity);
@@ -665,6 +663,21 @@
     return card;
   }
   Atlas.revealExample = revealExample;
+
+  /* The colour legend (only coloured tokens need it, so the script that colours them writes it). */
+  function renderLegend() {
+    var box = document.getElementById("legend");
+    if (!box) return;
+    [["act", "activation: 0 \u2192 this neuron's max (blue: negative)"],
+     ["imp", "importance: the drop in the max token's activation when the token is masked, 0 \u2192 1"]]
+      .forEach(function (entry) {
+        var item = el("span");
+        item.appendChild(el("span", { class: "ramp " + entry[0], "aria-hidden": "true" }));
+        item.appendChild(document.createTextNode(" " + entry[1]));
+        box.appendChild(item);
+      });
+    box.appendChild(el("span", null, "Tokens after the max token are not scored for importance."));
+  }
 
   function renderIntervals(N) {
     var box = document.getElementById("interval-list");
@@ -959,6 +972,7 @@
     drawHistogram(document.getElementById("hist"), raw.histogram, raw.max_activation, raw.provenance.threshold);
     renderStatic(N, featureId);
     renderIntervals(N);
+    renderLegend();
     var box = document.getElementById("dendro"), slider = document.getElementById("cut");
     if (box && slider && N.n > 1) {
       var out = document.getElementById("cut-out"), kOut = document.getElementById("cut-k");
@@ -1006,120 +1020,9 @@
     document.body.classList.add("ready");
   }
 
-  // The model index: sortable, filterable, paged table of every neuron, its state in the URL (#sort=…&page=…), so
-  // Back and a shared link restore it.
-  var PAGE = 50;
-  var COLUMNS = ["max_activation", "n_examples", "n_clusters", "n_multi", "largest_share", "mean_distance",
-                 "intra_distance", "inter_distance"];
-
+  /* The page's hash as parameters (#q=…&sort=…). */
   function hashParams() {
-    var params = new URLSearchParams(window.location.hash.replace(/^#/, ""));
-    return params;
-  }
-
-  async function initModel() {
-    var tbody = document.querySelector("#neurons tbody");
-    if (!tbody) return;
-    var table = await loadData("neurons", "data/neurons.json");
-    var cols = table.columns, index = new SubjectIndex(table.sets);
-    var total = index.total;
-    var state = { col: "row", dir: 1, page: 0 };
-    var filters = { set: document.getElementById("f-set"), ex: document.getElementById("f-ex"),
-                    k: document.getElementById("f-k"), share: document.getElementById("f-share") };
-    var defaults = { set: "", ex: "0", k: "0", share: "1" };
-    function value(row, col) { return col === "row" ? row : cols[col][row]; }
-    function rows() {
-      var set = filters.set.value ? index.byKey.get(filters.set.value) : null, minEx = Number(filters.ex.value) || 0, minK = Number(filters.k.value) || 0;
-      var maxShare = filters.share.value === "" ? 1 : Number(filters.share.value);
-      var out = [];
-      for (var r = 0; r < total; r++) {
-        if (set && (r < set.offset || r >= set.offset + set.size)) continue;
-        if (cols.n_examples[r] < minEx || cols.n_clusters[r] < minK) continue;
-        var share = cols.largest_share[r];
-        if (share !== null && share > maxShare + 1e-12) continue;
-        out.push(r);
-      }
-      out.sort(function (a, b) {
-        var x = value(a, state.col), y = value(b, state.col);
-        if (x === null && y === null) return a - b;
-        if (x === null) return 1;  // missing values last in either direction
-        if (y === null) return -1;
-        return (x - y) * state.dir || a - b;
-      });
-      return out;
-    }
-    function writeState() {
-      var params = new URLSearchParams();
-      var query = hashParams().get("q");
-      if (query) params.set("q", query);
-      if (state.col !== "row" || state.dir !== 1) params.set("sort", state.col + ":" + (state.dir > 0 ? "asc" : "desc"));
-      if (state.page) params.set("page", String(state.page + 1));
-      Object.keys(filters).forEach(function (key) {
-        if (filters[key].value !== defaults[key]) params.set(key, filters[key].value);
-      });
-      var hash = params.toString();
-      try {
-        window.history.replaceState(null, "", hash ? "#" + hash : window.location.pathname + window.location.search);
-      } catch (e) { /* file:// in some browsers */ }
-    }
-    function readState() {
-      var params = hashParams();
-      var sort = (params.get("sort") || "").split(":");
-      state.col = sort[0] && (sort[0] === "row" || COLUMNS.indexOf(sort[0]) >= 0) ? sort[0] : "row";
-      state.dir = sort[1] === "desc" ? -1 : 1;
-      state.page = Math.max(0, (Number(params.get("page")) || 1) - 1);
-      Object.keys(filters).forEach(function (key) {
-        filters[key].value = params.has(key) ? params.get(key) : defaults[key];
-      });
-      document.querySelectorAll("#neurons th").forEach(function (th) {
-        var button = th.querySelector("button");
-        th.setAttribute("aria-sort", button && button.dataset.col === state.col ?
-          (state.dir > 0 ? "ascending" : "descending") : "none");
-      });
-    }
-    function draw() {
-      var list = rows();
-      var pages = Math.max(1, Math.ceil(list.length / PAGE));
-      state.page = Math.min(state.page, pages - 1);
-      tbody.textContent = "";
-      list.slice(state.page * PAGE, state.page * PAGE + PAGE).forEach(function (r) {
-        var tr = el("tr");
-        var at = index.unit(r);
-        var td = el("td");
-        td.appendChild(el("a", { href: at.set.slug + "/N" + at.unit + "/index.html" }, at.set.slug + " N" + at.unit));
-        tr.appendChild(td);
-        COLUMNS.forEach(function (c) {
-          var v = cols[c][r];
-          tr.appendChild(el("td", null, c === "n_examples" || c === "n_clusters" || c === "n_multi" ? String(v) : fmt(v, 3)));
-        });
-        tr.appendChild(el("td", { class: "desc" }, cols.summary ? cols.summary[r] : ""));
-        tbody.appendChild(tr);
-      });
-      document.getElementById("page-info").textContent = "page " + (state.page + 1) + " of " + pages + " \u00b7 " +
-        list.length + " of " + total + " neurons";
-      document.getElementById("page-prev").disabled = state.page === 0;
-      document.getElementById("page-next").disabled = state.page >= pages - 1;
-      writeState();
-    }
-    document.querySelectorAll("#neurons th button").forEach(function (button) {
-      button.addEventListener("click", function () {
-        var col = button.dataset.col;
-        state.dir = state.col === col ? -state.dir : (col === "row" ? 1 : -1);
-        state.col = col;
-        state.page = 0;
-        document.querySelectorAll("#neurons th").forEach(function (th) { th.setAttribute("aria-sort", "none"); });
-        button.parentNode.setAttribute("aria-sort", state.dir > 0 ? "ascending" : "descending");
-        draw();
-      });
-    });
-    Object.keys(filters).forEach(function (key) {
-      filters[key].addEventListener("input", function () { state.page = 0; draw(); });
-    });
-    document.getElementById("page-prev").addEventListener("click", function () { state.page--; draw(); });
-    document.getElementById("page-next").addEventListener("click", function () { state.page++; draw(); });
-    window.addEventListener("popstate", function () { readState(); draw(); });
-    readState();
-    draw();
+    return new URLSearchParams(window.location.hash.replace(/^#/, ""));
   }
 
   /* "L3 N42", "l3n42", "3/42", "3 42", "layer 3 neuron 42" -> [3, 42]; anything else -> null. */
@@ -1129,81 +1032,6 @@
     return m ? [Number(m[1]), Number(m[2])] : null;
   }
   Atlas.parseNeuron = parseNeuron;
-
-  /* Words as builder.render.sidecars.words_of splits them: runs of letters/digits, or single other characters. */
-  function wordsOf(text) { return (text.toLowerCase().match(/[\p{L}\p{N}_\p{M}]+|[^\p{L}\p{N}_\p{M}\s]/gu) || []); }
-  Atlas.wordsOf = wordsOf;
-
-  /* FNV-1a (32-bit) of the word's UTF-8 bytes, as builder.render.sidecars.word_shard. */
-  function wordShard(word, shards) {
-    var bytes = new TextEncoder().encode(word), h = 0x811c9dc5;
-    for (var i = 0; i < bytes.length; i++) { h ^= bytes[i]; h = Math.imul(h, 0x01000193) >>> 0; }
-    return h % shards;
-  }
-  Atlas.wordShard = wordShard;
-
-  /* Features whose examples peak on every word of the query (or hold it near the central example's max token),
-   * ranked by how many examples peak on the words, then by unit. */
-  async function wordSearch(query, results) {
-    results.textContent = "Searching\u2026";
-    var words = Array.from(new Set(wordsOf(query))).slice(0, 8);
-    var postings;
-    try {
-      var manifest = await loadData("atlas", modelRoot() + "data/atlas.json");
-      var shards = manifest.search.shards;
-      postings = await Promise.all(words.map(function (w) {
-        var shard = wordShard(w, shards);
-        return loadData("search" + shard, modelRoot() + "data/search/" + shard + ".json").then(function (doc) {
-          return doc.words[w] || [];
-        });
-      }));
-    } catch (error) {
-      results.textContent = "The search index could not be loaded (" + error.message + ").";
-      return;
-    }
-    var sets = pageIndex();
-    var scores = new Map();
-    postings.forEach(function (list, w) {
-      list.forEach(function (p) {
-        var key = p[0] + ":" + p[1];
-        var entry = scores.get(key) || { row: p[0], k: p[1], peak: 0, words: 0, peaks: [] };
-        entry.peak += p[2];
-        entry.words += 1;
-        if (p[2] > 0) entry.peaks.push(words[w] + " \u00d7" + p[2]);
-        scores.set(key, entry);
-      });
-    });
-    var hits = Array.from(scores.values()).filter(function (e) { return e.words === words.length; });
-    hits.sort(function (a, b) { return (b.peak - a.peak) || (a.row - b.row) || (a.k - b.k); });
-    results.textContent = "";
-    if (!words.length || !hits.length) {
-      results.appendChild(el("p", null, JSON.stringify(query) + " is not in this atlas: no feature's examples peak " +
-        "on " + (words.length > 1 ? "these words" : "it") + " or contain " + (words.length > 1 ? "them" : "it") +
-        " near their max token."));
-      return;
-    }
-    results.appendChild(el("p", null, hits.length + " feature" + (hits.length === 1 ? "" : "s") + " for " +
-      JSON.stringify(query) + ", most examples peaking on it first:"));
-    var list = el("ol", { class: "hits" });
-    var shown = 0;
-    function more() {
-      hits.slice(shown, shown + 50).forEach(function (hit) {
-        var at = sets.unit(hit.row);
-        if (!at) return;
-        var li = el("li");
-        li.appendChild(el("a", { href: unitHref(at.set, at.unit, hit.k) }, at.set.slug + " N" + at.unit + " F" + hit.k));
-        li.appendChild(el("span", { class: "sim" }, hit.peaks.length ? " peaks on " + hit.peaks.join(", ") :
-          " near the central example's max token"));
-        list.appendChild(li);
-      });
-      shown += 50;
-      if (shown >= hits.length && button) button.remove();
-    }
-    results.appendChild(list);
-    var button = hits.length > 50 ? el("button", { type: "button", class: "more" }, "More results") : null;
-    if (button) { button.addEventListener("click", more); results.appendChild(button); }
-    more();
-  }
 
   function search(query) {
     var found = parseNeuron(query);
@@ -1218,7 +1046,7 @@
     }
     if (query.trim() === "") return;
     if (results && body().kind === "model") {
-      wordSearch(query, results);
+      Atlas.wordSearch(query, results);
       var params = hashParams();
       params.set("q", query);
       try { window.history.replaceState(null, "", "#" + params.toString()); } catch (e) { /* file:// */ }
@@ -1363,7 +1191,7 @@
     try {
       if (kind === "neuron" || kind === "feature") await initNeuron();
       if (kind === "model") {
-        await initModel();
+        if (Atlas.initModel) await Atlas.initModel();
         var query = queryFromLocation();
         if (query) { document.getElementById("q").value = query; search(query); }
       }

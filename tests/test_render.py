@@ -85,7 +85,7 @@ def test_pages_run_no_inline_script_and_load_only_the_site_script(built):
         tags = re.findall(r"<script\b[^>]*>", text)
         assert tags, f"{page} loads no script"
         for tag in tags:
-            assert re.fullmatch(r'<script src="((\.\./)*|/([^"]*/)?)static/atlas\.js">', tag), f"{page}: {tag}"
+            assert re.fullmatch(r'<script src="((\.\./)*|/([^"]*/)?)static/(atlas|index)\.js">', tag), f"{page}: {tag}"
         assert len(re.findall(r"<script\b[^>]*></script>", text)) == len(tags), f"{page} has inline script"
         for tag in re.findall(r"<[a-zA-Z][^>]*>", text):  # real tags only: escaped text has no '<'
             assert re.search(r"\son[a-z]+\s*=", tag) is None, f"{page} has an inline event handler: {tag}"
@@ -223,16 +223,15 @@ def test_sidecar_has_the_documented_schema(built):
     assert set(doc["examples"]) == {"count", "token_dtype", "tokens", "activation_range", "activation",
                                     "importance", "sequence", "position", "cluster"}
     assert set(doc["intervals"]) == {"bounds", "interval", "sequence", "position", "activation", "tokens"}
-    assert set(doc["clusters"][0]) == {"size", "central", "summary", "similar"}
+    assert set(doc["clusters"][0]) == {"size", "central", "similar"}
     similar = json.loads((site / MODEL / "L0" / "N0" / "similar.json").read_text())
     assert set(similar) == {"schema_version", "kind", "model", "path", "rows", "text"}
     assert similar["kind"] == "similar" and similar["schema_version"] == codec.SCHEMA_VERSIONS["similar"]
-    assert set(doc["clusters"][0]["summary"]) == {"top", "before", "mean", "max", "size"}
     assert set(doc["provenance"]) == {"model", "model_revision", "dataset", "n_sequences", "n_tokens", "threshold",
                                       "code_version", "config_hash", "build_date"}
     assert doc["path"] == f"{MODEL}/L0/N0/"
     schema_doc = (ROOT / "docs" / "sidecar-schema.md").read_text()
-    for key in (list(doc) + list(doc["examples"]) + list(doc["intervals"]) + list(doc["clusters"][0]["summary"])
+    for key in (list(doc) + list(doc["examples"]) + list(doc["intervals"])
                 + list(similar) + ["similar"]):
         assert f"`{key}`" in schema_doc, f"{key} is not documented in docs/sidecar-schema.md"
 
@@ -506,7 +505,8 @@ def test_golden_site_matches_expected_output(tmp_path, monkeypatch):
     assert sorted(files) == sorted(expected), "the set of files differs from tests/golden/site"
     for name in expected:
         assert files[name] == expected[name], f"{name} differs from tests/golden/site/{name}"
-    published = {name: (publish.compact_source(data.decode()).encode() if name.endswith((".js", ".css")) else data)
+    published = {name: (publish.compact_source(name, data.decode()).encode() if name.endswith((".js", ".css"))
+                        else data)
                  for name, data in site_files(ROOT / "static").items()}
     assert site_files(Path(cfg.site_dir) / "static") == published
 
@@ -578,7 +578,9 @@ def test_feature_summaries_count_max_tokens_and_the_token_before_as_a_literal_lo
     examples, clusters = read_examples(paths, "L0"), read_clusters(paths, "L0")
     tokens = read_tokens(paths)
     doc = sidecar(site, 0, 0)
-    vocab = page_vocabulary(site, doc)
+    atlas = inputs.load_atlas(cfg, fx.VOCAB)
+    summaries = sidecars.feature_summaries(inputs.load_set(atlas, atlas.index.get("L0")), 0, cfg.window_before)
+    vocab = fx.VOCAB
     part = examples.unit_slice(0)
     for k, cluster in enumerate(doc["clusters"]):
         members = [j for j in range(part.start, part.stop) if clusters["labels"][j] == k]
@@ -593,7 +595,7 @@ def test_feature_summaries_count_max_tokens_and_the_token_before_as_a_literal_lo
                 befores[before] = befores.get(before, 0) + 1
                 first.setdefault(("b", before), order)
         ranked = sorted(peaks, key=lambda t: (-peaks[t], first[("p", t)]))[:3]
-        summary = cluster["summary"]
+        summary = summaries[k]
         assert [(fx.VOCAB[t], c) for t, c in [(ranked_id, peaks[ranked_id]) for ranked_id in ranked]] == \
             [(vocab[t], c) for t, c in summary["top"]]
         best_before = min(befores, key=lambda t: (-befores[t], first[("b", t)]))
@@ -604,8 +606,8 @@ def test_feature_summaries_count_max_tokens_and_the_token_before_as_a_literal_lo
         assert abs(summary["mean"] - float(acts.mean())) < 1e-3 and abs(summary["max"] - float(acts.max())) < 1e-3
     page = (site / MODEL / "L0" / "N0" / "index.html").read_text()
     assert "Features at a glance" in page
-    for cluster in doc["clusters"]:
-        top_token, count = cluster["summary"]["top"][0]
+    for summary in summaries:
+        top_token, count = summary["top"][0]
         assert html.escape("\u201c" + text.display_token(vocab[top_token]) + "\u201d", quote=True) + \
             f" \u00d7{count}" in page
 

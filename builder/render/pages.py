@@ -126,7 +126,7 @@ def quoted(text: str) -> str:
 
 
 def summary_text(summary: dict, vocab: list[str]) -> str:
-    """`“ Ahab” ×12, “ whale” ×3 · after “ Captain” ×8 · mean 2.31, max 3.02`; for one example `“ Ahab” after
+    """A feature's summary (token ids index `vocab`) as one line: `“ Ahab” ×12, “ whale” ×3 · after “ Captain” ×8 · mean 2.31, max 3.02`; for one example `“ Ahab” after
     “ Captain” · 2.31` (static/atlas.js builds the same text for re-cut clusters)."""
     if summary["size"] == 1:
         after = f" after {quoted(vocab[summary['before'][0]])}" if summary["before"] is not None else ""
@@ -153,7 +153,7 @@ def render_unit(site: Site, data: SetData, unit: int, folder: Path) -> tuple[int
     env = environment()
     subject = data.subject
     files = unit_sidecar(atlas, data, unit, site.prov)
-    sidecar, vocab = files.neuron, files.vocab
+    sidecar = files.neuron
     folder.mkdir(parents=True)
     sidecar_bytes, twin_bytes = write_data_file(folder / "neuron.json", "neuron", sidecar)
     similar_bytes, similar_twin = write_data_file(folder / "similar.json", "similar", files.similar)
@@ -161,11 +161,10 @@ def render_unit(site: Site, data: SetData, unit: int, folder: Path) -> tuple[int
     start = int(data.offsets[unit])
     count = sidecar["examples"]["count"]
     features = []
-    for k, cluster in enumerate(sidecar["clusters"]):
-        summary = cluster["summary"]
+    for k, (cluster, summary) in enumerate(zip(sidecar["clusters"], files.summaries)):
         features.append({"k": k, "size": cluster["size"], "share": fmt(100.0 * cluster["size"] / count, 3) + "%",
                          "central": static_example(atlas, data, start + cluster["central"]),
-                         "mean_act": fmt(summary["mean"], 4), "summary": summary_text(summary, vocab),
+                         "mean_act": fmt(summary["mean"], 4), "summary": summary_text(summary, atlas.vocab),
                          "colour": colour_class(k)})
     clustered = [f for f in features if f["size"] > 1]
     singles = [f for f in features if f["size"] == 1]
@@ -221,15 +220,13 @@ def render_unit(site: Site, data: SetData, unit: int, folder: Path) -> tuple[int
 # Every metric's definition, as the tooltip and the method page's anchor (#m-<key>) give it.
 METRIC_DEFINITIONS = {
     "max_activation": "The neuron's highest activation on any token of the dataset.",
-    "n_examples": "Sequences kept: the first ones in corpus order whose highest activation reaches the threshold "
-                  "× the maximum (at most max_examples).",
-    "n_clusters": "Feature clusters: groups of examples after cutting the average-linkage dendrogram of their "
-                  "neuron embeddings at the cluster threshold (cosine distance).",
-    "largest_share": "The largest cluster's share of the examples (1 = one feature).",
-    "max_distance": "The largest cosine distance between two examples' neuron embeddings.",
+    "n_examples": "Sequences kept: the first in corpus order reaching threshold × max.",
+    "n_clusters": "Feature clusters: the dendrogram of the examples' embeddings cut at the cluster threshold.",
+    "largest_share": "The largest cluster's share of the examples (1: one feature).",
+    "max_distance": "The largest cosine distance between two examples' embeddings.",
     "mean_distance": "The mean cosine distance over all pairs of examples.",
-    "intra_distance": "The mean cosine distance between examples of the same cluster (low: coherent features).",
-    "inter_distance": "The mean cosine distance between examples of different clusters (high: distinct features).",
+    "intra_distance": "Mean cosine distance within clusters (low: coherent features).",
+    "inter_distance": "Mean cosine distance between clusters (high: distinct features).",
 }
 
 

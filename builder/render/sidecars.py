@@ -72,11 +72,11 @@ def common_file(atlas: Atlas) -> dict:
 
 
 class UnitFiles(NamedTuple):
-    """A unit's data files and the local vocabulary its summaries index."""
+    """A unit's data files and its features' summaries (for its pages; token ids are the model's)."""
 
     neuron: dict  # neuron.json: what its page shows on load
     similar: dict  # similar.json: its features' similar features, fetched when a reader opens them
-    vocab: list[str]
+    summaries: list[dict]
 
 
 def unit_sidecar(atlas: Atlas, data: SetData, unit: int, prov: dict) -> UnitFiles:
@@ -96,13 +96,7 @@ def unit_sidecar(atlas: Atlas, data: SetData, unit: int, prov: dict) -> UnitFile
     interval_tokens = data.interval_tokens[unit][interval_present]
     ids, strings = local_vocabulary(atlas, data.window_tokens[part], interval_tokens)
     dtype = token_dtype(len(ids) + 1)
-    vocab = [token_text(atlas, i) for i in ids.tolist()]
     summaries = feature_summaries(data, unit, cfg.window_before)
-    position = {int(t): i for i, t in enumerate(ids.tolist())}
-    for summary in summaries:
-        summary["top"] = [[position[t], c] for t, c in summary["top"]]
-        if summary["before"] is not None:
-            summary["before"] = [position[summary["before"][0]], summary["before"][1]]
     neighbours, neighbour_text = neighbour_rows(atlas, data, unit)
     centrals = data.cluster_central[int(data.cluster_offsets[unit]):int(data.cluster_offsets[unit + 1])]
     maximum = float(data.max_activation[unit])
@@ -139,11 +133,10 @@ def unit_sidecar(atlas: Atlas, data: SetData, unit: int, prov: dict) -> UnitFile
             "position": pack(data.pos[part], "u4"),
             "cluster": pack(data.labels[part], "u4"),
         },
-        "clusters": [{"size": int(size), "central": int(central - part.start), "summary": summary,
-                      "similar": int(n_similar)}
-                     for size, central, summary, n_similar in zip(
+        "clusters": [{"size": int(size), "central": int(central - part.start), "similar": int(n_similar)}
+                     for size, central, n_similar in zip(
                          data.cluster_size[int(data.cluster_offsets[unit]):int(data.cluster_offsets[unit + 1])],
-                         centrals, summaries, similar_counts)],
+                         centrals, similar_counts)],
         "intervals": {
             "bounds": [number(i * step, 4) for i in range(n_intervals + 1)],
             "interval": pack(np.nonzero(interval_present)[0], "u1"),
@@ -160,7 +153,7 @@ def unit_sidecar(atlas: Atlas, data: SetData, unit: int, prov: dict) -> UnitFile
                    for side in ("top", "bottom")},
         "provenance": prov,
     }
-    return UnitFiles(document, similar, vocab)
+    return UnitFiles(document, similar, summaries)
 
 
 SUMMARY_TOKENS = 3  # most frequent max tokens a feature summary names
