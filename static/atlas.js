@@ -948,9 +948,13 @@
       "  date = {" + bibtexEscape(prov.build_date) + "}\n}\n";
   }
 
+  /* Unit and feature pages print the citation line; the BibTeX is built from it and the sidecar's provenance. */
   function fillCitation(prov) {
     var cite = document.getElementById("cite");
-    if (cite && cite.dataset.key && !cite.textContent) cite.textContent = bibtex(cite.dataset, prov);
+    if (!cite || !cite.dataset.key || cite.textContent) return;
+    var part = function (name) { var node = document.querySelector(".cite-line ." + name); return node ? node.textContent : ""; };
+    cite.textContent = bibtex({ key: cite.dataset.key, author: part("cite-author"), title: part("cite-title"),
+                                url: part("cite-url") }, prov);
   }
 
   // ------------------------------------------------------------------------------------------------ pages

@@ -320,7 +320,7 @@ def test_citations_name_the_exact_page_and_its_provenance(tmp_path):
     page = (Path(cfg.site_dir) / MODEL / "L0" / "N0" / "F1" / "index.html").read_text()
     # Feature and neuron pages: atlas.js writes the BibTeX from these and the sidecar's provenance (the browser
     # test compares it with pages.bibtex); the method page prints it.
-    assert 'data-url="https://example.org/atlas/tiny-atlas/L0/N0/F1/"' in page
+    assert '<span class="cite-url">https://example.org/atlas/tiny-atlas/L0/N0/F1/</span>' in page
     assert 'data-key="neuronatlas:tiny-atlas:L0:N0:F1"' in page
     method = (Path(cfg.site_dir) / MODEL / "method" / "index.html").read_text()
     assert r"\url{https://example.org/atlas/tiny-atlas/method/}" in method
@@ -328,8 +328,8 @@ def test_citations_name_the_exact_page_and_its_provenance(tmp_path):
                  f"config {cfg.config_hash()}", "date = {2024-01-01}"):
         assert fact in method, fact
     relative = fx.build_site(tmp_path / "relative")
-    assert 'data-url="tiny-atlas/L0/N0/F1/"' in (Path(relative.site_dir) / MODEL / "L0" / "N0" / "F1" /
-                                                 "index.html").read_text()
+    assert '<span class="cite-url">tiny-atlas/L0/N0/F1/</span>' in (Path(relative.site_dir) / MODEL / "L0" / "N0" /
+                                                                   "F1" / "index.html").read_text()
 
 
 def test_model_index_states_coverage_and_the_method_page_shows_the_report(built):
@@ -638,8 +638,9 @@ def test_citations_are_absolute_with_the_configured_author_and_a_unique_key_per_
             continue
         found = re.search(r"@misc\{([^,]+),", body) or re.search(r'data-key="([^"]+)"', body)
         keys.append(found.group(1))
-        assert "author = {Interp Lab}" in body or 'data-author="Interp Lab"' in body
-        assert "Interp Lab (2024). Neuron Atlas:" in body and "https://example.org/atlas/" in body
+        plain = re.sub(r"<[^>]+>", "", body)
+        assert "author = {Interp Lab}" in body or '<span class="cite-author">Interp Lab</span>' in body
+        assert "Interp Lab (2024). Neuron Atlas:" in plain and "https://example.org/atlas/" in body
     assert len(keys) == len(set(keys)) > 20
     feature = (site / MODEL / "L0" / "N0" / "F0" / "index.html").read_text()
     assert 'class="prov"' in feature and f"config {cfg.config_hash()}" in feature

@@ -31,7 +31,7 @@ class Atlas:
     histogram_edges: np.ndarray
     vocab: list[str]
     digest: dict[str, np.ndarray]  # per feature of the neighbours table: what a similar-feature link shows
-    common: np.ndarray  # the token ids every page shares (data/common.json), sorted
+    common: np.ndarray  # the token ids every page shares (data/common.json), most shown first
 
     @property
     def sets(self) -> list[SubjectSet]:
@@ -70,8 +70,9 @@ COMMON_TOKENS = 1024  # the most frequent tokens of the atlas's windows, fetched
 
 def common_tokens(paths: AtlasPaths, sets: list[SubjectSet], tokens: np.ndarray, before: int,
                   after: int) -> np.ndarray:
-    """The COMMON_TOKENS token ids shown most often in the atlas's example windows (ties: lower id), sorted: every
-    page shares them through one file, so a sidecar carries only the strings of its rarer tokens."""
+    """The COMMON_TOKENS token ids shown most often in the atlas's example windows, most shown first (ties: lower
+    id; small indices for frequent tokens also compress better): every page shares them through one file, so a
+    sidecar carries only the strings of its rarer tokens."""
     counts = np.zeros(int(tokens.max()) + 1 if tokens.size else 0, np.int64)
     for s in sets:
         examples = schema.read_example_fields(paths, s.key, ("seq", "pos", "interval_seq", "interval_pos"))
@@ -81,8 +82,7 @@ def common_tokens(paths: AtlasPaths, sets: list[SubjectSet], tokens: np.ndarray,
             shown = window[window != np.iinfo(np.uint32).max]
             counts += np.bincount(shown, minlength=len(counts))[:len(counts)]
     used = np.flatnonzero(counts)
-    top = used[np.lexsort((used, -counts[used]))][:COMMON_TOKENS]
-    return np.sort(top)
+    return used[np.lexsort((used, -counts[used]))][:COMMON_TOKENS]
 
 
 SNIPPET_BEFORE, SNIPPET_AFTER = 3, 1  # tokens around the max token in a similar feature's snippet
