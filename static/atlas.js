@@ -970,6 +970,10 @@
                                     loadData("common", modelRoot() + "data/common.json")]);
     var raw = loaded[0];
     fillCitation(raw.provenance);
+    document.querySelectorAll("[data-metric]").forEach(function (node) {
+      var text = (loaded[1].metrics || {})[node.dataset.metric];
+      if (text) node.title = text;
+    });
     var N = await decodeNeuron(raw, loaded[1].tokens);
     Atlas.neuron = N;
     view.labels = N.labels;

@@ -17,7 +17,7 @@ from builder.artefacts import atomic_dir
 from builder.config import AtlasConfig
 from builder.render.codec import FILE_COPY_SUFFIX, write_data_file
 from builder.render.inputs import Atlas, load_atlas, load_set
-from builder.render.pages import REPO, Site, model_pages, render_unit
+from builder.render.pages import METRIC_DEFINITIONS, REPO, Site, model_pages, render_unit
 from builder.render.sidecars import (atlas_manifest, common_file, provenance, search_postings, search_shards, unit_table,
                                      vocab_file)
 from builder.shards import LocalExecutor, unit_ranges
@@ -141,7 +141,7 @@ def render_site(cfg: AtlasConfig, vocabulary: list[str] | None = None) -> dict:
         data_dir = model_dir / "data"
         data_dir.mkdir(parents=True)
         write_data_file(data_dir / "vocab.json", "vocab", vocab_file(atlas))
-        write_data_file(data_dir / "common.json", "common", common_file(atlas))
+        write_data_file(data_dir / "common.json", "common", common_file(atlas, METRIC_DEFINITIONS))
         write_data_file(data_dir / "atlas.json", "atlas", atlas_manifest(atlas, prov))
         write_data_file(data_dir / "neurons.json", "neurons", unit_table(atlas))
         model_pages(site, model_dir, tmp)

@@ -65,10 +65,11 @@ def to_local(tokens: np.ndarray, ids: np.ndarray, dtype: str) -> np.ndarray:
     return np.where(tokens == sentinel_in, np.iinfo(np.dtype(f"<{dtype}")).max, local)
 
 
-def common_file(atlas: Atlas) -> dict:
-    """`common.json`: the strings of the tokens every page's vocabulary starts with."""
+def common_file(atlas: Atlas, definitions: dict[str, str]) -> dict:
+    """`common.json`: what every unit page shares: the strings of the tokens its vocabulary starts with, and the
+    metric definitions its tooltips show."""
     return {"schema_version": SCHEMA_VERSIONS["common"], "kind": "common", "model": atlas.cfg.name,
-            "tokens": [token_text(atlas, i) for i in atlas.common.tolist()]}
+            "tokens": [token_text(atlas, i) for i in atlas.common.tolist()], "metrics": definitions}
 
 
 class UnitFiles(NamedTuple):
