@@ -153,35 +153,6 @@
     return JSON.parse(new TextDecoder().decode(bytes));
   }
 
-  // ------------------------------------------------------------------------------------------------ decoding
-
-  var TYPES = { u1: Uint8Array, u2: Uint16Array, u4: Uint32Array, i4: Int32Array, f4: Float32Array };
-
-  /* base64 -> zlib-inflated bytes -> typed array (little-endian), as written by builder.render.pack. */
-  async function unpack(b64, dtype) {
-    var binary = atob(b64);
-    var bytes = new Uint8Array(binary.length);
-    for (var i = 0; i < binary.length; i++) bytes[i] = binary.charCodeAt(i);
-    var stream = new Blob([bytes]).stream().pipeThrough(new DecompressionStream("deflate"));
-    var buffer = await new Response(stream).arrayBuffer();
-    var Type = TYPES[dtype];
-    return new Type(buffer, 0, buffer.byteLength / Type.BYTES_PER_ELEMENT);
-  }
-  Atlas.unpack = unpack;
-
-  /* Inverse of builder.render.codec.pack_json: base64 -> inflated UTF-8 JSON. */
-  async function unpackJson(b64) {
-    var bytes = await unpack(b64, "u1");
-    return JSON.parse(new TextDecoder().decode(bytes));
-  }
-
-  /* Inverse of builder.render.codec.pack_nibbles: two 4-bit codes per byte, high nibble first. */
-  async function unpackNibbles(b64, count) {
-    var bytes = await unpack(b64, "u1"), out = new Uint8Array(count);
-    for (var i = 0; i < count; i++) out[i] = i % 2 ? bytes[i >> 1] & 15 : bytes[i >> 1] >> 4;
-    return out;
-  }
-
   /* A neuron sidecar decoded; `common` is the atlas's common vocabulary (data/common.json) that its own `vocab`
    * (the rarer tokens it shows) continues. */
   async function decodeNeuron(raw, common) {
