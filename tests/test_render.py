@@ -246,7 +246,8 @@ def test_neighbours_in_the_sidecar_point_at_existing_feature_pages(built):
         rows = codec.unpack(similar["rows"], "i4").reshape(-1, 5)
         texts = codec.unpack_json(similar["text"])
         assert len(texts) == len(rows)
-        assert [c["similar"] for c in doc["clusters"]] == np.bincount(rows[:, 0], minlength=len(doc["clusters"])).tolist()
+        per_cluster = np.bincount(rows[:, 0], minlength=len(doc["clusters"])).tolist()
+        assert [c["similar"] for c in doc["clusters"]] == per_cluster
         for (source, position, neuron, cluster, similarity), shown in zip(rows, texts):
             assert 0 <= source < len(doc["clusters"])
             layer = fx.LAYERS[position]

@@ -126,7 +126,8 @@ def quoted(text: str) -> str:
 
 
 def summary_text(summary: dict, vocab: list[str]) -> str:
-    """A feature's summary (token ids index `vocab`) as one line: `“ Ahab” ×12, “ whale” ×3 · after “ Captain” ×8 · mean 2.31, max 3.02`; for one example `“ Ahab” after
+    """A feature's summary (token ids index `vocab`) as one line:
+    `“ Ahab” ×12, “ whale” ×3 · after “ Captain” ×8 · mean 2.31, max 3.02`; for one example `“ Ahab” after
     “ Captain” · 2.31` (static/atlas.js builds the same text for re-cut clusters)."""
     if summary["size"] == 1:
         after = f" after {quoted(vocab[summary['before'][0]])}" if summary["before"] is not None else ""

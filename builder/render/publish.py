@@ -18,8 +18,8 @@ from builder.config import AtlasConfig
 from builder.render.codec import FILE_COPY_SUFFIX, write_data_file
 from builder.render.inputs import Atlas, load_atlas, load_set
 from builder.render.pages import METRIC_DEFINITIONS, REPO, Site, model_pages, render_unit
-from builder.render.sidecars import (atlas_manifest, common_file, provenance, search_postings, search_shards, unit_table,
-                                     vocab_file)
+from builder.render.sidecars import (atlas_manifest, common_file, provenance, search_postings, search_shards,
+                                     unit_table, vocab_file)
 from builder.shards import LocalExecutor, unit_ranges
 from builder.stage import progress, worker_count
 
