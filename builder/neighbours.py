@@ -6,7 +6,9 @@ Each set's vectors are centred (its features' mean vector subtracted) before the
 a large common component (measured on the embedded atlas: the mean carries 61-63% of a central example's norm, and
 two random features have median cosine 0.38-0.40, 5% above 0.5), so without centring every feature had 20
 "neighbours" above 0.5 and the threshold thinned nothing. Centred, a random pair has median cosine ≈ 0 and the
-threshold keeps only real matches.
+threshold keeps only real matches. (Measured after centring: 47% of the remaining neighbour pairs are features whose
+central examples are the very same token occurrence, similarity ≈ 1 within a layer; the others have median 0.71.
+Such lists are genuinely full: the embedded corpus has 32,768 tokens for 78,904 features.)
 Search is approximate nearest neighbours with PyNNDescent (cosine, fixed seed, one thread so results reproduce);
 when there are too few features for a neighbour graph the search is exact. Features of the same unit are never
 neighbours. Up to `neighbour_count` neighbours are kept, those with cosine similarity ≥ `neighbour_threshold`;
