@@ -167,10 +167,10 @@ def bench_neighbours(cfg: AtlasConfig) -> None:
     table, vectors = feature_table(paths, collect_sets(read_collect_meta(paths)), cfg.neighbour_space)
     k = cfg.neighbour_count + 1
     approximate_neighbours(vectors[:WARMUP_FEATURES], k, cfg.seed)  # JIT warm-up
-    build = _timed(lambda: approximate_neighbours(vectors, k, cfg.seed))
-    approx, _ = approximate_neighbours(vectors, k, cfg.seed)
-    exact_s = _timed(lambda: exact_neighbours(vectors, k))
-    exact, _ = exact_neighbours(vectors, k)
+    found = {}
+    build = _timed(lambda: found.update(approx=approximate_neighbours(vectors, k, cfg.seed)[0]))
+    exact_s = _timed(lambda: found.update(exact=exact_neighbours(vectors, k)[0]))
+    approx, exact = found["approx"], found["exact"]
     recall = np.mean([len(set(a[1:]) & set(e[1:])) / (k - 1) for a, e in zip(approx, exact)])
     line(f"neighbours: features indexed ({vectors.shape[1]} dims)", f"{len(vectors):,}")
     line("neighbours: exact brute force (baseline)", f"{exact_s:.2f} s, {len(vectors) / exact_s:,.0f} queries/s")

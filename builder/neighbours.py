@@ -76,7 +76,11 @@ def exact_neighbours(vectors: Float[np.ndarray, "f d"], k: int) -> tuple[np.ndar
     indices, distances = [], []
     for start in range(0, len(unit), EXACT_BLOCK):
         distance = 1.0 - unit[start:start + EXACT_BLOCK] @ unit.T
-        order = np.argsort(distance, axis=1, kind="stable")[:, :k]
+        # The k smallest per row (argpartition), then ordered by (distance, index); only [block, k] is kept.
+        nearest = np.argpartition(distance, k - 1, axis=1)[:, :k] if k < distance.shape[1] else \
+            np.tile(np.arange(distance.shape[1]), (len(distance), 1))
+        near = np.take_along_axis(distance, nearest, axis=1)
+        order = np.take_along_axis(nearest, np.lexsort((nearest, near), axis=1), axis=1)
         indices.append(order)
         distances.append(np.take_along_axis(distance, order, axis=1))
     return np.concatenate(indices), np.concatenate(distances)

@@ -94,3 +94,16 @@ def test_centring_removes_a_shared_component_so_the_threshold_thins_unrelated_fe
     assert (thinned >= 0).sum() < 0.2 * thinned.size
     assert np.allclose(centred(vectors).mean(axis=0), 0.0)
     assert (similarity[np.isfinite(similarity)] >= 0.5).all()
+
+
+def test_exact_search_in_blocks_matches_a_literal_full_sort(monkeypatch):
+    import builder.neighbours as neighbours
+
+    monkeypatch.setattr(neighbours, "EXACT_BLOCK", 7)  # several blocks, the last one partial
+    vectors = np.random.default_rng(5).normal(size=(30, 8)).astype(np.float32)
+    indices, distances = exact_neighbours(vectors, 6)
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    literal = [sorted(range(30), key=lambda j: (1.0 - float(unit[i] @ unit[j]), j))[:6] for i in range(30)]
+    assert indices.tolist() == literal
+    assert np.allclose(distances, [[1.0 - float(unit[i] @ unit[j]) for j in row] for i, row in enumerate(literal)],
+                       atol=1e-5)
