@@ -124,7 +124,7 @@
   Atlas.initModel = initModel;
 
   /* Words as builder.render.sidecars.words_of splits them: runs of letters/digits, or single other characters. */
-  function wordsOf(text) { return (text.toLowerCase().match(/[\p{L}\p{N}_\p{M}]+|[^\p{L}\p{N}_\p{M}\s]/gu) || []); }
+  function wordsOf(text) { return (text.toLowerCase().match(/[\p{L}\p{N}_]+|[^\p{L}\p{N}_\s]/gu) || []); }
   Atlas.wordsOf = wordsOf;
 
   /* FNV-1a (32-bit) of the word's UTF-8 bytes, as builder.render.sidecars.word_shard. */

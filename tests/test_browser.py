@@ -531,3 +531,14 @@ def test_screenshots_of_a_polysemantic_neuron_page_are_saved(site, browser, name
         assert shot.errors == []
     finally:
         shot.close()
+
+
+def test_the_browser_splits_and_shards_words_as_the_builder_does(site, tab):
+    from builder.render.sidecars import word_shard, words_of
+
+    page = tab.open(site["url"] + f"{MODEL}/index.html")
+    for text in (" Ahab's café, naïve ÜNÏCODE 42x — ok?", "日本語のテキスト と 123", "tab\tnew\nline __init__"):
+        words = page.evaluate("t => Atlas.wordsOf(t)", text)
+        assert words == words_of(text), text
+        assert page.evaluate("ws => ws.map(w => Atlas.wordShard(w, 64))", words) == [word_shard(w) for w in words]
+    assert tab.errors == []
