@@ -368,7 +368,7 @@
     for (i = 0; i < N.n; i++) groups[labels[i]].members.push(i);
     groups.forEach(function (g) {
       g.central = configured ? N.raw.clusters[g.k].central : centralOf(N, g.members);
-      g.summary = summaryOf(N, g.members);
+      if (!configured) g.summary = summaryOf(N, g.members);  // the configured cut's summaries are in the page
     });
     return groups;
   }

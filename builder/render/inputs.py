@@ -90,18 +90,17 @@ SNIPPET_BEFORE, SNIPPET_AFTER = 3, 1  # tokens around the max token in a similar
 
 def feature_digest(paths: AtlasPaths, sets: list[SubjectSet], tokens: np.ndarray) -> dict[str, np.ndarray]:
     """For every feature (sets, units, clusters in order, as the neighbours table lists them): its central example's
-    max token in context (`snippet` [F, SNIPPET_BEFORE + 1 + SNIPPET_AFTER] token ids, -1 outside the sequence),
+    max token in context (`snippet` [F, SNIPPET_BEFORE + 1 + SNIPPET_AFTER] token ids, int64's maximum outside the
+    sequence),
     its most frequent max token with its count (ties: first in corpus order) and its size."""
     parts: dict[str, list[np.ndarray]] = {"snippet": [], "top_token": [], "top_count": [], "size": []}
-    context = tokens.shape[1]
     for s in sets:
         examples = schema.read_example_fields(paths, s.key, ("seq", "pos", "offsets"))
         clusters = schema.read_clusters(paths, s.key)
         seq, pos = examples["seq"].astype(np.int64), examples["pos"].astype(np.int64)
         central = clusters["cluster_central"].astype(np.int64)
-        at = pos[central][:, None] + np.arange(-SNIPPET_BEFORE, SNIPPET_AFTER + 1)[None, :]
-        inside = (at >= 0) & (at < context)
-        parts["snippet"].append(np.where(inside, tokens[seq[central][:, None], np.clip(at, 0, context - 1)], -1))
+        parts["snippet"].append(windows_of(tokens, seq[central], pos[central], SNIPPET_BEFORE, SNIPPET_AFTER,
+                                           np.dtype("<i8")))
         # Global cluster id of every example; the most frequent (cluster, max token) pair per cluster, first on ties.
         owner = np.repeat(np.arange(s.size), np.diff(examples["offsets"]))
         gid = clusters["cluster_offsets"][owner] + clusters["labels"]

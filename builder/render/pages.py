@@ -13,7 +13,7 @@ import numpy as np
 from builder.config import EMBEDDED_MODEL
 from builder.render.codec import write_data_file
 from builder.render.inputs import Atlas, SetData
-from builder.render.sidecars import static_example, unit_path, unit_sidecar
+from builder.render.sidecars import static_example, token_text, unit_path, unit_sidecar
 from builder.render.text import clean_text, display_token, fmt, has_bidi
 from builder.subjects import SubjectSet, UnitId
 
@@ -179,12 +179,10 @@ def render_unit(site: Site, data: SetData, unit: int, folder: Path) -> tuple[int
         ("mean_distance", "Mean distance", fmt(metrics["mean_distance"])),
         ("intra_distance", "Intra-cluster distance", fmt(metrics["intra_distance"])),
         ("inter_distance", "Inter-cluster distance", fmt(metrics["inter_distance"]))]
-    metric_rows = [{"id": key, "name": name, "value": value, "definition": METRIC_DEFINITIONS[key]}
-                   for key, name, value in metric_rows]
+    metric_rows = [{"id": key, "name": name, "value": value} for key, name, value in metric_rows]
 
     def logit_list(side: str) -> list[dict]:
-        texts = [(display_token(atlas.vocab[i]) if i < len(atlas.vocab) else f"<{i}>", v)
-                 for i, v in sidecar["logits"][side]]
+        texts = [(display_token(token_text(atlas, i)), v) for i, v in sidecar["logits"][side]]
         return [{"text": text, "value": fmt(v, 3), "bidi": has_bidi(text)} for text, v in texts]
 
     distances = data.linkage[int(data.linkage_offsets[unit]):int(data.linkage_offsets[unit + 1]), 2]

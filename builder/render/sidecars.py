@@ -99,7 +99,8 @@ def unit_sidecar(atlas: Atlas, data: SetData, unit: int, prov: dict) -> UnitFile
     dtype = token_dtype(len(ids) + 1)
     summaries = feature_summaries(data, unit, cfg.window_before)
     neighbours, neighbour_text = neighbour_rows(atlas, data, unit)
-    centrals = data.cluster_central[int(data.cluster_offsets[unit]):int(data.cluster_offsets[unit + 1])]
+    clusters = slice(int(data.cluster_offsets[unit]), int(data.cluster_offsets[unit + 1]))
+    centrals = data.cluster_central[clusters]
     maximum = float(data.max_activation[unit])
     n_intervals = data.interval_seq.shape[1]
     step = float(atlas.meta["threshold"]) * maximum / n_intervals if maximum > 0 else 0.0
@@ -135,9 +136,7 @@ def unit_sidecar(atlas: Atlas, data: SetData, unit: int, prov: dict) -> UnitFile
             "cluster": pack(data.labels[part], "u4"),
         },
         "clusters": [{"size": int(size), "central": int(central - part.start), "similar": int(n_similar)}
-                     for size, central, n_similar in zip(
-                         data.cluster_size[int(data.cluster_offsets[unit]):int(data.cluster_offsets[unit + 1])],
-                         centrals, similar_counts)],
+                     for size, central, n_similar in zip(data.cluster_size[clusters], centrals, similar_counts)],
         "intervals": {
             "bounds": [number(i * step, 4) for i in range(n_intervals + 1)],
             "interval": pack(np.nonzero(interval_present)[0], "u1"),
@@ -207,8 +206,10 @@ def neighbour_rows(atlas: Atlas, data: SetData, unit: int) -> tuple[np.ndarray, 
     digest = atlas.digest
     before = SNIPPET_BEFORE
 
+    outside = np.iinfo(digest["snippet"].dtype).max
+
     def text(ids) -> str:
-        return "".join(display_token(atlas.vocab[i]) if i < len(atlas.vocab) else f"<{i}>" for i in ids if i >= 0)
+        return "".join(display_token(token_text(atlas, i)) for i in ids if i != outside)
 
     texts = [[text(digest["snippet"][t][:before]), text(digest["snippet"][t][before:before + 1]),
               text(digest["snippet"][t][before + 1:]), text([digest["top_token"][t]]), int(digest["top_count"][t]),
@@ -224,7 +225,7 @@ def static_example(atlas: Atlas, data: SetData, index: int) -> dict:
     for column, token in enumerate(data.window_tokens[index].tolist()):
         if token == sentinel:
             continue
-        text = display_token(atlas.vocab[token]) if token < len(atlas.vocab) else f"<{token}>"
+        text = display_token(token_text(atlas, token))
         part = {"text": text, "max": column == wb, "bidi": has_bidi(text)}
         if parts and not (part["max"] or part["bidi"] or parts[-1]["max"] or parts[-1]["bidi"]):
             parts[-1]["text"] += text  # runs of plain tokens are one text node
@@ -262,7 +263,7 @@ def unit_description(atlas: Atlas, feature: int) -> str:
     """What the index's description column says of a unit: its largest feature's most frequent max token."""
     digest = atlas.digest
     token = int(digest["top_token"][feature])
-    text = display_token(atlas.vocab[token]) if 0 <= token < len(atlas.vocab) else f"<{token}>"
+    text = display_token(token_text(atlas, token))
     return f"\u201c{text}\u201d \u00d7{int(digest['top_count'][feature])} of {int(digest['size'][feature])}"
 
 
