@@ -68,8 +68,8 @@
 
   /* The index of this page's atlas, from <body data-sets="key:slug:layer:size,...">. */
   function pageIndex() {
-    // Feature pages leave the list out (it would repeat on every one): it comes with the neuron's sidecar.
-    var sets = body().sets ? body().sets.split(",") : (Atlas.neuron ? Atlas.neuron.raw.sets : []);
+    // Unit and feature pages leave the list out (it would repeat on every one): it comes with common.json.
+    var sets = body().sets ? body().sets.split(",") : (Atlas.common ? Atlas.common.sets : []);
     return new SubjectIndex(sets.filter(function (s) { return s !== ""; })
       .map(function (entry) {
         var parts = entry.split(":");
@@ -103,14 +103,25 @@
     var loaded;
     if (window.location.protocol === "file:") {
       loaded = loadScript(url + ".js").then(function () {
-        if (!data(key)) throw new Error(url + ".js did not define " + key);
-        return data(key);
+        var document = data(key);
+        if (!document) throw new Error(url + ".js did not define " + key);
+        if (document.bin_base64 !== undefined && !document.blob) {
+          var binary = atob(document.bin_base64), bytes = new Uint8Array(binary.length);
+          for (var i = 0; i < binary.length; i++) bytes[i] = binary.charCodeAt(i);
+          document.blob = bytes;
+        }
+        return document;
       });
     } else {
       loaded = fetch(url).then(function (response) {
         if (!response.ok) throw new Error("cannot load " + url + " (HTTP " + response.status + ")");
         return response.json();
-      }).then(function (document) {
+      }).then(async function (document) {
+        if (document.bin) {
+          var response = await fetch(new URL(document.bin, new URL(url, window.location.href)));
+          if (!response.ok) throw new Error("cannot load " + document.bin + " (HTTP " + response.status + ")");
+          document.blob = new Uint8Array(await response.arrayBuffer());
+        }
         (window.ATLAS_DATA = window.ATLAS_DATA || {})[key] = document;
         return document;
       });
@@ -133,13 +144,13 @@
 
   // ------------------------------------------------------------------------------------------------ decoding
 
+  var CUT_STEPS_PER_UNIT = 20;  // the cut slider ends at the largest merge distance rounded up to 1/20 (at least 1)
   var TYPES = { u1: Uint8Array, u2: Uint16Array, u4: Uint32Array, i4: Int32Array, f4: Float32Array };
 
-  /* base64 -> zlib-inflated bytes -> typed array (little-endian), as written by builder.render.pack. */
-  async function unpack(b64, dtype) {
-    var binary = atob(b64);
-    var bytes = new Uint8Array(binary.length);
-    for (var i = 0; i < binary.length; i++) bytes[i] = binary.charCodeAt(i);
+  /* A packed field ([offset, length] in the document's .bin companion, loaded as `doc.blob`) -> zlib-inflated
+   * bytes -> typed array (little-endian), as written by builder.render.codec.Blob. */
+  async function unpack(doc, ref, dtype) {
+    var bytes = doc.blob.subarray(ref[0], ref[0] + ref[1]);
     var stream = new Blob([bytes]).stream().pipeThrough(new DecompressionStream("deflate"));
     var buffer = await new Response(stream).arrayBuffer();
     var Type = TYPES[dtype];
@@ -147,9 +158,9 @@
   }
   Atlas.unpack = unpack;
 
-  /* Inverse of builder.render.codec.pack_json: base64 -> inflated UTF-8 JSON. */
-  async function unpackJson(b64) {
-    var bytes = await unpack(b64, "u1");
+  /* Inverse of builder.render.codec.Blob.pack_json: inflated UTF-8 JSON. */
+  async function unpackJson(doc, ref) {
+    var bytes = await unpack(doc, ref, "u1");
     return JSON.parse(new TextDecoder().decode(bytes));
   }
 
@@ -159,11 +170,11 @@
     var ex = raw.examples, iv = raw.intervals;
     var width = raw.window.before + 1 + raw.window.after;
     var parts = await Promise.all([
-      unpack(ex.tokens, ex.token_dtype), unpack(ex.activation, "u1"), unpack(ex.importance, "u1"),
-      unpack(ex.sequence, "u4"), unpack(ex.position, "u4"), unpack(ex.cluster, "u4"),
-      unpack(raw.linkage.children, "u4"), unpack(raw.linkage.distance, "f4"), unpackJson(raw.vocab),
-      unpack(iv.interval, "u1"), unpack(iv.sequence, "u4"), unpack(iv.position, "u4"),
-      unpack(iv.tokens, ex.token_dtype)]);
+      unpack(raw, ex.tokens, ex.token_dtype), unpack(raw, ex.activation, "u1"), unpack(raw, ex.importance, "u1"),
+      unpack(raw, ex.sequence, "u4"), unpack(raw, ex.position, "u4"), unpack(raw, ex.cluster, "u4"),
+      unpack(raw, raw.linkage.children, "u4"), unpack(raw, raw.linkage.distance, "f4"), unpackJson(raw, raw.vocab),
+      unpack(raw, iv.interval, "u1"), unpack(raw, iv.sequence, "u4"), unpack(raw, iv.position, "u4"),
+      unpack(raw, iv.tokens, ex.token_dtype)]);
     return {
       raw: raw, n: ex.count, width: width, before: raw.window.before, tokens: parts[0], act: parts[1],
       imp: parts[2], seq: parts[3], pos: parts[4], labels: Int32Array.from(parts[5]), children: parts[6],
@@ -472,7 +483,7 @@
   function loadSimilar(featurePage) {
     if (!similarLoad) {
       similarLoad = loadData("similar", featurePage ? "../similar.json" : "similar.json").then(async function (doc) {
-        return { rows: await unpack(doc.rows, "i4"), text: await unpackJson(doc.text) };
+        return { rows: await unpack(doc, doc.rows, "i4"), text: await unpackJson(doc, doc.text) };
       });
     }
     return similarLoad;
@@ -542,7 +553,6 @@
       var section = el("section", { class: "feature", id: "C" + g.k, "data-cluster": String(g.k) });
       setColour(section, g.k);
       var h = el("h3");
-      h.appendChild(el("span", { class: "swatch", "aria-hidden": "true" }));
       h.appendChild(document.createTextNode("Cluster C" + g.k + " "));
       h.appendChild(el("small", null, g.members.length + " example" + (g.members.length === 1 ? "" : "s") + " (" +
         fmt(100 * g.members.length / N.n, 3) + "%) \u00b7 " + summaryText(N, g.summary)));
@@ -555,7 +565,6 @@
       var tr = el("tr");
       setColour(tr, g.k);
       var td = el("td");
-      td.appendChild(el("span", { class: "swatch", "aria-hidden": "true" }));
       td.appendChild(el("a", { href: "#C" + g.k }, "C" + g.k));
       tr.appendChild(td);
       tr.appendChild(el("td", null, String(g.members.length)));
@@ -587,7 +596,7 @@
     var groups = groupsOf(N, N.labels, true);
     document.querySelectorAll("#features-static .feature, body[data-kind=feature] section.feature")
       .forEach(function (section) {
-        var k = Number(section.dataset.cluster);
+        var k = featureId !== undefined ? Number(featureId) : Number(section.id.slice(1));  // id "F<k>"
         fillExamples(section, N, groups[k], featureId === undefined ? EXAMPLES_SHOWN : Infinity);
         if (!section.querySelector(".similar")) renderSimilar(section, N, k, featureId !== undefined);
       });
@@ -688,6 +697,16 @@
     return ticks;
   }
   Atlas.niceTicks = niceTicks;
+
+  /* A unit's histogram with its bins' edges from the shared list: bin i of the atlas lies between edges i - 1 and
+   * i (null: unbounded); the sidecar keeps its non-empty span, from bin `first`. */
+  function histogramOf(hist, shared) {
+    var edges = [];
+    for (var i = hist.first - 1; i < hist.first + hist.counts.length; i++) {
+      edges.push(i < 0 || i >= shared.length ? null : shared[i]);
+    }
+    return { edges: edges, counts: hist.counts };
+  }
 
   function drawHistogram(box, hist, maxActivation, threshold) {
     var counts = hist.counts, edges = hist.edges;
@@ -920,12 +939,72 @@
   }
 
   /* Unit and feature pages print the citation line; the BibTeX is built from it and the sidecar's provenance. */
-  function fillCitation(prov) {
+  /* The unit's direct logit effects: the tokens its output direction promotes and suppresses most. */
+  function renderLogits(N) {
+    var box = document.getElementById("logits");
+    if (!box) return;
+    [["top", "Promoted"], ["bottom", "Suppressed"]].forEach(function (side) {
+      var column = el("div"), list = el("ol");
+      N.raw.logits[side[0]].forEach(function (entry) {
+        var item = el("li");
+        item.appendChild(el("code", null, displayToken(tokenText(N, entry[0]))));
+        item.appendChild(document.createTextNode(" " + fmt(entry[1], 3)));
+        list.appendChild(item);
+      });
+      column.appendChild(el("h3", null, side[1]));
+      column.appendChild(list);
+      box.appendChild(column);
+    });
+  }
+
+  /* The BibTeX key of the page at `path`, as builder.render.pages.citation_key. */
+  function citationKey(path) {
+    return "neuronatlas:" + (path.replace(/^\/+|\/+$/g, "").replace(/\//g, ":").replace(/[^A-Za-z0-9:.-]/g, "-") ||
+                             "index");
+  }
+  Atlas.citationKey = citationKey;
+
+  /* A unit or feature page's BibTeX, from its citation line, its path and the atlas's provenance. */
+  function fillCitation(prov, path) {
     var cite = document.getElementById("cite");
-    if (!cite || !cite.dataset.key || cite.textContent) return;
+    if (!cite || cite.textContent || !document.querySelector(".cite-line .cite-url")) return;
     var part = function (name) { var node = document.querySelector(".cite-line ." + name); return node ? node.textContent : ""; };
-    cite.textContent = bibtex({ key: cite.dataset.key, author: part("cite-author"), title: part("cite-title"),
+    cite.textContent = bibtex({ key: citationKey(path), author: part("cite-author"), title: part("cite-title"),
                                 url: part("cite-url") }, prov);
+  }
+
+  /* The controls that only work with this script, added by it: the dendrogram's cut slider, the colour toggle and
+   * the order of the examples (the page as served holds no dead controls). */
+  function addControls(N) {
+    var box = document.getElementById("dendro"), legend = document.getElementById("legend");
+    if (box && N.n > 1) {
+      var maxDistance = N.distance.length ? Math.max.apply(null, Array.from(N.distance)) : 0;
+      var cutMax = Math.max(1, Math.ceil(maxDistance * CUT_STEPS_PER_UNIT) / CUT_STEPS_PER_UNIT);
+      var threshold = String(N.threshold), k = N.raw.clusters.length;
+      var cut = el("p", { class: "cut" });
+      cut.appendChild(el("label", { for: "cut" }, "Cut at distance"));
+      cut.appendChild(document.createTextNode(" "));
+      cut.appendChild(el("input", { type: "range", id: "cut", min: "0", max: String(cutMax), step: "0.005",
+                                    value: threshold }));
+      cut.appendChild(document.createTextNode(" "));
+      cut.appendChild(el("output", { id: "cut-out", for: "cut" }, threshold));
+      cut.appendChild(document.createTextNode(" "));
+      cut.appendChild(el("span", { id: "cut-k" }, k + (k === 1 ? " cluster" : " clusters")));
+      cut.appendChild(document.createTextNode(" "));
+      var reset = cut.appendChild(el("button", { type: "button", id: "cut-reset" }, "Back to " + threshold));
+      reset.hidden = true;
+      box.after(cut);
+    }
+    if (legend) {
+      var tools = el("div", { class: "tools" });
+      tools.appendChild(el("button", { type: "button", id: "imp-all", "aria-pressed": "false" }, "Colour by importance"));
+      tools.appendChild(document.createTextNode(" "));
+      var label = tools.appendChild(el("label", null, "Order "));
+      var select = label.appendChild(el("select", { id: "order" }));
+      select.appendChild(el("option", { value: "corpus" }, "central first, then corpus order"));
+      select.appendChild(el("option", { value: "activation" }, "by activation"));
+      legend.before(tools);
+    }
   }
 
   // ------------------------------------------------------------------------------------------------ pages
@@ -939,19 +1018,24 @@
     var featureId = body().feature;
     var loaded = await Promise.all([loadData("neuron", featureId === undefined ? "neuron.json" : "../neuron.json"),
                                     loadData("common", modelRoot() + "data/common.json")]);
-    var raw = loaded[0];
-    fillCitation(raw.provenance);
-    document.querySelectorAll("[data-metric]").forEach(function (node) {
-      var text = (loaded[1].metrics || {})[node.dataset.metric];
-      if (text) node.title = text;
+    var raw = loaded[0], common = loaded[1];
+    Atlas.common = common;
+    fillCitation(common.provenance, raw.path + (featureId === undefined ? "" : "F" + featureId + "/"));
+    // Each metric's definition as its tooltip; the metric is named by its link to the method page (#m-<metric>).
+    document.querySelectorAll("dl.metrics a[href*='#m-']").forEach(function (link) {
+      var text = (common.metrics || {})[link.hash.slice(3)];
+      if (text) link.parentNode.parentNode.title = text;
     });
     var N = await decodeNeuron(raw, loaded[1].tokens);
     Atlas.neuron = N;
     view.labels = N.labels;
-    drawHistogram(document.getElementById("hist"), raw.histogram, raw.max_activation, raw.provenance.threshold);
+    drawHistogram(document.getElementById("hist"), histogramOf(raw.histogram, loaded[1].histogram_edges),
+                  raw.max_activation, common.provenance.threshold);
     renderStatic(N, featureId);
     renderIntervals(N);
+    renderLogits(N);
     renderLegend();
+    addControls(N);
     var box = document.getElementById("dendro"), slider = document.getElementById("cut");
     if (box && slider && N.n > 1) {
       var out = document.getElementById("cut-out"), kOut = document.getElementById("cut-k");

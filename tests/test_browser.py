@@ -305,6 +305,17 @@ def test_histogram_has_round_ticks_a_labelled_log_scale_and_reads_bins_on_focus(
     assert tab.errors == []
 
 
+def test_logit_tokens_are_drawn_as_literal_text(site, tab):
+    page = tab.open(site["url"] + f"{MODEL}/L0/N0/index.html")
+    texts = page.eval_on_selector_all("#logits code", "cs => cs.map(c => c.textContent)")
+    assert len(texts) == 20
+    for name in ("script", "img", "template", "entity", "rtl", "zero_width"):
+        assert fx.HOSTILE[name] in texts, name
+    assert "\u21b5" in texts and "lone\ufffdsurrogate" in texts  # newline visible; lone surrogate U+FFFD
+    assert page.locator("#logits img, #logits script").count() == 0 and tab.dialogs == []
+    assert page.eval_on_selector_all("#logits h3", "hs => hs.map(h => h.textContent)") == ["Promoted", "Suppressed"]
+
+
 def test_legends_and_metric_definitions_are_on_the_neuron_page(site, tab):
     page = tab.open(site["url"] + NEURON)
     legend = page.text_content("#legend")

@@ -29,6 +29,7 @@ from builder.config import AtlasConfig
 from builder.errors import ArtefactError
 from builder.paths import AtlasPaths
 from builder.render import codec, inputs, publish, sidecars, text
+from builder.render.pages import citation_key
 from builder.render.publish import render_site
 from builder.schema import read_clusters, read_examples, read_importance, read_neighbours, read_tokens
 from builder.stage import run_stage
@@ -54,7 +55,9 @@ def built(tmp_path_factory) -> tuple[AtlasConfig, Path]:
 
 
 def sidecar(site: Path, layer: int, neuron: int) -> dict:
-    return json.loads((site / MODEL / f"L{layer}" / f"N{neuron}" / "neuron.json").read_text(encoding="utf-8"))
+    """A unit's neuron.json, with the bytes of its neuron.bin under "blob"."""
+    document, blob = codec.read_data_file(site / MODEL / f"L{layer}" / f"N{neuron}" / "neuron.json")
+    return {**document, "blob": blob}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -68,14 +71,12 @@ def test_hostile_tokens_appear_only_escaped_in_html(built):
         text = page.read_text(encoding="utf-8")
         for needle in raw_markup:
             assert needle not in text, f"{page} contains unescaped {needle!r}"
-    neuron_page = (site / MODEL / "L0" / "N0" / "index.html").read_text(encoding="utf-8")
-    assert "&lt;/script&gt;&lt;script&gt;alert(1)&lt;/script&gt;" in neuron_page
-    assert "&#34;&gt;&lt;img src=x onerror=alert(1)&gt;" in neuron_page
-    assert "<code>{{7*7}}</code>" in neuron_page and "<code>&amp;amp;</code>" in neuron_page  # not evaluated
-    assert "<bdi><code>\u202eevil\u202c</code></bdi>" in neuron_page  # bidi override isolated, kept literally
-    assert "<code>zero\u200bwidth\u200d</code>" in neuron_page
-    assert "<code>lone\ufffdsurrogate</code>" in neuron_page
-    assert "<code>\u21b5</code>" in neuron_page  # a newline token, visible
+    # Neuron 0's logit tokens are the hostile ones: the sidecar keeps them as data (atlas.js draws them as text:
+    # test_browser), and its summaries print escaped ones.
+    doc = sidecar(site, 0, 0)
+    shown = {page_vocabulary(site, doc)[i] for side in ("top", "bottom") for i, _ in doc["logits"][side]}
+    assert {fx.HOSTILE[name] for name in ("script", "img", "template", "entity", "rtl", "zero_width")} <= shown
+    assert "lone\ufffdsurrogate" in shown  # a lone surrogate becomes U+FFFD
 
 
 def test_pages_run_no_inline_script_and_load_only_the_site_script(built):
@@ -143,10 +144,27 @@ def test_packed_arrays_round_trip_exactly(dtype):
     rng = np.random.default_rng(3)
     values = (rng.normal(size=57) * 1000).astype(np.dtype(f"<{dtype}")) if dtype in ("i4", "f4") else \
         rng.integers(0, np.iinfo(np.dtype(dtype)).max, size=57).astype(np.dtype(f"<{dtype}"))
-    text = codec.pack(values, dtype)
-    assert re.fullmatch(r"[A-Za-z0-9+/=]+", text)
-    assert np.array_equal(codec.unpack(text, dtype), values)
-    assert zlib.decompress(base64.b64decode(text)) == values.tobytes()
+    blob = codec.Blob()
+    before = blob.pack(values[:5], dtype)
+    ref = blob.pack(values, dtype)
+    data = blob.getvalue()
+    assert before[0] == 0 and ref[0] == before[1] and sum(ref) == len(data)
+    assert np.array_equal(codec.unpack(data, ref, dtype), values)
+    assert np.array_equal(codec.unpack(data, before, dtype), values[:5])
+    assert zlib.decompress(data[ref[0]:ref[0] + ref[1]]) == values.tobytes()
+
+
+def test_a_data_file_with_a_blob_writes_it_beside_the_json_and_inside_the_file_twin(tmp_path):
+    blob = codec.Blob()
+    ref = blob.pack_json(["a", "<b>"])
+    published, twin = codec.write_data_file(tmp_path / "x.json", "x", {"kind": "x", "text": ref}, blob)
+    document, data = codec.read_data_file(tmp_path / "x.json")
+    assert document["bin"] == "x.bin" and codec.unpack_json(data, document["text"]) == ["a", "<b>"]
+    assert published == (tmp_path / "x.json").stat().st_size + (tmp_path / "x.bin").stat().st_size
+    script = (tmp_path / "x.json.js").read_text()
+    assert len(script) == twin
+    inner = json.loads(script[script.index("=", script.index("]")) + 1:].rstrip(";\n"))
+    assert base64.b64decode(inner["bin_base64"]) == data and inner["text"] == document["text"]
 
 
 def test_quantised_activations_are_within_half_a_step_and_keep_missing_values():
@@ -177,7 +195,7 @@ def page_vocabulary(site: Path, doc: dict) -> list[str]:
     """A sidecar's vocabulary: the atlas's common tokens, then its own."""
     common = json.loads((site / MODEL / "data" / "common.json").read_text())
     assert common["kind"] == "common" and common["schema_version"] == codec.SCHEMA_VERSIONS["common"]
-    return common["tokens"] + codec.unpack_json(doc["vocab"])
+    return common["tokens"] + codec.unpack_json(doc["blob"], doc["vocab"])
 
 
 def test_sidecar_decodes_back_to_the_artefacts(built):
@@ -190,49 +208,66 @@ def test_sidecar_decodes_back_to_the_artefacts(built):
     neuron = 0
     part = examples.unit_slice(neuron)
     doc = sidecar(site, 0, neuron)
-    ex = doc["examples"]
+    blob, ex = doc["blob"], doc["examples"]
     n, width = ex["count"], cfg.window_before + 1 + cfg.window_after
     assert n == part.stop - part.start == 8
     lo, hi = ex["activation_range"]
-    decoded = codec.dequantise_activations(codec.unpack(ex["activation"], "u1").reshape(n, width), lo, hi)
+    decoded = codec.dequantise_activations(codec.unpack(blob, ex["activation"], "u1").reshape(n, width), lo, hi)
     window = examples.window[part]
     assert np.array_equal(np.isnan(decoded), np.isnan(window))
     assert np.nanmax(np.abs(decoded - window)) <= (hi - lo) / 508 + 1e-6
-    importance = codec.dequantise_importance(codec.unpack(ex["importance"], "u1").reshape(n, -1))
+    importance = codec.dequantise_importance(codec.unpack(blob, ex["importance"], "u1").reshape(n, -1))
     assert np.nanmax(np.abs(importance - scores[part])) <= 1 / 508 + 1e-6
-    ids = codec.unpack(ex["tokens"], ex["token_dtype"]).reshape(n, width)
-    seq, pos = codec.unpack(ex["sequence"], "u4"), codec.unpack(ex["position"], "u4")
+    ids = codec.unpack(blob, ex["tokens"], ex["token_dtype"]).reshape(n, width)
+    seq, pos = codec.unpack(blob, ex["sequence"], "u4"), codec.unpack(blob, ex["position"], "u4")
     assert np.array_equal(seq, examples.seq[part]) and np.array_equal(pos, examples.pos[part])
     local = np.array([fx.VOCAB.index(t) if t in fx.VOCAB else -1 for t in page_vocabulary(site, doc)])
     assert np.array_equal(local[ids[:, cfg.window_before]], tokens[seq, pos])  # the max token, via the local vocab
-    assert np.array_equal(codec.unpack(ex["cluster"], "u4"), clusters["labels"][part])
+    assert np.array_equal(codec.unpack(blob, ex["cluster"], "u4"), clusters["labels"][part])
     links = clusters["linkage"][clusters["linkage_offsets"][neuron]:clusters["linkage_offsets"][neuron + 1]]
-    assert np.array_equal(codec.unpack(doc["linkage"]["children"], "u4").reshape(-1, 2), links[:, :2])
-    assert np.allclose(codec.unpack(doc["linkage"]["distance"], "f4"), links[:, 2], atol=1e-6)
+    assert np.array_equal(codec.unpack(blob, doc["linkage"]["children"], "u4").reshape(-1, 2), links[:, :2])
+    assert np.allclose(codec.unpack(blob, doc["linkage"]["distance"], "f4"), links[:, 2], atol=1e-6)
     assert [c["size"] for c in doc["clusters"]] == list(np.bincount(clusters["labels"][part]))
+    # Logit tokens are page-vocabulary indices too; the histogram is its non-empty span of the shared bins.
+    atlas = inputs.load_atlas(cfg, fx.VOCAB)
+    data = inputs.load_set(atlas, atlas.index.get("L0"))
+    vocab = page_vocabulary(site, doc)
+    for side in ("top", "bottom"):
+        assert [vocab[i] for i, _ in doc["logits"][side]] == [text.clean_text(fx.VOCAB[i])
+                                                               for i in data.logits[f"logit_{side}_ids"][0]]
+        assert np.allclose([v for _, v in doc["logits"][side]], data.logits[f"logit_{side}_values"][0], rtol=1e-3)
+    counts = np.zeros(len(data.histogram[0]), np.int64)
+    first = doc["histogram"]["first"]
+    counts[first:first + len(doc["histogram"]["counts"])] = doc["histogram"]["counts"]
+    assert np.array_equal(counts, data.histogram[0]) and counts[first] > 0
+    common = json.loads((site / MODEL / "data" / "common.json").read_text())
+    assert np.allclose(common["histogram_edges"], atlas.histogram_edges, rtol=1e-3)
 
 
 def test_sidecar_has_the_documented_schema(built):
     _, site = built
     doc = sidecar(site, 0, 0)
-    assert doc["schema_version"] == codec.SCHEMA_VERSIONS["neuron"] == 2
+    assert doc["schema_version"] == codec.SCHEMA_VERSIONS["neuron"] == 3
     assert doc["kind"] == "neuron" and doc["model"] == MODEL and (doc["layer"], doc["neuron"]) == (0, 0)
-    assert set(doc) == {"schema_version", "kind", "model", "sets", "set", "layer", "neuron", "path", "max_activation",
-                        "metrics", "cluster_threshold", "window", "vocab", "examples", "clusters", "intervals",
-                        "linkage", "histogram", "logits", "provenance"}
+    assert set(doc) - {"blob"} == {"schema_version", "kind", "model", "bin", "set", "layer", "neuron", "path",
+                                   "max_activation", "metrics", "cluster_threshold", "window", "vocab", "examples",
+                                   "clusters", "intervals", "linkage", "histogram", "logits"}
     assert set(doc["examples"]) == {"count", "token_dtype", "tokens", "activation_range", "activation",
                                     "importance", "sequence", "position", "cluster"}
     assert set(doc["intervals"]) == {"bounds", "interval", "sequence", "position", "activation", "tokens"}
     assert set(doc["clusters"][0]) == {"size", "central", "similar"}
     similar = json.loads((site / MODEL / "L0" / "N0" / "similar.json").read_text())
-    assert set(similar) == {"schema_version", "kind", "model", "path", "rows", "text"}
+    assert set(similar) == {"schema_version", "kind", "model", "path", "rows", "text", "bin"}
     assert similar["kind"] == "similar" and similar["schema_version"] == codec.SCHEMA_VERSIONS["similar"]
-    assert set(doc["provenance"]) == {"model", "model_revision", "dataset", "n_sequences", "n_tokens", "threshold",
-                                      "code_version", "config_hash", "build_date"}
+    common = json.loads((site / MODEL / "data" / "common.json").read_text())
+    assert set(common) == {"schema_version", "kind", "model", "tokens", "metrics", "histogram_edges", "sets",
+                           "provenance"}
+    assert set(common["provenance"]) == {"model", "model_revision", "dataset", "n_sequences", "n_tokens",
+                                         "threshold", "code_version", "config_hash", "build_date"}
     assert doc["path"] == f"{MODEL}/L0/N0/"
     schema_doc = (ROOT / "docs" / "sidecar-schema.md").read_text()
-    for key in (list(doc) + list(doc["examples"]) + list(doc["intervals"])
-                + list(similar) + ["similar"]):
+    for key in (list(set(doc) - {"blob"}) + list(doc["examples"]) + list(doc["intervals"])
+                + list(similar) + list(common) + ["similar", "bin_base64", "first"]):
         assert f"`{key}`" in schema_doc, f"{key} is not documented in docs/sidecar-schema.md"
 
 
@@ -242,9 +277,9 @@ def test_neighbours_in_the_sidecar_point_at_existing_feature_pages(built):
     found = 0
     for page in (site / MODEL).glob("L*/N*/neuron.json"):
         doc = json.loads(page.read_text())
-        similar = json.loads(page.with_name("similar.json").read_text())
-        rows = codec.unpack(similar["rows"], "i4").reshape(-1, 5)
-        texts = codec.unpack_json(similar["text"])
+        similar, data = codec.read_data_file(page.with_name("similar.json"))
+        rows = codec.unpack(data, similar["rows"], "i4").reshape(-1, 5)
+        texts = codec.unpack_json(data, similar["text"])
         assert len(texts) == len(rows)
         per_cluster = np.bincount(rows[:, 0], minlength=len(doc["clusters"])).tolist()
         assert [c["similar"] for c in doc["clusters"]] == per_cluster
@@ -322,7 +357,6 @@ def test_citations_name_the_exact_page_and_its_provenance(tmp_path):
     # Feature and neuron pages: atlas.js writes the BibTeX from these and the sidecar's provenance (the browser
     # test compares it with pages.bibtex); the method page prints it.
     assert '<span class="cite-url">https://example.org/atlas/tiny-atlas/L0/N0/F1/</span>' in page
-    assert 'data-key="neuronatlas:tiny-atlas:L0:N0:F1"' in page
     method = (Path(cfg.site_dir) / MODEL / "method" / "index.html").read_text()
     assert r"\url{https://example.org/atlas/tiny-atlas/method/}" in method
     for fact in ("revision rev-1", "corpus.jsonl", "24 sequences", "384 tokens", "threshold 0.75", "code 0.1.0",
@@ -471,6 +505,18 @@ def test_stats_report_bytes_per_neuron_and_throughput(tmp_path):
     assert twins > 0 and stats["seconds"] > 0 and stats["neurons_per_second"] > 0
     projection = stats["projected_bytes_per_neuron_at_100_examples"]
     assert projection["3"] < projection["5"] < projection["10"]
+
+
+def test_size_projection_recovers_linear_costs_of_examples_and_features():
+    rng = np.random.default_rng(5)
+    examples, clusters = rng.integers(2, 60, 40), rng.integers(1, 12, 40)
+    sidecar, page, features = 1000 + 100 * examples + 50 * clusters, 1500 + 60 * clusters, 500 + 240 * clusters
+    search = 10 + 2 * examples + 40 * clusters
+    sizes = np.stack([examples, clusters, sidecar, page, features, np.zeros(40, np.int64)], axis=1)
+    sizes = np.concatenate([sizes, [[1, 1, 99_999, 99_999, 99_999, 0]]])  # one-example units stay out of the fit
+    projection = publish.size_projection(sizes, np.append(search, 99_999.0), shared=500.0)
+    at = {k: 1000 + 100 * 100 + 50 * k + 2000 + 300 * k + 10 + 2 * 100 + 40 * k + 500 for k in (3, 5, 10)}
+    assert projection == {str(k): v for k, v in at.items()}
 
 
 def test_the_vocabulary_comes_from_the_model_tokenizer(tmp_path, tokenizer):
@@ -637,8 +683,10 @@ def test_citations_are_absolute_with_the_configured_author_and_a_unique_key_per_
         body = page.read_text()
         if 'id="cite"' not in body:
             continue
-        found = re.search(r"@misc\{([^,]+),", body) or re.search(r'data-key="([^"]+)"', body)
-        keys.append(found.group(1))
+        # Unit and feature pages get their BibTeX from atlas.js, keyed by the page's path (the browser test compares
+        # it with pages.bibtex); the other pages print theirs.
+        found = re.search(r"@misc\{([^,]+),", body)
+        keys.append(found.group(1) if found else citation_key(page.parent.relative_to(site).as_posix() + "/"))
         plain = re.sub(r"<[^>]+>", "", body)
         assert "author = {Interp Lab}" in body or '<span class="cite-author">Interp Lab</span>' in body
         assert "Interp Lab (2024). Neuron Atlas:" in plain and "https://example.org/atlas/" in body

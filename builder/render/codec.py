@@ -11,7 +11,7 @@ import numpy as np
 import orjson
 
 # Each JSON file kind has its own schema version (docs/sidecar-schema.md); bump a kind only when its format changes.
-SCHEMA_VERSIONS = {"neuron": 2, "similar": 1, "common": 1, "atlas": 2, "vocab": 1, "neuron-table": 3, "search": 1}
+SCHEMA_VERSIONS = {"neuron": 3, "similar": 2, "common": 2, "atlas": 2, "vocab": 1, "neuron-table": 3, "search": 1}
 
 MISSING_U8 = 255  # quantised activation/importance: outside the sequence / not scored
 QUANT_LEVELS = 254  # uint8 codes 0..254 span the range
@@ -22,24 +22,51 @@ U2_LIMIT = 0xFFFF  # vocabularies below this size store token ids as u2 (its max
 FILE_COPY_SUFFIX = ".json.js"  # the file:// twin of every .json data file; never published
 
 
-def pack(array: np.ndarray, dtype: str) -> str:
-    """Base64 of the zlib-compressed little-endian bytes of `array` as `dtype` (u1, u2, u4, i4, f4)."""
-    data = np.ascontiguousarray(array, dtype=np.dtype(f"<{dtype}")).tobytes()
-    return base64.b64encode(zlib.compress(data, ZLIB_LEVEL)).decode("ascii")
+def compress(array: np.ndarray, dtype: str) -> bytes:
+    """The zlib-compressed little-endian bytes of `array` as `dtype` (u1, u2, u4, i4, f4)."""
+    return zlib.compress(np.ascontiguousarray(array, dtype=np.dtype(f"<{dtype}")).tobytes(), ZLIB_LEVEL)
 
 
-def pack_json(document) -> str:
-    """Base64 of the zlib-compressed UTF-8 JSON of `document`: bulky text (token strings, link texts)."""
-    return base64.b64encode(zlib.compress(orjson.dumps(document), ZLIB_LEVEL)).decode("ascii")
+class Blob:
+    """The binary companion `X.bin` of a data file `X.json`: each field packed into it appears in the JSON as its
+    [offset, length] there. Binary rather than base64 in the JSON, which would add a third to every packed field."""
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    def _add(self, data: bytes) -> list[int]:
+        ref = [self._size, len(data)]
+        self._parts.append(data)
+        self._size += len(data)
+        return ref
+
+    def pack(self, array: np.ndarray, dtype: str) -> list[int]:
+        return self._add(compress(array, dtype))
+
+    def pack_json(self, document) -> list[int]:
+        """Bulky text (token strings, link texts) as zlib-compressed UTF-8 JSON."""
+        return self._add(zlib.compress(orjson.dumps(document), ZLIB_LEVEL))
+
+    def getvalue(self) -> bytes:
+        return b"".join(self._parts)
 
 
-def unpack_json(text: str):
-    return orjson.loads(zlib.decompress(base64.b64decode(text)))
+def unpack(blob: bytes, ref: list[int], dtype: str) -> np.ndarray:
+    """Inverse of `Blob.pack` (flat array) on the bytes of the `.bin` file."""
+    offset, length = ref
+    return np.frombuffer(zlib.decompress(blob[offset:offset + length]), dtype=np.dtype(f"<{dtype}"))
 
 
-def unpack(text: str, dtype: str) -> np.ndarray:
-    """Inverse of `pack` (flat array)."""
-    return np.frombuffer(zlib.decompress(base64.b64decode(text)), dtype=np.dtype(f"<{dtype}"))
+def unpack_json(blob: bytes, ref: list[int]):
+    offset, length = ref
+    return orjson.loads(zlib.decompress(blob[offset:offset + length]))
+
+
+def read_data_file(path: Path) -> tuple[dict, bytes]:
+    """A data file's JSON and the bytes of its `.bin` companion (empty when it has none)."""
+    document = orjson.loads(path.read_bytes())
+    return document, (path.with_name(document["bin"]).read_bytes() if "bin" in document else b"")
 
 
 def token_dtype(vocab_size: int) -> str:
@@ -101,10 +128,19 @@ def js_wrapper(key: str, payload: bytes) -> bytes:
     return b'(window.ATLAS_DATA=window.ATLAS_DATA||{})["' + key.encode() + b'"]=' + payload + b";\n"
 
 
-def write_data_file(path: Path, key: str, document: dict) -> tuple[int, int]:
-    """Write `path` (.json) and its file:// twin; returns (published bytes, file:// copy bytes)."""
+def write_data_file(path: Path, key: str, document: dict, blob: Blob | None = None) -> tuple[int, int]:
+    """Write `path` (.json), its `.bin` companion when `blob` is given, and its file:// twin, which carries the
+    companion as base64 (`bin_base64`: a page on file:// can only load scripts); returns (published bytes, twin
+    bytes)."""
+    published = 0
+    if blob is not None:
+        data = blob.getvalue()
+        document = {**document, "bin": path.with_suffix(".bin").name}
+        path.with_suffix(".bin").write_bytes(data)
+        published += len(data)
     payload = dumps(document)
     path.write_bytes(payload + b"\n")
-    twin = js_wrapper(key, payload)
+    twin_document = document if blob is None else {**document, "bin_base64": base64.b64encode(data).decode("ascii")}
+    twin = js_wrapper(key, dumps(twin_document))
     path.with_name(path.name + ".js").write_bytes(twin)
-    return len(payload) + 1, len(twin)
+    return published + len(payload) + 1, len(twin)

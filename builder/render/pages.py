@@ -3,7 +3,6 @@ or through external JSON."""
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -13,8 +12,8 @@ import numpy as np
 from builder.config import EMBEDDED_MODEL
 from builder.render.codec import write_data_file
 from builder.render.inputs import Atlas, SetData
-from builder.render.sidecars import static_example, token_text, unit_path, unit_sidecar
-from builder.render.text import clean_text, display_token, fmt, has_bidi
+from builder.render.sidecars import static_example, subject_sets, unit_path, unit_sidecar
+from builder.render.text import clean_text, display_token, fmt
 from builder.subjects import SubjectSet, UnitId
 
 REPO = Path(__file__).resolve().parents[2]
@@ -23,8 +22,6 @@ TEMPLATES = REPO / "templates"
 # No inline script or style may run; scripts, styles and data only from the site itself (`'self'` also matches file:
 # URLs for a page opened over file://). A constant, so templates may print it unescaped.
 CSP = "default-src 'self'; script-src 'self'; object-src 'none'; base-uri 'none'"
-# The dendrogram slider's range is rounded up to a multiple of 1 / CUT_STEPS_PER_UNIT.
-CUT_STEPS_PER_UNIT = 20
 
 _ENV = None
 
@@ -86,7 +83,7 @@ class Site:
         self.prov = prov
         self.common = {"csp": CSP, "model": self.model, "prov": prov,
                        "sets": [{"key": s.key, "slug": s.slug, "layer": s.layer} for s in atlas.sets],
-                       "sets_attr": ",".join(f"{s.key}:{s.slug}:{s.layer}:{s.size}" for s in atlas.sets)}
+                       "sets_attr": ",".join(subject_sets(atlas))}
 
     def page(self, depth: int, path: str, title: str, cite_title: str, kind: str, **context) -> dict:
         """Context of a page `depth` folders below the site root (the model index is at depth 1). Unit and feature
@@ -97,7 +94,7 @@ class Site:
         from_sidecar = kind in ("neuron", "feature")
         return {**self.common, "root": root, "model_root": model_root, "path": path, "title": title,
                 "cite": "" if from_sidecar else bibtex(self.atlas, self.prov, path, cite_title),
-                "cite_data": {"key": citation_key(path), "author": author(self.atlas), "title": cite_title,
+                "cite_data": {"author": author(self.atlas), "title": cite_title,
                               "url": page_url(self.atlas, path)} if from_sidecar else None,
                 "cite_line": citation_line(self.atlas, self.prov, path, cite_title), "kind": kind, **context}
 
@@ -153,11 +150,12 @@ def render_unit(site: Site, data: SetData, unit: int, folder: Path) -> tuple[int
     atlas = site.atlas
     env = environment()
     subject = data.subject
-    files = unit_sidecar(atlas, data, unit, site.prov)
+    files = unit_sidecar(atlas, data, unit)
     sidecar = files.neuron
     folder.mkdir(parents=True)
-    sidecar_bytes, twin_bytes = write_data_file(folder / "neuron.json", "neuron", sidecar)
-    similar_bytes, similar_twin = write_data_file(folder / "similar.json", "similar", files.similar)
+    sidecar_bytes, twin_bytes = write_data_file(folder / "neuron.json", "neuron", sidecar, files.neuron_blob)
+    similar_bytes, similar_twin = write_data_file(folder / "similar.json", "similar", files.similar,
+                                                  files.similar_blob)
     sidecar_bytes, twin_bytes = sidecar_bytes + similar_bytes, twin_bytes + similar_twin
     start = int(data.offsets[unit])
     count = sidecar["examples"]["count"]
@@ -181,20 +179,13 @@ def render_unit(site: Site, data: SetData, unit: int, folder: Path) -> tuple[int
         ("inter_distance", "Inter-cluster distance", fmt(metrics["inter_distance"]))]
     metric_rows = [{"id": key, "name": name, "value": value} for key, name, value in metric_rows]
 
-    def logit_list(side: str) -> list[dict]:
-        texts = [(display_token(token_text(atlas, i)), v) for i, v in sidecar["logits"][side]]
-        return [{"text": text, "value": fmt(v, 3), "bidi": has_bidi(text)} for text, v in texts]
-
-    distances = data.linkage[int(data.linkage_offsets[unit]):int(data.linkage_offsets[unit + 1]), 2]
-    cut_max = (max(1.0, math.ceil(float(distances.max()) * CUT_STEPS_PER_UNIT) / CUT_STEPS_PER_UNIT)
-               if len(distances) else 1.0)
     name = f"{subject.slug} N{unit}"
     unit_id = UnitId(subject.key, unit)
     context = site.page(3, unit_path(site.model, subject, unit), f"{name} · {site.model}",
                         f"{site.model} {subject.label} neuron {unit}", "neuron", layer=subject.layer, neuron=unit,
                         features=features, clustered=clustered, singles=singles, metric_rows=metric_rows,
-                        promoted=logit_list("top"), suppressed=logit_list("bottom"), count=count,
-                        threshold=atlas.cfg.cluster_threshold, cut_max=cut_max, nav=site.nav(unit_id, 1),
+                        count=count,
+                        threshold=atlas.cfg.cluster_threshold, nav=site.nav(unit_id, 1),
                         window_before=atlas.cfg.window_before, window_after=atlas.cfg.window_after)
     page = env.get_template("neuron.html").render(context).encode()
     (folder / "index.html").write_bytes(page)

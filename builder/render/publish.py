@@ -97,17 +97,20 @@ def site_bytes(folder: Path) -> tuple[int, int]:
     return published, twins
 
 
-def size_projection(sizes: np.ndarray, shared: float, examples: int = 100, clusters=(3, 5, 10)) -> dict:
-    """Bytes per published unit projected to `examples` examples and k clusters per unit, from a least-squares
-    fit over this atlas's units: sidecar ≈ a + b·examples + c·k, pages ≈ d + e·k. `shared` (index pages, set
-    tables, vocabulary, unit table, token index, per unit) is added as measured."""
-    rich = sizes[sizes[:, 0] >= 2]
-    if len(rich) < 3:
+def size_projection(sizes: np.ndarray, search: np.ndarray, shared: float, examples: int = 100,
+                    clusters=(3, 5, 10)) -> dict:
+    """Bytes per published unit projected to `examples` examples and k clusters per unit, from least-squares fits
+    over this atlas's units: sidecar ≈ a + b·examples + c·k, pages ≈ d + e·k, and the unit's share of the word
+    search index (`search`: its postings' bytes) ≈ f + g·examples + h·k. `shared` (index pages, set tables,
+    vocabulary, unit table, per unit) is added as measured."""
+    rich = sizes[:, 0] >= 2
+    if rich.sum() < 3:
         return {}
-    design = np.stack([np.ones(len(rich)), rich[:, 0], rich[:, 1]], axis=1).astype(np.float64)
-    sidecar = np.linalg.lstsq(design, rich[:, 2].astype(np.float64), rcond=None)[0]
-    pages = np.linalg.lstsq(design[:, [0, 2]], (rich[:, 3] + rich[:, 4]).astype(np.float64), rcond=None)[0]
-    return {str(k): round(float(sidecar @ [1, examples, k] + pages @ [1, k] + shared)) for k in clusters}
+    design = np.stack([np.ones(rich.sum()), sizes[rich, 0], sizes[rich, 1]], axis=1).astype(np.float64)
+    sidecar = np.linalg.lstsq(design, sizes[rich, 2].astype(np.float64), rcond=None)[0]
+    words = np.linalg.lstsq(design, search[rich].astype(np.float64), rcond=None)[0]
+    pages = np.linalg.lstsq(design[:, [0, 2]], (sizes[rich, 3] + sizes[rich, 4]).astype(np.float64), rcond=None)[0]
+    return {str(k): round(float((sidecar + words) @ [1, examples, k] + pages @ [1, k] + shared)) for k in clusters}
 
 
 def recover_interrupted(site_dir: Path) -> None:
@@ -141,7 +144,7 @@ def render_site(cfg: AtlasConfig, vocabulary: list[str] | None = None) -> dict:
         data_dir = model_dir / "data"
         data_dir.mkdir(parents=True)
         write_data_file(data_dir / "vocab.json", "vocab", vocab_file(atlas))
-        write_data_file(data_dir / "common.json", "common", common_file(atlas, METRIC_DEFINITIONS))
+        write_data_file(data_dir / "common.json", "common", common_file(atlas, METRIC_DEFINITIONS, prov))
         write_data_file(data_dir / "atlas.json", "atlas", atlas_manifest(atlas, prov))
         write_data_file(data_dir / "neurons.json", "neurons", unit_table(atlas))
         model_pages(site, model_dir, tmp)
@@ -165,13 +168,17 @@ def render_site(cfg: AtlasConfig, vocabulary: list[str] | None = None) -> dict:
     seconds = time.perf_counter() - started
     n = atlas.n_units
     per_unit = np.array(sizes, np.int64).reshape(-1, SIZE_FIELDS)
-    shared = (published - per_unit[:, 2:5].sum()) / n if n else 0.0
+    # Each unit's share of the search index: its postings at the index's mean bytes per posting, by unit row (the
+    # order of `sizes`: tasks go set by set, units ascending).
+    search = np.bincount(np.array([row for _, row, _, _ in postings], np.int64), minlength=n) * (
+        search_bytes / max(1, len(postings)))
+    shared = (published - per_unit[:, 2:5].sum() - search_bytes) / n if n else 0.0
     stats = {"neurons": n, "total_bytes": published, "bytes_per_neuron": round(published / n, 1) if n else 0.0,
              "local_bytes_per_neuron": round((published + twins) / n, 1) if n else 0.0,
              "mean_examples": round(float(per_unit[:, 0].mean()), 2) if n else 0.0,
              "mean_clusters": round(float(per_unit[:, 1].mean()), 2) if n else 0.0,
              "search_bytes_per_feature": round(search_bytes / max(1, int(per_unit[:, 1].sum())), 1),
-             "projected_bytes_per_neuron_at_100_examples": size_projection(per_unit, shared),
+             "projected_bytes_per_neuron_at_100_examples": size_projection(per_unit, search, shared),
              "seconds": round(seconds, 3), "neurons_per_second": round(n / seconds, 1) if seconds > 0 else 0.0}
     log.info("render: %d units in %.1f s (%.0f units/s); %.1f KB per unit published (%.1f KB with the file:// "
              "copies); site %s", n, seconds, stats["neurons_per_second"], stats["bytes_per_neuron"] / 1000,

@@ -8,8 +8,7 @@ from typing import NamedTuple
 import numpy as np
 
 from builder import __version__
-from builder.render.codec import (SCHEMA_VERSIONS, SIMILARITY_SCALE, activation_range, pack, pack_json,
-                                  quantise_activations,
+from builder.render.codec import (SCHEMA_VERSIONS, SIMILARITY_SCALE, Blob, activation_range, quantise_activations,
                                   quantise_importance, token_dtype)
 from builder.render.inputs import SNIPPET_BEFORE, Atlas, SetData
 from builder.render.text import clean_text, display_token, fmt, has_bidi, number
@@ -65,22 +64,31 @@ def to_local(tokens: np.ndarray, ids: np.ndarray, dtype: str) -> np.ndarray:
     return np.where(tokens == sentinel_in, np.iinfo(np.dtype(f"<{dtype}")).max, local)
 
 
-def common_file(atlas: Atlas, definitions: dict[str, str]) -> dict:
-    """`common.json`: what every unit page shares: the strings of the tokens its vocabulary starts with, and the
-    metric definitions its tooltips show."""
+def subject_sets(atlas: Atlas) -> list[str]:
+    """The atlas's subject sets as `key:slug:layer:size`, in order: how pages and data files list them."""
+    return [f"{s.key}:{s.slug}:{s.layer}:{s.size}" for s in atlas.sets]
+
+
+def common_file(atlas: Atlas, definitions: dict[str, str], prov: dict) -> dict:
+    """`common.json`: what every unit page shares: the strings of the tokens its vocabulary starts with, the
+    metric definitions its tooltips show, the histogram edges, the subject sets and the provenance."""
     return {"schema_version": SCHEMA_VERSIONS["common"], "kind": "common", "model": atlas.cfg.name,
-            "tokens": [token_text(atlas, i) for i in atlas.common.tolist()], "metrics": definitions}
+            "tokens": [token_text(atlas, i) for i in atlas.common.tolist()], "metrics": definitions,
+            "histogram_edges": [number(e, HISTOGRAM_DIGITS) for e in atlas.histogram_edges],
+            "sets": subject_sets(atlas), "provenance": prov}
 
 
 class UnitFiles(NamedTuple):
     """A unit's data files and its features' summaries (for its pages; token ids are the model's)."""
 
     neuron: dict  # neuron.json: what its page shows on load
+    neuron_blob: Blob  # its neuron.bin
     similar: dict  # similar.json: its features' similar features, fetched when a reader opens them
+    similar_blob: Blob
     summaries: list[dict]
 
 
-def unit_sidecar(atlas: Atlas, data: SetData, unit: int, prov: dict) -> UnitFiles:
+def unit_sidecar(atlas: Atlas, data: SetData, unit: int) -> UnitFiles:
     """`neuron.json` (one unit, everything its page and its feature pages show) and `similar.json`."""
     cfg = atlas.cfg
     part = slice(int(data.offsets[unit]), int(data.offsets[unit + 1]))
@@ -90,12 +98,10 @@ def unit_sidecar(atlas: Atlas, data: SetData, unit: int, prov: dict) -> UnitFile
     hist_counts = data.histogram[unit]
     nonzero = np.flatnonzero(hist_counts)
     first, last = (int(nonzero[0]), int(nonzero[-1])) if len(nonzero) else (0, -1)
-    edges = atlas.histogram_edges
-    bounds = [None if i < 0 or i >= len(edges) else number(edges[i], HISTOGRAM_DIGITS)
-              for i in range(first - 1, last + 1)]
     interval_present = data.interval_seq[unit] >= 0  # [n_intervals, k]
     interval_tokens = data.interval_tokens[unit][interval_present]
-    ids, strings = local_vocabulary(atlas, data.window_tokens[part], interval_tokens)
+    logit_ids = {side: data.logits[f"logit_{side}_ids"][unit] for side in ("top", "bottom")}
+    ids, strings = local_vocabulary(atlas, data.window_tokens[part], interval_tokens, *logit_ids.values())
     dtype = token_dtype(len(ids) + 1)
     summaries = feature_summaries(data, unit, cfg.window_before)
     neighbours, neighbour_text = neighbour_rows(atlas, data, unit)
@@ -106,14 +112,14 @@ def unit_sidecar(atlas: Atlas, data: SetData, unit: int, prov: dict) -> UnitFile
     step = float(atlas.meta["threshold"]) * maximum / n_intervals if maximum > 0 else 0.0
     similar_counts = np.bincount(neighbours[:, 0], minlength=len(centrals)) if len(neighbours) else \
         np.zeros(len(centrals), np.int64)
+    blob, similar_blob = Blob(), Blob()
     similar = {"schema_version": SCHEMA_VERSIONS["similar"], "kind": "similar", "model": cfg.name,
-               "path": unit_path(cfg.name, data.subject, unit), "rows": pack(neighbours, "i4"),
-               "text": pack_json(neighbour_text)}
+               "path": unit_path(cfg.name, data.subject, unit), "rows": similar_blob.pack(neighbours, "i4"),
+               "text": similar_blob.pack_json(neighbour_text)}
     document = {
         "schema_version": SCHEMA_VERSIONS["neuron"],
         "kind": "neuron",
         "model": cfg.name,
-        "sets": [f"{s.key}:{s.slug}:{s.layer}:{s.size}" for s in atlas.sets],
         "set": data.subject.key,
         "layer": data.subject.layer,
         "neuron": unit,
@@ -123,37 +129,36 @@ def unit_sidecar(atlas: Atlas, data: SetData, unit: int, prov: dict) -> UnitFile
                     for name in METRIC_NAMES},
         "cluster_threshold": cfg.cluster_threshold,
         "window": {"before": cfg.window_before, "after": cfg.window_after},
-        "vocab": pack_json(strings),
+        "vocab": blob.pack_json(strings),
         "examples": {
             "count": part.stop - part.start,
             "token_dtype": dtype,
-            "tokens": pack(to_local(data.window_tokens[part], ids, dtype), dtype),
+            "tokens": blob.pack(to_local(data.window_tokens[part], ids, dtype), dtype),
             "activation_range": [lo, hi],
-            "activation": pack(quantise_activations(window, lo, hi), "u1"),
-            "importance": pack(quantise_importance(data.importance[part]), "u1"),
-            "sequence": pack(data.seq[part], "u4"),
-            "position": pack(data.pos[part], "u4"),
-            "cluster": pack(data.labels[part], "u4"),
+            "activation": blob.pack(quantise_activations(window, lo, hi), "u1"),
+            "importance": blob.pack(quantise_importance(data.importance[part]), "u1"),
+            "sequence": blob.pack(data.seq[part], "u4"),
+            "position": blob.pack(data.pos[part], "u4"),
+            "cluster": blob.pack(data.labels[part], "u4"),
         },
         "clusters": [{"size": int(size), "central": int(central - part.start), "similar": int(n_similar)}
                      for size, central, n_similar in zip(data.cluster_size[clusters], centrals, similar_counts)],
         "intervals": {
             "bounds": [number(i * step, 4) for i in range(n_intervals + 1)],
-            "interval": pack(np.nonzero(interval_present)[0], "u1"),
-            "sequence": pack(data.interval_seq[unit][interval_present], "u4"),
-            "position": pack(data.interval_pos[unit][interval_present], "u4"),
+            "interval": blob.pack(np.nonzero(interval_present)[0], "u1"),
+            "sequence": blob.pack(data.interval_seq[unit][interval_present], "u4"),
+            "position": blob.pack(data.interval_pos[unit][interval_present], "u4"),
             "activation": [number(v, 4) for v in data.interval_act[unit][interval_present]],
-            "tokens": pack(to_local(interval_tokens, ids, dtype), dtype),
+            "tokens": blob.pack(to_local(interval_tokens, ids, dtype), dtype),
         },
-        "linkage": {"children": pack(links[:, :2], "u4"), "distance": pack(links[:, 2], "f4")},
-        "histogram": {"edges": bounds, "counts": [int(c) for c in hist_counts[first:last + 1]]},
+        "linkage": {"children": blob.pack(links[:, :2], "u4"), "distance": blob.pack(links[:, 2], "f4")},
+        "histogram": {"first": first, "counts": [int(c) for c in hist_counts[first:last + 1]]},
         "logits": {side: [[int(i), number(v, LOGIT_DIGITS)]
-                          for i, v in zip(data.logits[f"logit_{side}_ids"][unit],
+                          for i, v in zip(to_local(logit_ids[side], ids, dtype).tolist(),
                                           data.logits[f"logit_{side}_values"][unit])]
                    for side in ("top", "bottom")},
-        "provenance": prov,
     }
-    return UnitFiles(document, similar, summaries)
+    return UnitFiles(document, blob, similar, similar_blob, summaries)
 
 
 SUMMARY_TOKENS = 3  # most frequent max tokens a feature summary names

@@ -1,1 +1,1 @@
-(window.ATLAS_DATA=window.ATLAS_DATA||{})["similar"]={"kind":"similar","model":"tiny-atlas","path":"tiny-atlas/L0/N2/","rows":"eNoDAAAAAAE=","schema_version":1,"text":"eNqLjgUAARUAuQ=="};
+(window.ATLAS_DATA=window.ATLAS_DATA||{})["similar"]={"bin":"similar.bin","bin_base64":"eNoDAAAAAAF42ouOBQABFQC5","kind":"similar","model":"tiny-atlas","path":"tiny-atlas/L0/N2/","rows":[0,8],"schema_version":2,"text":[8,10]};
