@@ -340,10 +340,13 @@ def forward_with_hooks(bridge, tokens: Tensor, sets: list[SubjectSet]) -> dict[s
     """One forward pass that stops after the deepest block any set reads, keeping only the hooks the sets need."""
     captured: dict[str, Tensor] = {}
 
-    def keep(value: Tensor, hook) -> None:
-        captured[hook.name] = value.detach()
+    def keeper(name: str):
+        # Keyed by the name asked for: the bridge may call an alias (hook_resid_post) by its own name (hook_out).
+        def keep(value: Tensor, hook) -> None:
+            captured[name] = value.detach()
+        return keep
 
-    hooks = [(name, keep) for s in sets for name in s.hooks()]
+    hooks = [(name, keeper(name)) for name in dict.fromkeys(n for s in sets for n in s.hooks())]
     with torch.no_grad():
         bridge.run_with_hooks(tokens, return_type=None, stop_at_layer=max(s.layer for s in sets) + 1,
                               fwd_hooks=hooks)
@@ -396,7 +399,7 @@ def build(run: StageRun) -> dict:
     cfg, paths = run.cfg, run.paths
     model = load_model(cfg)
     layers = selected_layers(cfg, model.n_layers)
-    sets = model_subject_sets(model, layers)
+    sets = model_subject_sets(model, layers if cfg.atlas_neurons else [], cfg.sae, cfg.model)
     reference = load_reference_maxima(cfg, sets, model.n_layers)
     tokens, packing = _load_or_tokenise(run, model)
     shards = sequence_shards(len(tokens), cfg.shard_sequences)

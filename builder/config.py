@@ -20,6 +20,29 @@ EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 SHARD_MULTIPLE = 16
 
 
+# Slugs an SAE cannot take: the model's own pages and data folders, and MLP layers' slugs (L0, L1, ...).
+RESERVED_SLUGS = ("data", "method", "static", "search")
+SAE_KEYS = ("path", "slug")
+
+
+@dataclass(frozen=True)
+class SaeSpec:
+    """One `[[sae]]` table: an SAE to atlas."""
+
+    # A local folder in the SAELens layout (cfg.json + sae_weights.safetensors); relative paths are read from the
+    # config file's folder. Its files' contents are part of every stage's key.
+    path: str
+    # Its URL path component: pages at /{name}/{slug}/N{latent}/. Never change it for a published atlas.
+    slug: str
+
+    def __post_init__(self) -> None:
+        _check(bool(self.path), "an [[sae]] table needs a path (its SAELens folder)", self.path)
+        _check(bool(self.slug) and all(c.isalnum() or c in "-_." for c in self.slug)
+               and self.slug not in RESERVED_SLUGS and not (self.slug[0] == "L" and self.slug[1:].isdigit()),
+               "an [[sae]] slug must be a URL slug (letters, digits, - _ .), not L<number> or "
+               + "/".join(RESERVED_SLUGS), self.slug)
+
+
 @dataclass(frozen=True)
 class AtlasConfig:
     # Short slug used in URLs (/{name}/L{layer}/N{neuron}/) and citations. Never change it for a published atlas.
@@ -34,6 +57,10 @@ class AtlasConfig:
     dtype: str = "float32"
     # Layers to atlas; empty means every layer.
     layers: tuple[int, ...] = ()
+    # Atlas the MLP neurons of those layers (false: only the SAEs below).
+    atlas_neurons: bool = True
+    # SAEs whose latents are atlased beside the neurons, one [[sae]] table each (see SaeSpec).
+    sae: tuple[SaeSpec, ...] = ()
     # Hub dataset name streamed with `datasets` (the user path); ignored when data_files is set.
     dataset: str = ""
     # Hub dataset config name, if the dataset has several.
@@ -122,6 +149,11 @@ class AtlasConfig:
                "layers must be non-negative integers", self.layers)
         _check(bool(self.dataset) or bool(self.data_files), "set dataset (hub name) or data_files (local files)",
                self.dataset)
+        _check(all(isinstance(s, SaeSpec) for s in self.sae), "sae must be [[sae]] tables", self.sae)
+        slugs = [s.slug for s in self.sae]
+        _check(len(set(slugs)) == len(slugs), "each [[sae]] needs its own slug", slugs)
+        _check(self.atlas_neurons or bool(self.sae), "atlas_neurons = false needs at least one [[sae]]",
+               self.atlas_neurons)
 
     def config_hash(self) -> str:
         """Hash of everything that changes the atlas's content (paths and dates excluded), shown in provenance.
@@ -156,12 +188,34 @@ def config_from_dict(raw: dict, base_dir: Path | None = None) -> AtlasConfig:
                                      for p in values["data_files"])
     if base_dir is not None and values.get("reference_maxima") and not Path(values["reference_maxima"]).is_absolute():
         values["reference_maxima"] = str((base_dir / values["reference_maxima"]).resolve())
+    if "sae" in values:
+        values["sae"] = tuple(_sae_spec(table, base_dir) for table in values["sae"])
     for key, value in values.items():
         expected = type(known[key].default)
         if not isinstance(value, expected) and not (expected is float and isinstance(value, int)):
             raise ConfigError(f"config key {key!r} must be {expected.__name__}, got {value!r}")
     try:
         return AtlasConfig(**values)
+    except ValueError as error:
+        raise ConfigError(f"invalid config: {error}") from None
+
+
+def _sae_spec(table: object, base_dir: Path | None) -> SaeSpec:
+    if not isinstance(table, dict):
+        raise ConfigError(f"sae entries must be [[sae]] tables with {' and '.join(SAE_KEYS)}, got {table!r}")
+    unknown = [key for key in table if key not in SAE_KEYS]
+    if unknown:
+        near = difflib.get_close_matches(unknown[0], SAE_KEYS, n=1)
+        raise ConfigError(f"unknown [[sae]] key {unknown[0]!r}" + (f"; did you mean {near[0]!r}?" if near else
+                                                                     f"; an [[sae]] has {', '.join(SAE_KEYS)}"))
+    missing = [key for key in SAE_KEYS if not isinstance(table.get(key), str) or not table.get(key)]
+    if missing:
+        raise ConfigError(f"an [[sae]] table needs {missing[0]!r} (a string), got {table!r}")
+    path = table["path"]
+    if base_dir is not None and not Path(path).expanduser().is_absolute():
+        path = str((base_dir / path).resolve())
+    try:
+        return SaeSpec(path=path, slug=table["slug"])
     except ValueError as error:
         raise ConfigError(f"invalid config: {error}") from None
 

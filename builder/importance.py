@@ -126,7 +126,7 @@ class SharedMasker:
 
         def keeper(index: int):
             def keep(value: Tensor, hook) -> None:
-                captured[index] = value.detach()
+                captured[index] = self.sets[index].activation_of(value.detach())
             return keep
 
         hooks = [(self.sets[i].activation_hook(), keeper(i)) for i in set_indices]
@@ -190,7 +190,8 @@ class SharedMasker:
                      ) -> np.ndarray:
         """The reference: one uncached run of the whole prefix per masked position (window + 1 values)."""
         values = np.full(self.window + 1, np.nan, np.float32)
-        hook = self.sets[set_index].activation_hook()
+        subject = self.sets[set_index]
+        hook = subject.activation_hook()
         for p in range(max(self.first_maskable, position - self.window), position + 1):
             row = torch.as_tensor(tokens[:position + 1], dtype=torch.long, device=device)[None].clone()
             row[0, p] = self.mask_id
@@ -199,7 +200,7 @@ class SharedMasker:
                 self.bridge.run_with_hooks(row, return_type=None,
                                            stop_at_layer=self.sets[set_index].layer + 1,
                                            fwd_hooks=[(hook, lambda v, hook: captured.update(v=v.detach()))])
-            values[p - position + self.window] = float(captured["v"][0, position, unit])
+            values[p - position + self.window] = float(subject.activation_of(captured["v"])[0, position, unit])
         return values
 
 

@@ -1,4 +1,5 @@
-"""Similar features: for each feature cluster, its nearest features of all other units, in every subject set.
+"""Similar features: for each feature cluster, its nearest features of all other units in subject sets that share
+its vector space (`SubjectSet.space`: every MLP layer's neurons together; the latents of SAEs on one hook together).
 
 Each feature is represented by its central example: by default the pre-MLP vector at that example's max token, as
 the original method does (`neighbour_space = "pre_mlp"`), or the neuron embedding of that example ("embedding").
@@ -36,8 +37,10 @@ EXACT_SEARCH_FEATURES = 64
 EXACT_BLOCK = 1024
 
 
-def feature_table(paths: AtlasPaths, sets: list[SubjectSet], space: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Every feature (set, unit, cluster), in that order, with its central example's search vector."""
+def feature_table(paths: AtlasPaths, sets: list[SubjectSet], space: str
+                  ) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+    """Every feature (set, unit, cluster), in that order, with its central example's search vector (one array per
+    set: sets of different spaces differ in width)."""
     columns = {"feature_set": [], "feature_unit": [], "feature_cluster": []}
     vectors = []
     with progress(total=len(sets), desc="neighbours", unit="set") as bar:
@@ -60,7 +63,7 @@ def feature_table(paths: AtlasPaths, sets: list[SubjectSet], space: str) -> tupl
             vectors.append(centred(inputs).astype(np.float32))
             bar.update(1)
     table = {name: np.concatenate(parts) for name, parts in columns.items()}
-    return table, np.concatenate(vectors)
+    return table, vectors
 
 
 def centred(vectors: Float[np.ndarray, "f d"]) -> Float[np.ndarray, "f d"]:
@@ -127,8 +130,20 @@ def build(run: StageRun) -> dict:
     cfg, paths = run.cfg, run.paths
     sets = collect_sets(read_collect_meta(paths))
     table, vectors = feature_table(paths, sets, cfg.neighbour_space)
-    log.info("neighbours: searching %d features", len(vectors))
     owner = feature_owners(SubjectIndex(sets), table)
-    index, similarity = similar_features(owner, vectors, cfg.neighbour_count, cfg.neighbour_threshold, cfg.seed)
+    n = len(owner)
+    index = np.full((n, cfg.neighbour_count), -1, np.int32)
+    similarity = np.full((n, cfg.neighbour_count), np.nan, np.float32)
+    spaces: dict[str, list[int]] = {}
+    for position, s in enumerate(sets):
+        spaces.setdefault(s.space, []).append(position)
+    for space, positions in spaces.items():
+        # The table lists sets in order, so a space's rows are its sets' vectors concatenated in that order.
+        rows = np.flatnonzero(np.isin(table["feature_set"], positions))
+        log.info("neighbours: searching %d features in %s", len(rows), space)
+        found, found_similarity = similar_features(owner[rows], np.concatenate([vectors[p] for p in positions]),
+                                                   cfg.neighbour_count, cfg.neighbour_threshold, cfg.seed)
+        index[rows] = np.where(found >= 0, rows[np.maximum(found, 0)], -1)
+        similarity[rows] = found_similarity
     run.write_npz(NEIGHBOURS, paths.neighbours, neighbour_index=index, neighbour_similarity=similarity, **table)
-    return {"n_features": int(len(vectors)), "space": cfg.neighbour_space}
+    return {"n_features": int(n), "space": cfg.neighbour_space, "spaces": sorted(spaces)}

