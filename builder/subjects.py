@@ -105,6 +105,17 @@ class SubjectSet:
         return self.key
 
     @property
+    def title(self) -> str:
+        """The set's name as a heading: "Layer 3"."""
+        return self.label[:1].upper() + self.label[1:]
+
+    unit_noun: ClassVar[str] = "unit"  # what one of its units is called: "neuron", "latent"
+
+    def published(self, n_examples: int) -> bool:
+        """Whether a unit with this many examples gets pages (an SAE's latents never active on the corpus do not)."""
+        return True
+
+    @property
     def gated(self) -> bool:
         return False
 
@@ -148,6 +159,7 @@ class MlpLayer(SubjectSet):
     is_gated: bool = False
 
     kind: ClassVar[str] = "mlp"
+    unit_noun: ClassVar[str] = "neuron"
 
     @property
     def gated(self) -> bool:
@@ -205,6 +217,10 @@ class SaeLatents(SubjectSet):
     writes: str = "resid"
 
     kind: ClassVar[str] = "sae"
+    unit_noun: ClassVar[str] = "latent"
+
+    def published(self, n_examples: int) -> bool:
+        return n_examples > 0  # a latent with no example never fired on this corpus: listed, not paged
 
     @property
     def label(self) -> str:

@@ -47,7 +47,8 @@
   function SubjectIndex(sets) {
     var offset = 0;
     this.sets = sets.map(function (s) {
-      var entry = { key: s.key, slug: s.slug || s.key, layer: s.layer, size: s.size, offset: offset };
+      var entry = { key: s.key, slug: s.slug || s.key, layer: s.layer, size: s.size, offset: offset,
+                    kind: s.kind || "mlp" };
       offset += s.size;
       return entry;
     });

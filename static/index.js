@@ -13,7 +13,7 @@
   // The model index: sortable, filterable, paged table of every neuron, its state in the URL (#sort=…&page=…), so
   // Back and a shared link restore it.
   var PAGE = 50;
-  var COLUMNS = ["max_activation", "n_examples", "n_clusters", "n_multi", "largest_share", "mean_distance",
+  var COLUMNS = ["max_activation", "density", "n_examples", "n_clusters", "n_multi", "largest_share", "mean_distance",
                  "intra_distance", "inter_distance"];
 
   async function initModel() {
@@ -34,6 +34,7 @@
       for (var r = 0; r < total; r++) {
         if (set && (r < set.offset || r >= set.offset + set.size)) continue;
         if (cols.n_examples[r] < minEx || cols.n_clusters[r] < minK) continue;
+        if (cols.n_examples[r] === 0 && index.unit(r).set.kind === "sae") continue;  // inactive latents: no page
         var share = cols.largest_share[r];
         if (share !== null && share > maxShare + 1e-12) continue;
         out.push(r);

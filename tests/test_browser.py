@@ -361,7 +361,7 @@ def test_the_index_table_sorts_filters_and_search_finds_neurons_and_words(site, 
     rows = lambda: page.eval_on_selector_all("#neurons tbody tr td:first-child", "ts => ts.map(t => t.textContent)")  # noqa: E731
     assert rows()[:3] == ["L0 N0", "L0 N1", "L0 N2"] and len(rows()) == 10
     page.click("th button[data-col=n_examples]")
-    counts = page.eval_on_selector_all("#neurons tbody tr td:nth-child(3)", "ts => ts.map(t => +t.textContent)")
+    counts = page.eval_on_selector_all("#neurons tbody tr td:nth-child(4)", "ts => ts.map(t => +t.textContent)")
     assert counts == sorted(counts, reverse=True) and counts[0] == 8
     assert page.get_attribute("th:has(button[data-col=n_examples])", "aria-sort") == "descending"
     page.select_option("#f-set", "L2")

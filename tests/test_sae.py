@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from builder.paths import AtlasPaths
 from builder.sae import SaeError, cached_sae, read_sae, write_sae
+from builder.schema import read_collect_meta, read_neighbours, read_tokens
 
 D_IN, D_SAE = 6, 10
 
@@ -186,6 +190,7 @@ def test_written_folders_are_json_and_safetensors_that_read_back_exactly(tmp_pat
 SAE_SITES = [("standard", "blocks.1.mlp.hook_post", "none"), ("jumprelu", "blocks.0.hook_resid_post", "layer_norm"),
              ("topk", "blocks.1.hook_resid_pre", "constant_norm_rescale")]
 TINY_D_SAE = 40
+INACTIVE = 7  # the latent each random SAE switches off
 
 
 def random_sae(folder, rng, architecture: str, hook: str, d_in: int, normalise: str, model_name: str = "tiny"):
@@ -193,6 +198,7 @@ def random_sae(folder, rng, architecture: str, hook: str, d_in: int, normalise: 
     w_enc = rng.normal(size=(d_in, TINY_D_SAE))
     tensors = {"W_enc": w_enc / np.linalg.norm(w_enc, axis=0), "b_enc": rng.normal(0, 0.05, TINY_D_SAE),
                "W_dec": rng.normal(0, 0.2, (TINY_D_SAE, d_in)), "b_dec": rng.normal(0, 0.05, d_in)}
+    tensors["b_enc"][INACTIVE] = -1e3  # never active on any input: listed, never paged
     if architecture == "jumprelu":
         tensors["threshold"] = rng.uniform(0.0, 0.2, TINY_D_SAE)
     cfg = {"architecture": architecture, "d_in": d_in, "d_sae": TINY_D_SAE, "apply_b_dec_to_input": True,
@@ -208,6 +214,7 @@ def sae_runs(tmp_path_factory, tiny_models, corpus_file):
     """collect + embed with three SAEs (one per architecture) beside layer 1's neurons, on both tiny models."""
     from builder.config import config_from_dict
     from builder.models import load_model
+    from builder.pipeline import STAGES
     from builder.stage import run_stage
     from conftest import tiny_config_dict
 
@@ -222,8 +229,8 @@ def sae_runs(tmp_path_factory, tiny_models, corpus_file):
             path = random_sae(out / f"sae-{architecture}", rng, architecture, hook, d_in, normalise)
             specs.append({"path": str(path), "slug": f"sae-{architecture}"})
         cfg = config_from_dict(tiny_config_dict(folder, corpus_file, out, max_examples=8, layers=[1], sae=specs))
-        run_stage("collect", cfg)
-        run_stage("embed", cfg)
+        for stage in STAGES:
+            run_stage(stage, cfg)
         runs[kind] = (cfg, load_model(cfg))
     return runs
 
@@ -281,3 +288,50 @@ def test_an_sae_that_does_not_fit_the_model_stops_with_one_line_and_writes_nothi
         expect_error(SaeError, lambda: run_stage("collect", cfg), phrase, "SAE")
         paths = AtlasPaths.of(cfg)
         assert not paths.meta("collect").exists() and not list(paths.root.rglob("*.npz"))
+
+
+def test_latent_pages_sit_at_their_sets_slug_and_inactive_latents_are_listed_without_pages(sae_runs):
+    cfg, model = sae_runs["gpt2"]
+    site = Path(cfg.site_dir) / cfg.name
+    table = json.loads((site / "data" / "neurons.json").read_text())
+    sets = {s["key"]: s for s in table["sets"]}
+    for architecture, hook, _ in SAE_SITES:
+        slug = f"sae-{architecture}"
+        assert sets[slug]["kind"] == "sae" and sets[slug]["size"] == TINY_D_SAE
+        listing = (site / slug / "index.html").read_text()
+        found = re.search(r'id="inactive">(\d+) latents? never active on this corpus \(no page\): ([^.]*)\.', listing)
+        inactive = [int(n[1:]) for n in found.group(2).split(", ")]
+        assert INACTIVE in inactive and int(found.group(1)) == len(inactive)
+        active = [n for n in range(TINY_D_SAE) if n not in inactive]
+        for n in range(TINY_D_SAE):
+            assert (site / slug / f"N{n}" / "index.html").exists() == (n in active)
+            assert (f'href="N{n}/index.html"' in listing) == (n in active)
+        page = (site / slug / f"N{active[0]}" / "index.html").read_text()
+        assert f"<h1>SAE {slug} · Latent {active[0]}</h1>" in page and "the latent's maximum" in page
+        # prev/next step over inactive latents
+        before = active[active.index(max(n for n in active if n < INACTIVE))]
+        after = min(n for n in active if n > INACTIVE)
+        assert f'href="../N{after}/index.html"' in (site / slug / f"N{before}" / "index.html").read_text()
+        # Density is the share of tokens on which the latent is above 0, recomputed from a fresh forward.
+        maths = read_sae(cfg.sae[[s.slug for s in cfg.sae].index(slug)].path).on("cpu")
+        tokens = read_tokens(AtlasPaths.of(cfg))
+        with torch.no_grad():
+            _, cache = model.bridge.run_with_cache(torch.as_tensor(tokens, dtype=torch.long))
+        fresh = (maths.encode(cache[hook].float()) > 0).float().mean(dim=(0, 1)).numpy()
+        rows = slice(sets[slug]["offset"], sets[slug]["offset"] + TINY_D_SAE)
+        np.testing.assert_allclose(table["columns"]["density"][rows], fresh, rtol=5e-3, atol=1e-6)
+        assert sorted(np.flatnonzero(fresh == 0)) == inactive  # exactly the latents that never fire
+
+
+def test_similar_features_of_latents_are_latents_of_saes_on_the_same_hook(sae_runs):
+    cfg, _ = sae_runs["gpt2"]
+    neighbours = read_neighbours(AtlasPaths.of(cfg))
+    described = read_collect_meta(AtlasPaths.of(cfg))["subject_sets"]
+    space = ["mlp" if d["kind"] == "mlp" else d["hook_name"] for d in described]
+    index = neighbours["neighbour_index"]
+    found = 0
+    for row, others in enumerate(index):
+        for other in others[others >= 0]:
+            assert space[neighbours["feature_set"][other]] == space[neighbours["feature_set"][row]]
+            found += 1
+    assert found > 0

@@ -52,6 +52,8 @@ def load_atlas(cfg: AtlasConfig, vocabulary: list[str] | None = None) -> Atlas:
     if order != [(i, u) for i, s in enumerate(index.sets) for u in range(s.size)]:
         raise ArtefactError("the cluster metrics table does not list this atlas's units in order; re-run "
                             "`atlas cluster`")
+    metrics = {**metrics, "density": np.concatenate([density(schema.read_example_fields(paths, s.key, (
+        "histogram", "histogram_edges"))) for s in index.sets]) if index.sets else np.zeros(0)}
     neighbours = schema.read_neighbours(paths)
     report = schema.read_report(paths)
     edges = (schema.read_example_fields(paths, index.keys[0], ("histogram_edges",))["histogram_edges"]
@@ -63,6 +65,15 @@ def load_atlas(cfg: AtlasConfig, vocabulary: list[str] | None = None) -> Atlas:
                  vocab=[clean_text(str(token)) for token in vocabulary],
                  digest=feature_digest(paths, index.sets, tokens),
                  common=common_tokens(paths, index.sets, tokens, cfg.window_before, cfg.window_after))
+
+
+def density(fields: dict[str, np.ndarray]) -> np.ndarray:
+    """Each unit's share of the dataset's tokens with an activation above 0, from its histogram (bin b holds
+    (edges[b - 1], edges[b]]; one edge is exactly 0, so the bins after it hold exactly the positive values)."""
+    histogram, edges = fields["histogram"], fields["histogram_edges"]
+    zero = int(np.flatnonzero(edges == 0)[0])
+    totals = histogram.sum(axis=1)
+    return histogram[:, zero + 1:].sum(axis=1) / np.maximum(totals, 1)
 
 
 COMMON_TOKENS = 1024  # the most frequent tokens of the atlas's windows, fetched once (≈ 9 KB) and cached by browsers

@@ -81,8 +81,12 @@ class Site:
         self.atlas = atlas
         self.model = atlas.cfg.name
         self.prov = prov
+        # Which units have pages (rows of the subject index).
+        self.published = np.array([s.published(int(n)) for s in atlas.sets
+                                   for n in atlas.metrics["n_examples"][atlas.index.rows(s.key)]], bool)
         self.common = {"csp": CSP, "model": self.model, "prov": prov,
-                       "sets": [{"key": s.key, "slug": s.slug, "layer": s.layer} for s in atlas.sets],
+                       "sets": [{"key": s.key, "slug": s.slug, "layer": s.layer, "title": s.title}
+                                for s in atlas.sets],
                        "sets_attr": ",".join(subject_sets(atlas))}
 
     def page(self, depth: int, path: str, title: str, cite_title: str, kind: str, **context) -> dict:
@@ -105,6 +109,8 @@ class Site:
 
         def link(step: int):
             row = index.row(unit_id) + step
+            while 0 <= row < len(index) and not self.published[row]:
+                row += step
             if not 0 <= row < len(index):
                 return None
             other = index.unit(row)
@@ -148,8 +154,10 @@ def render_unit(site: Site, data: SetData, unit: int, folder: Path) -> tuple[int
 
     Returns (examples, clusters, sidecar bytes, unit page bytes, feature pages bytes, file:// twin bytes)."""
     atlas = site.atlas
-    env = environment()
     subject = data.subject
+    if not subject.published(int(data.offsets[unit + 1] - data.offsets[unit])):
+        return 0, 0, 0, 0, 0, 0
+    env = environment()
     files = unit_sidecar(atlas, data, unit)
     sidecar = files.neuron
     folder.mkdir(parents=True)
@@ -170,6 +178,7 @@ def render_unit(site: Site, data: SetData, unit: int, folder: Path) -> tuple[int
     metrics = sidecar["metrics"]
     metric_rows = [
         ("max_activation", "Max activation", fmt(sidecar["max_activation"], 4)),
+        ("density", "Density", fmt(float(atlas.metrics["density"][atlas.index.row(UnitId(subject.key, unit))]), 3)),
         ("n_examples", "Examples", str(metrics["n_examples"])),
         ("n_clusters", "Feature clusters", f"{metrics['n_clusters']} ({len(clustered)} with 2+ examples)"),
         ("largest_share", "Largest cluster share", fmt(metrics["largest_share"])),
@@ -182,7 +191,8 @@ def render_unit(site: Site, data: SetData, unit: int, folder: Path) -> tuple[int
     name = f"{subject.slug} N{unit}"
     unit_id = UnitId(subject.key, unit)
     context = site.page(3, unit_path(site.model, subject, unit), f"{name} · {site.model}",
-                        f"{site.model} {subject.label} neuron {unit}", "neuron", layer=subject.layer, neuron=unit,
+                        f"{site.model} {subject.label} {subject.unit_noun} {unit}", "neuron", layer=subject.layer,
+                        neuron=unit, set_title=subject.title, noun=subject.unit_noun, slug=subject.slug,
                         features=features, clustered=clustered, singles=singles, metric_rows=metric_rows,
                         count=count,
                         threshold=atlas.cfg.cluster_threshold, nav=site.nav(unit_id, 1),
@@ -197,8 +207,9 @@ def render_unit(site: Site, data: SetData, unit: int, folder: Path) -> tuple[int
                "next": ({"href": f"../F{k + 1}/index.html", "label": f"F{k + 1}"} if k + 1 < len(features)
                         else None)}
         context = site.page(4, unit_path(site.model, subject, unit, k), f"{name} F{k} · {site.model}",
-                            f"{site.model} {subject.label} neuron {unit} feature {k}", "feature",
-                            layer=subject.layer, neuron=unit, feature=feature, count=count,
+                            f"{site.model} {subject.label} {subject.unit_noun} {unit} feature {k}", "feature",
+                            layer=subject.layer, neuron=unit, feature=feature, count=count, set_title=subject.title,
+                            noun=subject.unit_noun, slug=subject.slug,
                             n_clusters=len(features), max_activation=fmt(sidecar["max_activation"], 4), nav=nav)
         html = feature_template.render(context).encode()
         (folder / f"F{k}").mkdir()
@@ -209,7 +220,8 @@ def render_unit(site: Site, data: SetData, unit: int, folder: Path) -> tuple[int
 
 # Every metric's definition, as the tooltip and the method page's anchor (#m-<key>) give it.
 METRIC_DEFINITIONS = {
-    "max_activation": "The neuron's highest activation on any token of the dataset.",
+    "max_activation": "The unit's highest activation on any token of the dataset.",
+    "density": "The share of the dataset's tokens on which the unit's activation is above 0.",
     "n_examples": "Sequences kept: the first in corpus order reaching threshold × max.",
     "n_clusters": "Feature clusters: the dendrogram of the examples' embeddings cut at the cluster threshold.",
     "largest_share": "The largest cluster's share of the examples (1: one feature).",
@@ -266,8 +278,11 @@ def model_pages(site: Site, model_dir: Path, root_dir: Path) -> None:
     table = atlas.metrics
     random_set, random_unit_index = random_unit(atlas)
     coverage = {
-        "layers": [s.layer for s in atlas.sets], "n_layers": meta.get("n_layers", len(atlas.sets)),
-        "d_mlp": meta.get("d_mlp"), "n_neurons": atlas.n_units, "n_sequences": int(meta["n_sequences"]),
+        "layers": [s.layer for s in atlas.sets if s.kind == "mlp"], "n_layers": meta.get("n_layers", len(atlas.sets)),
+        "d_mlp": meta.get("d_mlp"), "n_neurons": sum(s.size for s in atlas.sets if s.kind == "mlp"),
+        "saes": [{"slug": s.slug, "size": s.size, "architecture": s.architecture, "hook": s.hook_name,
+                  "inactive": int((~site.published[atlas.index.rows(s.key)]).sum())}
+                 for s in atlas.sets if s.kind == "sae"], "n_sequences": int(meta["n_sequences"]),
         "n_tokens": int(meta["n_tokens"]), "context_length": meta.get("context_length", "?"),
         "dataset": site.prov["dataset"], "with_examples": int((table["n_examples"] > 0).sum()),
         "n_features": int(table["n_clusters"].sum()), "max_examples": meta.get("max_examples", "?"),
@@ -298,11 +313,16 @@ def model_pages(site: Site, model_dir: Path, root_dir: Path) -> None:
         rows = atlas.index.rows(subject.key)
         column = {name: table[name][rows] for name in ("max_activation", "n_examples", "n_clusters",
                                                        "largest_share", "intra_distance", "inter_distance")}
+        density = table["density"][rows]
+        shown = site.published[rows]
         units = [{"n": n, "max": fmt(column["max_activation"][n], 3), "ex": int(column["n_examples"][n]),
                   "k": int(column["n_clusters"][n]), "share": fmt(column["largest_share"][n]),
-                  "intra": fmt(column["intra_distance"][n]), "inter": fmt(column["inter_distance"][n])}
-                 for n in range(subject.size)]
+                  "intra": fmt(column["intra_distance"][n]), "inter": fmt(column["inter_distance"][n]),
+                  "density": fmt(density[n], 3)}
+                 for n in range(subject.size) if shown[n]]
         (model_dir / subject.slug).mkdir(exist_ok=True)
         write(model_dir / subject.slug / "index.html", "layer.html",
-              site.page(2, f"{site.model}/{subject.slug}/", f"Layer {subject.layer} · {site.model}",
-                        f"{site.model} {subject.label}", "layer", layer=subject.layer, neurons=units))
+              site.page(2, f"{site.model}/{subject.slug}/", f"{subject.title} · {site.model}",
+                        f"{site.model} {subject.label}", "layer", layer=subject.layer, neurons=units,
+                        set_title=subject.title, noun=subject.unit_noun,
+                        inactive=[int(n) for n in np.flatnonzero(~shown)]))

@@ -249,7 +249,8 @@ def set_descriptions(atlas: Atlas) -> list[dict]:
 def unit_table(atlas: Atlas) -> dict:
     """`neurons.json`: compact columnar table of every unit; row r is unit r − offset of the set whose rows hold r."""
     table = atlas.metrics
-    columns = {"max_activation": [number(v, 4) for v in table["max_activation"]]}
+    columns = {"max_activation": [number(v, 4) for v in table["max_activation"]],
+               "density": [number(v, 3) for v in table["density"]]}
     for name in METRIC_NAMES:
         columns[name] = ([int(v) for v in table[name]] if name in COUNT_METRICS
                          else [number(v, 3) for v in table[name]])
