@@ -18,7 +18,8 @@ import torch
 from jaxtyping import Float
 
 from builder.errors import ArtefactError
-from builder.schema import WEIGHTS, SetExamples, collect_sets, read_collect_meta, read_examples
+from builder.schema import (DICTIONARY, WEIGHTS, SetExamples, collect_sets, read_collect_meta, read_example_fields,
+                            read_examples)
 from builder.stage import StageRun
 from builder.subjects import InputWeights, embedding_preactivations, neuron_embeddings
 
@@ -76,4 +77,26 @@ def build(run: StageRun) -> dict:
                                 f"{errors[s.key]:.3g}; the collect artefact does not match this model, re-run collect")
         run.write_npz(WEIGHTS, paths.set_file("embed", s.key), **arrays)
         log.info("embed: %s identity holds (max error %.2e)", s.key, errors[s.key])
+    write_dictionaries(run, sets)
     return {"identity_max_error": errors}
+
+
+def write_dictionaries(run: StageRun, sets: list) -> None:
+    """Per SAE set: which neurons each latent writes to most and which latents write to each neuron most (SAEs on
+    an MLP's activations), and each latent's MCS to every other SAE on the same hook (builder/dictionary.py)."""
+    from builder.dictionary import latents_of_neurons, max_cosine_similarity, neuron_alignment
+    from builder.sae import cached_sae
+
+    saes = [s for s in sets if s.kind == "sae"]
+    for s in saes:
+        w_dec = cached_sae(s.folder).W_dec
+        maxima = read_example_fields(run.paths, s.key, ("max_activation",))["max_activation"]
+        arrays = {}
+        if s.writes == "mlp":
+            arrays["align_neuron"], arrays["align_weight"] = neuron_alignment(w_dec, maxima)
+            arrays["neuron_latent"], arrays["neuron_latent_weight"] = latents_of_neurons(w_dec, maxima)
+        for other in saes:
+            if other.key != s.key and other.hook_name == s.hook_name:
+                arrays[f"mcs.{other.key}"], arrays[f"mcs_match.{other.key}"] = max_cosine_similarity(
+                    w_dec, cached_sae(other.folder).W_dec)
+        run.write_npz(DICTIONARY, run.paths.dictionary(s.key), **arrays)

@@ -41,6 +41,10 @@ class AtlasPaths:
         """The one artefact a stage writes per subject set."""
         return self.root / stage / f"{set_key}.npz"
 
+    def dictionary(self, set_key: str) -> Path:
+        """An SAE set's dictionary tools (neuron alignment, MCS to other SAEs on its hook), written by embed."""
+        return self.root / "embed" / f"{set_key}.dictionary.npz"
+
     def shard(self, stage: str, first: int, end: int) -> Path:
         """A per-sequence stage's artefact for the sequences first … end − 1."""
         return self.root / stage / "shards" / f"{first:0{SHARD_DIGITS}d}-{end:0{SHARD_DIGITS}d}.npz"

@@ -14,7 +14,7 @@ import torch
 
 from builder.paths import AtlasPaths
 from builder.sae import SaeError, cached_sae, read_sae, write_sae
-from builder.schema import read_collect_meta, read_neighbours, read_tokens
+from builder.schema import read_collect_meta, read_examples, read_neighbours, read_tokens
 
 D_IN, D_SAE = 6, 10
 
@@ -191,6 +191,7 @@ SAE_SITES = [("standard", "blocks.1.mlp.hook_post", "none"), ("jumprelu", "block
              ("topk", "blocks.1.hook_resid_pre", "constant_norm_rescale")]
 TINY_D_SAE = 40
 INACTIVE = 7  # the latent each random SAE switches off
+TWINS = 10  # latents the twin SAE shares with the standard one
 
 
 def random_sae(folder, rng, architecture: str, hook: str, d_in: int, normalise: str, model_name: str = "tiny"):
@@ -228,6 +229,12 @@ def sae_runs(tmp_path_factory, tiny_models, corpus_file):
             d_in = widths.get(hook.split(".", 2)[2], 32)
             path = random_sae(out / f"sae-{architecture}", rng, architecture, hook, d_in, normalise)
             specs.append({"path": str(path), "slug": f"sae-{architecture}"})
+        # A second dictionary on the standard SAE's hook that finds its first TWINS latents again (same decoder rows).
+        standard = read_sae(specs[0]["path"])
+        twin_tensors = {name: getattr(standard, name).copy() for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+        twin_tensors["W_dec"][TWINS:] = rng.normal(0, 0.2, twin_tensors["W_dec"][TWINS:].shape)
+        twin = write_sae(out / "sae-twin", json.loads((Path(specs[0]["path"]) / "cfg.json").read_text()), twin_tensors)
+        specs.append({"path": str(twin), "slug": "sae-twin"})
         cfg = config_from_dict(tiny_config_dict(folder, corpus_file, out, max_examples=8, layers=[1], sae=specs))
         for stage in STAGES:
             run_stage(stage, cfg)
@@ -244,7 +251,7 @@ def test_latent_embeddings_sum_to_preactivations_recomputed_from_a_fresh_forward
     cfg, model = sae_runs[kind]
     paths = AtlasPaths.of(cfg)
     described = {d["key"]: d for d in read_collect_meta(paths)["subject_sets"]}
-    assert sorted(described) == ["L1", "sae-jumprelu", "sae-standard", "sae-topk"]
+    assert sorted(described) == ["L1", "sae-jumprelu", "sae-standard", "sae-topk", "sae-twin"]
     tokens = read_tokens(paths)
     with torch.no_grad():
         _, cache = model.bridge.run_with_cache(torch.as_tensor(tokens, dtype=torch.long))
@@ -335,3 +342,30 @@ def test_similar_features_of_latents_are_latents_of_saes_on_the_same_hook(sae_ru
             assert space[neighbours["feature_set"][other]] == space[neighbours["feature_set"][row]]
             found += 1
     assert found > 0
+
+
+def test_latent_and_neuron_pages_link_the_dictionary_tools(sae_runs):
+    cfg, _ = sae_runs["gpt2"]
+    paths, site = AtlasPaths.of(cfg), Path(cfg.site_dir) / cfg.name
+    standard = read_sae(cfg.sae[0].path)
+    maxima = read_examples(paths, "sae-standard").max_activation
+    active = [n for n in range(TINY_D_SAE) if maxima[n] > 0]
+    checked = 0
+    for latent in active[:5]:
+        page = (site / "sae-standard" / f"N{latent}" / "index.html").read_text()
+        strongest = int(np.argmax(np.abs(standard.W_dec[latent] * maxima[latent])))
+        first = re.search(r"Neurons it writes to most</h3>.*?<li><a href=\"([^\"]+)\">", page).group(1)
+        assert first == f"../../L1/N{strongest}/index.html"
+        if latent < TWINS:
+            match = re.search(r"Best match in other SAEs on this hook</h3><ul class=\"links\"><li>(.*?)</li>", page)
+            assert f'href="../../sae-twin/N{latent}/index.html"' in match.group(1)
+            assert match.group(1).endswith("maximum cosine similarity 1")
+            checked += 1
+    assert checked >= 3
+    neuron = (site / "L1" / "N0" / "index.html").read_text()
+    latents = re.search(r"SAE latents that write to it most</h3>.*?</ol>", neuron).group(0)
+    best = max(active, key=lambda n: abs(standard.W_dec[n, 0] * maxima[n]))
+    assert "sae-standard N" in latents and "sae-twin N" in latents
+    assert f'href="../../sae-standard/N{best}/index.html"' in latents
+    listing = (site / "sae-standard" / "index.html").read_text()
+    assert "Compared with sae-twin" in listing and "maximum cosine similarity (MCS)" in listing

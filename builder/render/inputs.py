@@ -32,6 +32,7 @@ class Atlas:
     vocab: list[str]
     digest: dict[str, np.ndarray]  # per feature of the neighbours table: what a similar-feature link shows
     common: np.ndarray  # the token ids every page shares (data/common.json), most shown first
+    dictionaries: dict[str, dict[str, np.ndarray]]  # per SAE set: embed's dictionary tools (builder/dictionary.py)
 
     @property
     def sets(self) -> list[SubjectSet]:
@@ -64,7 +65,9 @@ def load_atlas(cfg: AtlasConfig, vocabulary: list[str] | None = None) -> Atlas:
                  report=report, histogram_edges=np.asarray(edges, np.float64),
                  vocab=[clean_text(str(token)) for token in vocabulary],
                  digest=feature_digest(paths, index.sets, tokens),
-                 common=common_tokens(paths, index.sets, tokens, cfg.window_before, cfg.window_after))
+                 common=common_tokens(paths, index.sets, tokens, cfg.window_before, cfg.window_after),
+                 dictionaries={s.key: schema.DICTIONARY.read_npz(paths.dictionary(s.key))
+                               for s in index.sets if s.kind == "sae"})
 
 
 def density(fields: dict[str, np.ndarray]) -> np.ndarray:

@@ -123,6 +123,66 @@ class Site:
         return {"prev": link(-1), "next": link(1)}
 
 
+    def unit_link(self, subject: SubjectSet, unit: int, up: str) -> dict:
+        """A link to a unit's page from `up` (the relative path to the model folder), or plain text without one."""
+        label = f"{subject.slug} N{unit}"
+        row = self.atlas.index.row(UnitId(subject.key, unit))
+        return {"label": label, "href": f"{up}{subject.slug}/N{unit}/index.html" if self.published[row] else None}
+
+    def dictionary_lists(self, subject: SubjectSet, unit: int) -> dict:
+        """What a unit's page shows of the SAE dictionary tools: for a latent, the neurons it writes to most and its
+        best match in every other SAE on its hook; for a neuron, the latents that write to it most."""
+        atlas, up = self.atlas, "../../"
+        mlp = {s.layer: s for s in atlas.sets if s.kind == "mlp"}
+        lists = {"writes_to": [], "matches": [], "latents": []}
+        if subject.kind == "sae":
+            tools = atlas.dictionaries[subject.key]
+            if "align_neuron" in tools:
+                layer_set = mlp.get(subject.layer)
+                for neuron, weight in zip(tools["align_neuron"][unit].tolist(), tools["align_weight"][unit].tolist()):
+                    if neuron < 0:
+                        continue
+                    link = (self.unit_link(layer_set, neuron, up) if layer_set is not None
+                            else {"label": f"L{subject.layer} N{neuron}", "href": None})
+                    lists["writes_to"].append({**link, "value": fmt(weight, 3)})
+            for name in sorted(tools):
+                if name.startswith("mcs."):
+                    other = atlas.index.get(name[4:])
+                    match = int(tools[f"mcs_match.{other.key}"][unit])
+                    lists["matches"].append({**self.unit_link(other, match, up),
+                                             "value": fmt(float(tools[name][unit]), 3)})
+        else:
+            for other in atlas.sets:
+                tools = atlas.dictionaries.get(other.key, {})
+                if other.layer != subject.layer or "neuron_latent" not in tools:
+                    continue
+                for latent, weight in zip(tools["neuron_latent"][unit].tolist(),
+                                          tools["neuron_latent_weight"][unit].tolist()):
+                    if latent >= 0:
+                        lists["latents"].append({**self.unit_link(other, latent, up), "value": fmt(weight, 3)})
+        return lists
+
+
+MCS_BINS = 10  # the MCS distribution on an SAE's page: bins of 0.1 over [0, 1] (negative values in the first)
+
+
+def mcs_distributions(atlas: Atlas, subject: SubjectSet) -> list[dict]:
+    """Per other SAE on the same hook: the MCS distribution of this SAE's active latents."""
+    tools = atlas.dictionaries.get(subject.key, {})
+    active = atlas.metrics["n_examples"][atlas.index.rows(subject.key)] > 0
+    result = []
+    for name in sorted(tools):
+        if name.startswith("mcs.") and active.any():
+            values = tools[name][active]
+            counts = np.bincount(np.clip((values * MCS_BINS).astype(int), 0, MCS_BINS - 1), minlength=MCS_BINS)
+            peak = max(1, int(counts.max()))
+            result.append({"other": atlas.index.get(name[4:]).slug, "median": fmt(float(np.median(values)), 3),
+                           "above": int((values >= 0.7).sum()), "n": int(active.sum()),
+                           "bins": [{"range": f"{i / MCS_BINS:.1f}–{(i + 1) / MCS_BINS:.1f}", "count": int(c),
+                                     "bar": "█" * round(20 * int(c) / peak)} for i, c in enumerate(counts)]})
+    return result
+
+
 def quoted(text: str) -> str:
     """A token as a summary names it: display form in double quotes (the same as static/atlas.js's quoted)."""
     return "\u201c" + display_token(text) + "\u201d"
@@ -194,7 +254,7 @@ def render_unit(site: Site, data: SetData, unit: int, folder: Path) -> tuple[int
                         f"{site.model} {subject.label} {subject.unit_noun} {unit}", "neuron", layer=subject.layer,
                         neuron=unit, set_title=subject.title, noun=subject.unit_noun, slug=subject.slug,
                         features=features, clustered=clustered, singles=singles, metric_rows=metric_rows,
-                        count=count,
+                        count=count, dictionary=site.dictionary_lists(subject, unit),
                         threshold=atlas.cfg.cluster_threshold, nav=site.nav(unit_id, 1),
                         window_before=atlas.cfg.window_before, window_after=atlas.cfg.window_after)
     page = env.get_template("neuron.html").render(context).encode()
@@ -324,5 +384,5 @@ def model_pages(site: Site, model_dir: Path, root_dir: Path) -> None:
         write(model_dir / subject.slug / "index.html", "layer.html",
               site.page(2, f"{site.model}/{subject.slug}/", f"{subject.title} · {site.model}",
                         f"{site.model} {subject.label}", "layer", layer=subject.layer, neurons=units,
-                        set_title=subject.title, noun=subject.unit_noun,
+                        set_title=subject.title, noun=subject.unit_noun, mcs=mcs_distributions(atlas, subject),
                         inactive=[int(n) for n in np.flatnonzero(~shown)]))
