@@ -45,6 +45,10 @@ class AtlasPaths:
         """An SAE set's dictionary tools (neuron alignment, MCS to other SAEs on its hook), written by embed."""
         return self.root / "embed" / f"{set_key}.dictionary.npz"
 
+    def evaluation(self, set_key: str) -> Path:
+        """An SAE set's evaluation on the atlas corpus (builder/evaluate.py)."""
+        return self.root / "evaluate" / f"{set_key}.json"
+
     def shard(self, stage: str, first: int, end: int) -> Path:
         """A per-sequence stage's artefact for the sequences first … end − 1."""
         return self.root / stage / "shards" / f"{first:0{SHARD_DIGITS}d}-{end:0{SHARD_DIGITS}d}.npz"

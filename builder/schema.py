@@ -84,6 +84,7 @@ COLLECT_SHARD = ArtefactType("collect-shard", 3, "collect")
 EXAMPLES = ArtefactType("collect-set", 3, "collect")
 WEIGHTS = ArtefactType("embed-set", 2, "embed")
 DICTIONARY = ArtefactType("embed-dictionary", 1, "embed")  # builder/dictionary.py, per SAE set
+EVALUATION = ArtefactType("sae-evaluation", 1, "evaluate")  # builder/evaluate.py, per SAE set
 CLUSTERS = ArtefactType("cluster-set", 3, "cluster")
 METRICS = ArtefactType("cluster-metrics", 2, "cluster")
 IMPORTANCE_SHARD = ArtefactType("importance-shard", 2, "importance")

@@ -369,3 +369,64 @@ def test_latent_and_neuron_pages_link_the_dictionary_tools(sae_runs):
     assert f'href="../../sae-standard/N{best}/index.html"' in latents
     listing = (site / "sae-standard" / "index.html").read_text()
     assert "Compared with sae-twin" in listing and "maximum cosine similarity (MCS)" in listing
+
+
+def test_evaluation_matches_a_literal_per_sequence_computation(sae_runs):
+    cfg, model = sae_runs["gpt2"]
+    paths = AtlasPaths.of(cfg)
+    tokens = torch.as_tensor(read_tokens(paths), dtype=torch.long)
+    for slug, hook in (("sae-standard", "blocks.1.mlp.hook_post"), ("sae-topk", "blocks.1.hook_resid_pre")):
+        result = json.loads(paths.evaluation(slug).read_text())
+        maths = read_sae(cfg.sae[[s.slug for s in cfg.sae].index(slug)].path).on("cpu")
+        clean = spliced = squared = 0.0
+        xs, active, predicted = [], 0, 0
+        for row in tokens:
+            seen = {}
+
+            def splice(value, hook):
+                seen["x"] = value.detach().clone()
+                return maths.decode(maths.encode(value), value)
+
+            with torch.no_grad():
+                logits_clean = model.bridge(row[None])[0].double()
+                logits_spliced = model.bridge.run_with_hooks(row[None], fwd_hooks=[(hook, splice)])[0].double()
+            for position in range(len(row) - 1):
+                target = int(row[position + 1])
+                clean -= float(torch.log_softmax(logits_clean[position], -1)[target])
+                spliced -= float(torch.log_softmax(logits_spliced[position], -1)[target])
+                predicted += 1
+            x = seen["x"][0].double()
+            squared += float(((maths.decode(maths.encode(seen["x"]), seen["x"])[0].double() - x) ** 2).sum())
+            active += int((maths.encode(seen["x"]) > 0).sum())
+            xs.append(x)
+        x = torch.cat(xs)
+        assert result["tokens"] == len(x)
+        np.testing.assert_allclose(result["ce_clean"], clean / predicted, rtol=1e-6)
+        np.testing.assert_allclose(result["ce_increase"], (spliced - clean) / predicted, rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(result["mse"], squared / x.numel(), rtol=1e-5)
+        np.testing.assert_allclose(result["explained_variance"], 1 - squared / float(((x - x.mean(0)) ** 2).sum()),
+                                   rtol=1e-5)
+        np.testing.assert_allclose(result["l0"], active / len(x), rtol=1e-9)
+        assert result["ce_increase"] > 0  # a random dictionary hurts the model
+    page = (Path(cfg.site_dir) / cfg.name / "sae-standard" / "index.html").read_text()
+    assert "Evaluation on this corpus" in page and "Cross-entropy increase" in page
+
+
+def test_a_perfect_reconstruction_costs_nothing(tmp_path, tiny_gpt2, corpus_file):
+    from builder.config import config_from_dict
+    from builder.stage import run_stage
+    from conftest import tiny_config_dict
+
+    d = 32
+    # pre = x + 50 > 0 everywhere, so f = x + 50 and x̂ = f − 50 = x exactly.
+    folder = write_sae(tmp_path / "identity", {"architecture": "standard", "d_in": d, "d_sae": d,
+                                               "apply_b_dec_to_input": False, "normalize_activations": "none",
+                                               "metadata": {"hook_name": "blocks.0.hook_resid_post"}},
+                       {"W_enc": np.eye(d), "b_enc": np.full(d, 50.0), "W_dec": np.eye(d), "b_dec": np.full(d, -50.0)})
+    cfg = config_from_dict(tiny_config_dict(tiny_gpt2, corpus_file, tmp_path / "run", atlas_neurons=False,
+                                            sae=[{"path": str(folder), "slug": "identity"}]))
+    run_stage("collect", cfg)
+    run_stage("evaluate", cfg)
+    result = json.loads(AtlasPaths.of(cfg).evaluation("identity").read_text())
+    assert abs(result["ce_increase"]) < 1e-4 and result["mse"] < 1e-8 and result["explained_variance"] > 1 - 1e-6
+    assert result["l0"] == d and result["inactive_share"] == 0

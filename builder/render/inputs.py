@@ -33,6 +33,7 @@ class Atlas:
     digest: dict[str, np.ndarray]  # per feature of the neighbours table: what a similar-feature link shows
     common: np.ndarray  # the token ids every page shares (data/common.json), most shown first
     dictionaries: dict[str, dict[str, np.ndarray]]  # per SAE set: embed's dictionary tools (builder/dictionary.py)
+    evaluations: dict[str, dict]  # per SAE set: its evaluation on the corpus (builder/evaluate.py)
 
     @property
     def sets(self) -> list[SubjectSet]:
@@ -67,7 +68,9 @@ def load_atlas(cfg: AtlasConfig, vocabulary: list[str] | None = None) -> Atlas:
                  digest=feature_digest(paths, index.sets, tokens),
                  common=common_tokens(paths, index.sets, tokens, cfg.window_before, cfg.window_after),
                  dictionaries={s.key: schema.DICTIONARY.read_npz(paths.dictionary(s.key))
-                               for s in index.sets if s.kind == "sae"})
+                               for s in index.sets if s.kind == "sae"},
+                 evaluations={s.key: schema.EVALUATION.read_json(paths.evaluation(s.key))
+                              for s in index.sets if s.kind == "sae"})
 
 
 def density(fields: dict[str, np.ndarray]) -> np.ndarray:

@@ -163,6 +163,20 @@ class Site:
         return lists
 
 
+def evaluation_rows(result: dict | None) -> list[dict]:
+    """An SAE's evaluation (builder/evaluate.py) as the rows its page shows."""
+    if result is None:
+        return []
+    names = [("mse", "MSE", "mean squared reconstruction error per dimension"),
+             ("explained_variance", "Explained variance", "1 − residual / total variance of the hook"),
+             ("l0", "L0", "latents above 0 per token"), ("l0_share", "L0 share", "L0 / latents"),
+             ("inactive_share", "Inactive", "share of latents never above 0 on this corpus"),
+             ("ce_clean", "Cross-entropy", "nats per token, model as it is"),
+             ("ce_spliced", "Cross-entropy, spliced", "nats per token, reconstruction in place of the hook"),
+             ("ce_increase", "Cross-entropy increase", "spliced − clean")]
+    return [{"name": name, "value": fmt(result[key], 4), "meaning": meaning} for key, name, meaning in names]
+
+
 MCS_BINS = 10  # the MCS distribution on an SAE's page: bins of 0.1 over [0, 1] (negative values in the first)
 
 
@@ -385,4 +399,5 @@ def model_pages(site: Site, model_dir: Path, root_dir: Path) -> None:
               site.page(2, f"{site.model}/{subject.slug}/", f"{subject.title} · {site.model}",
                         f"{site.model} {subject.label}", "layer", layer=subject.layer, neurons=units,
                         set_title=subject.title, noun=subject.unit_noun, mcs=mcs_distributions(atlas, subject),
+                        evaluation=evaluation_rows(atlas.evaluations.get(subject.key)),
                         inactive=[int(n) for n in np.flatnonzero(~shown)]))
