@@ -29,7 +29,9 @@ from builder.cli import STAGES, main
 from builder.config import config_from_dict
 from builder.schema import EXAMPLES
 from builder.stage import run_stage
+from builder.sae import write_sae
 from conftest import ROOT, atlas_command, run_atlas, tiny_config_dict
+from test_sae import random_sae
 
 # Fail fast: no case may wait on the network (the hub is switched off) or on anything else.
 CASE_TIMEOUT_S = 120
@@ -59,7 +61,15 @@ def toml_value(value) -> str:
         return "true" if value else "false"
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
     return repr(value)
+
+
+def read_sae_arrays(folder: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(folder / "sae_weights.safetensors"))
 
 
 def write_config(path: Path, raw: dict) -> Path:
@@ -108,6 +118,28 @@ def cases(tmp_path_factory, tiny_gpt2, corpus_file) -> dict[str, Case]:
     write_npz(old_layer, EXAMPLES.kind, EXAMPLES.version - 1, **arrays)
     binary = root / "ls"
     binary.write_bytes(bytes(range(256)) * 64)
+    # SAE folders, each wrong in one way (tests/test_sae.py has the reader's own cases).
+    rng = np.random.default_rng(0)
+    sae = {name: random_sae(root / f"sae-{name}", rng, architecture, hook, width, "none") for name, architecture,
+           hook, width in (("wide", "standard", "blocks.0.hook_resid_post", 31),
+                           ("nohook", "standard", "blocks.0.hook_nowhere", 32),
+                           ("deep", "standard", "blocks.9.hook_resid_post", 32),
+                           ("gated", "standard", "blocks.0.hook_resid_post", 32),
+                           ("nan", "standard", "blocks.0.hook_resid_post", 32),
+                           ("notensor", "standard", "blocks.0.hook_resid_post", 32),
+                           ("nocfg", "standard", "blocks.0.hook_resid_post", 32),
+                           ("badcfg", "standard", "blocks.0.hook_resid_post", 32))}
+    cfg_of = lambda name: sae[name] / "cfg.json"  # noqa: E731
+    cfg_of("gated").write_text(cfg_of("gated").read_text().replace('"standard"', '"gated"'))
+    cfg_of("nocfg").unlink()
+    cfg_of("badcfg").write_text("{")
+    write_sae(sae["nan"], json.loads(cfg_of("nan").read_text()),
+              {**read_sae_arrays(sae["nan"]), "W_enc": np.full((32, 40), np.nan)})
+    write_sae(sae["notensor"], json.loads(cfg_of("notensor").read_text()),
+              {k: v for k, v in read_sae_arrays(sae["notensor"]).items() if k != "b_dec"})
+
+    def sae_case(name: str, *expect: str) -> Case:
+        return Case("collect", config(f"sae-{name}", sae=[{"path": str(sae[name]), "slug": "s"}]), expect)
 
     return {
         "unknown-hub-model": Case("collect", config("unknown", model="gpt2-smal"), ("unknown model 'gpt2-smal'",)),
@@ -144,6 +176,20 @@ def cases(tmp_path_factory, tiny_gpt2, corpus_file) -> dict[str, Case]:
                                          ("L0.npz", f"schema version {EXAMPLES.version - 1}")),
         "binary-data-file": Case("collect", config("binary", corpus=binary), (str(binary), "neither .txt nor .jsonl")),
         "upstream-missing": Case("embed", config("nothing-yet"), ("the collect stage is missing", "atlas collect")),
+        "sae-d-in-mismatch": sae_case("wide", "d_in is 31", "32 wide"),
+        "sae-hook-not-in-model": sae_case("nohook", "hook 'blocks.0.hook_nowhere' is not in"),
+        "sae-hook-too-deep": sae_case("deep", "'blocks.9.hook_resid_post' is not in", "layers 0..1"),
+        "sae-unknown-architecture": sae_case("gated", "unknown architecture 'gated'"),
+        "sae-non-finite": sae_case("nan", "W_enc holds non-finite values"),
+        "sae-missing-tensor": sae_case("notensor", "no tensor 'b_dec'"),
+        "sae-missing-cfg": sae_case("nocfg", "cfg.json is missing"),
+        "sae-malformed-cfg": sae_case("badcfg", "cfg.json is not valid JSON"),
+        "sae-missing-folder": Case("collect", config("sae-absent", sae=[{"path": str(root / "absent"), "slug": "s"}]),
+                                   ("no such folder",)),
+        "sae-reserved-slug": Case("collect", config("sae-slug", sae=[{"path": str(sae["wide"]), "slug": "L3"}]),
+                                  ("slug must be a URL slug", "'L3'"), fresh=True),
+        "sae-unknown-key": Case("collect", config("sae-key", sae=[{"pth": str(sae["wide"]), "slug": "s"}]),
+                                ("unknown [[sae]] key 'pth'", "did you mean 'path'"), fresh=True),
         SUCCESS: Case("collect", config("success", max_sequences=8), (), fresh=True),
     }
 
@@ -211,7 +257,9 @@ CASE_NAMES = ["unknown-hub-model", "missing-model-folder", "layer-out-of-range",
               "malformed-jsonl", "missing-data-file", "context-too-long", "threshold-above-one", "threshold-zero",
               "threshold-negative", "max-examples-zero", "unknown-config-key", "missing-config", "invalid-toml",
               "truncated-collect-layer", "empty-collect-layer", "old-schema-collect-meta", "old-schema-collect-layer",
-              "unwritable-out-dir", "binary-data-file", "upstream-missing"]
+              "unwritable-out-dir", "binary-data-file", "upstream-missing", "sae-d-in-mismatch", "sae-hook-not-in-model",
+              "sae-hook-too-deep", "sae-unknown-architecture", "sae-non-finite", "sae-missing-tensor", "sae-missing-cfg",
+              "sae-malformed-cfg", "sae-missing-folder", "sae-reserved-slug", "sae-unknown-key"]
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)

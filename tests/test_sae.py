@@ -430,3 +430,18 @@ def test_a_perfect_reconstruction_costs_nothing(tmp_path, tiny_gpt2, corpus_file
     result = json.loads(AtlasPaths.of(cfg).evaluation("identity").read_text())
     assert abs(result["ce_increase"]) < 1e-4 and result["mse"] < 1e-8 and result["explained_variance"] > 1 - 1e-6
     assert result["l0"] == d and result["inactive_share"] == 0
+
+
+def test_an_sae_trained_on_another_model_is_atlased_with_a_warning(tmp_path, tiny_gpt2, corpus_file, caplog):
+    from builder.config import config_from_dict
+    from builder.stage import run_stage
+    from conftest import tiny_config_dict
+
+    folder = random_sae(tmp_path / "other", np.random.default_rng(4), "standard", "blocks.0.hook_resid_post", 32,
+                        "none", model_name="gemma-2-2b")
+    cfg = config_from_dict(tiny_config_dict(tiny_gpt2, corpus_file, tmp_path / "run", layers=[0], max_sequences=16,
+                                            sae=[{"path": str(folder), "slug": "other"}]))
+    with caplog.at_level("WARNING"):
+        run_stage("collect", cfg)
+    assert any("was trained on 'gemma-2-2b'" in r.getMessage() for r in caplog.records)
+    assert AtlasPaths.of(cfg).set_file("collect", "other").exists()
