@@ -103,7 +103,11 @@ class AtlasConfig:
     cluster_threshold: float = 0.5
     # Worker processes for per-neuron stages (0 = all cores).
     workers: int = 0
-    # Token substituted when masking for importance; empty = the model's pad token, else its EOS token.
+    # Token importance removes each context token in one of two ways: "mask" replaces it by the mask token (the
+    # paper), "delete" drops it so later tokens move one position left (the dictionary-learning post's ablation).
+    importance_mode: str = "mask"
+    # Token substituted when masking for importance; empty = the model's pad token, else its EOS token. Deleting
+    # still masks the max token itself (its own score and the normaliser: a deleted max token cannot be read).
     mask_token: str = ""
     # Similar features: neighbours kept per feature and the minimum cosine similarity.
     neighbour_count: int = 20
@@ -139,6 +143,8 @@ class AtlasConfig:
         _check(self.workers >= 0, "workers must be 0 (all cores) or more", self.workers)
         _check(self.neighbour_count >= 1, "neighbour_count must be at least 1", self.neighbour_count)
         _check(-1 <= self.neighbour_threshold <= 1, "neighbour_threshold must be in [-1, 1]", self.neighbour_threshold)
+        _check(self.importance_mode in ("mask", "delete"), "importance_mode must be mask or delete",
+               self.importance_mode)
         _check(self.neighbour_space in ("pre_mlp", "embedding"), "neighbour_space must be pre_mlp or embedding",
                self.neighbour_space)
         _check(self.dtype in ("float32", "float16", "bfloat16"), "dtype must be float32, float16 or bfloat16",

@@ -2,8 +2,10 @@
 
 For every kept example and every position p in the window [m − window_before, m] before and at the max token m, the
 token at p is replaced by the mask token (the model's pad token, a configured substitute, else EOS; the BOS position
-is never masked) and the drop in the neuron's activation at m is measured. Drops are divided by the drop from masking
-the max token itself and clipped to [0, 1].
+is never masked) and the drop in the unit's activation at m is measured. With `importance_mode = "delete"` a token
+before m is deleted instead (later tokens move one position left, and the activation is read at the max token's new
+position m − 1); the max token itself is still masked. Drops are divided by the drop from masking the max token
+itself and clipped to [0, 1].
 
 When that normalising drop is zero or negative (masking the max token does not lower the activation), drops are
 divided by the largest positive drop in the window instead; if no drop is positive the example's importances are all
@@ -11,8 +13,8 @@ zero. `normaliser` records which case applied: 0 max token, 1 largest drop, 2 no
 
 The computation is exact but shared (the naive reference in the tests re-runs the prefix per neuron, example and
 position):
-- masking p changes nothing before p (causal attention), so one masked run of a sequence serves every neuron of every
-  layer whose max token lies in p … p + window_before;
+- masking (or deleting) p changes nothing before p (causal attention), so one changed run of a sequence serves every
+  unit of every set whose max token lies in p … p + window_before;
 - masked variants are batched in blocks of consecutive positions that share the clean key/value cache of the prefix
   before the block, so only the tokens from the block onwards are recomputed;
 - the forward stops after the deepest layer any example of the sequence needs.
@@ -113,12 +115,14 @@ def prefix_cache(cache, select: Tensor, p0: int, n_layers: int, config):
 class SharedMasker:
     """Runs the shared masked forwards for a group of sequences and reads off every example's masked activation."""
 
-    def __init__(self, bridge, sets: list[SubjectSet], window: int, mask_id: int, first_maskable: int):
+    def __init__(self, bridge, sets: list[SubjectSet], window: int, mask_id: int, first_maskable: int,
+                 mode: str = "mask"):
         self.bridge = bridge
         self.sets = sets
         self.window = window
         self.mask_id = mask_id
         self.first_maskable = first_maskable
+        self.delete = mode == "delete"
         self.forward_tokens = 0
 
     def _run(self, tokens: Tensor, set_indices: list[int], cache) -> dict[int, Tensor]:
@@ -155,20 +159,35 @@ class SharedMasker:
                 clean[mine] = clean_post[i][g, f.position[mine], f.unit[mine]].float().cpu().numpy()
             results.append((clean, np.full((len(f.set_index), self.window + 1), np.nan, np.float32)))
         needed = [masked_positions(f.position, self.window, self.first_maskable) for f in found]
+        # Deleting: every needed position is deleted, and each max token is masked as well (its own score and the
+        # normaliser: a max token cannot be deleted and still be read).
+        peaks = [np.unique(f.position[f.position >= self.first_maskable]) for f in found] if self.delete else None
         for p0 in range(self.first_maskable, end, BLOCK):
-            rows = [(g, int(p)) for g, positions in enumerate(needed) for p in positions if p0 <= p < p0 + BLOCK]
+            rows = [(g, int(p), self.delete) for g, positions in enumerate(needed) for p in positions
+                    if p0 <= p < p0 + BLOCK]
+            if self.delete:
+                rows += [(g, int(p), False) for g, positions in enumerate(peaks) for p in positions
+                         if p0 <= p < p0 + BLOCK]
             if rows:
                 self._block(prefix, cache, p0, rows, found, results)
         return results
 
-    def _block(self, prefix: Tensor, cache, p0: int, rows: list[tuple[int, int]], found: list[SequenceExamples],
-               results: list[tuple[np.ndarray, np.ndarray]]) -> None:
-        row_seq = np.array([g for g, _ in rows])
-        row_pos = np.array([p for _, p in rows])
+    def _block(self, prefix: Tensor, cache, p0: int, rows: list[tuple[int, int, bool]],
+               found: list[SequenceExamples], results: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        """Rows (sequence, position, deleted) of one block: masked rows replace the token at the position by the mask
+        token; deleted rows drop it, so later tokens move one position left (the row ends with a repeat of its
+        last token, read by nothing: attention is causal)."""
+        row_seq = np.array([g for g, _, _ in rows])
+        row_pos = np.array([p for _, p, _ in rows])
+        row_del = np.array([d for _, _, d in rows], bool)
         reach = [(f.position >= p0) & (f.position <= p0 + BLOCK - 1 + self.window) for f in found]
         last = max(int(f.position[r].max()) for f, r in zip(found, reach) if r.any())
         tokens = prefix[torch.as_tensor(row_seq), p0:last + 1].clone()
-        tokens[torch.arange(len(rows)), torch.as_tensor(row_pos - p0)] = self.mask_id
+        masked = np.flatnonzero(~row_del)
+        tokens[torch.as_tensor(masked), torch.as_tensor(row_pos[masked] - p0)] = self.mask_id
+        for r in np.flatnonzero(row_del):
+            at = int(row_pos[r] - p0)
+            tokens[r, at:-1] = tokens[r, at + 1:].clone()
         needed_sets = sorted({int(i) for f, r in zip(found, reach) for i in f.set_index[r]})
         select = torch.as_tensor(row_seq, device=prefix.device)
         deepest = max(self.sets[i].layer for i in needed_sets)
@@ -180,27 +199,37 @@ class SharedMasker:
                 mine = np.flatnonzero(r & (f.set_index == i))
                 m = f.position[mine]
                 p = row_pos[my_rows]
-                # pairs (row masking p, example at m) with p <= m <= p + window
-                a, e = np.nonzero((p[:, None] <= m[None, :]) & (m[None, :] <= p[:, None] + self.window))
-                values = post[i][torch.as_tensor(my_rows[a]), torch.as_tensor(m[e] - p0),
+                deleted = row_del[my_rows][:, None]
+                # pairs (row changing p, example at m): masked rows serve p <= m <= p + window (only m = p when
+                # deleting), deleted rows p < m <= p + window, read one position left
+                within = (p[:, None] <= m[None, :]) & (m[None, :] <= p[:, None] + self.window)
+                serves = np.where(deleted, within & (p[:, None] < m[None, :]),
+                                  within & ((p[:, None] == m[None, :]) if self.delete else True))
+                a, e = np.nonzero(serves)
+                values = post[i][torch.as_tensor(my_rows[a]), torch.as_tensor(m[e] - p0 - row_del[my_rows[a]]),
                                  torch.as_tensor(f.unit[mine][e])]
                 results[g][1][mine[e], p[a] - m[e] + self.window] = values.float().cpu().numpy()
 
     def naive_masked(self, tokens: Int[np.ndarray, " ctx"], set_index: int, unit: int, position: int, device
                      ) -> np.ndarray:
-        """The reference: one uncached run of the whole prefix per masked position (window + 1 values)."""
+        """The reference: one uncached run of the whole prefix per changed position (window + 1 values); deleting
+        re-runs the prefix without the token and reads one position earlier (the max token is masked)."""
         values = np.full(self.window + 1, np.nan, np.float32)
         subject = self.sets[set_index]
         hook = subject.activation_hook()
         for p in range(max(self.first_maskable, position - self.window), position + 1):
             row = torch.as_tensor(tokens[:position + 1], dtype=torch.long, device=device)[None].clone()
-            row[0, p] = self.mask_id
+            read = position
+            if self.delete and p < position:
+                row, read = torch.cat([row[:, :p], row[:, p + 1:]], dim=1), position - 1
+            else:
+                row[0, p] = self.mask_id
             captured = {}
             with torch.no_grad():
                 self.bridge.run_with_hooks(row, return_type=None,
                                            stop_at_layer=self.sets[set_index].layer + 1,
                                            fwd_hooks=[(hook, lambda v, hook: captured.update(v=v.detach()))])
-            values[p - position + self.window] = float(subject.activation_of(captured["v"])[0, position, unit])
+            values[p - position + self.window] = float(subject.activation_of(captured["v"])[0, read, unit])
         return values
 
 
@@ -312,7 +341,7 @@ def build(run: StageRun) -> dict:
     if todo:  # only shards still to run need the model (and the cache check)
         model = load_model(cfg)
         mask_id = mask_token_id(cfg, model.tokenizer)
-        masker = SharedMasker(model.bridge, sets, cfg.window_before, mask_id, first_maskable)
+        masker = SharedMasker(model.bridge, sets, cfg.window_before, mask_id, first_maskable, cfg.importance_mode)
         if grouped:
             first = min(grouped)
             deepest = grouped[first].take(np.array([np.argmax(grouped[first].position)]))

@@ -50,7 +50,7 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("collect", COLLECT_FIELDS, (), version=3, inputs=collect_inputs),
     Stage("embed", (), ("collect",), version=2),
     Stage("cluster", ("cluster_threshold",), ("collect", "embed"), version=3),
-    Stage("importance", ("mask_token",), ("collect",), version=2),
+    Stage("importance", ("importance_mode", "mask_token"), ("collect",), version=2),
     Stage("neighbours", ("neighbour_count", "neighbour_threshold", "neighbour_space", "seed"),
           ("collect", "embed", "cluster"), version=3),
     Stage("report", ("cluster_threshold",), ("collect", "cluster"), version=2),

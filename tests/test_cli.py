@@ -257,9 +257,10 @@ CASE_NAMES = ["unknown-hub-model", "missing-model-folder", "layer-out-of-range",
               "malformed-jsonl", "missing-data-file", "context-too-long", "threshold-above-one", "threshold-zero",
               "threshold-negative", "max-examples-zero", "unknown-config-key", "missing-config", "invalid-toml",
               "truncated-collect-layer", "empty-collect-layer", "old-schema-collect-meta", "old-schema-collect-layer",
-              "unwritable-out-dir", "binary-data-file", "upstream-missing", "sae-d-in-mismatch", "sae-hook-not-in-model",
-              "sae-hook-too-deep", "sae-unknown-architecture", "sae-non-finite", "sae-missing-tensor", "sae-missing-cfg",
-              "sae-malformed-cfg", "sae-missing-folder", "sae-reserved-slug", "sae-unknown-key"]
+              "unwritable-out-dir", "binary-data-file", "upstream-missing", "sae-d-in-mismatch",
+              "sae-hook-not-in-model", "sae-hook-too-deep", "sae-unknown-architecture", "sae-non-finite",
+              "sae-missing-tensor", "sae-missing-cfg", "sae-malformed-cfg", "sae-missing-folder", "sae-reserved-slug",
+              "sae-unknown-key"]
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)

@@ -29,9 +29,21 @@ def naive_masked_activation(bridge, tokens: np.ndarray, layer: int, neuron: int,
     return float(captured["post"][0, m, neuron])
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_shared_importance_equals_naive_reference_on_tiny_models(family, tiny_models, make_config):
-    cfg = make_config(tiny_models[family], max_examples=4, max_sequences=24)
+def naive_deleted_activation(bridge, tokens: np.ndarray, layer: int, neuron: int, m: int, p: int) -> float:
+    """The deletion reference: re-run the prefix up to the max token without the token at p < m; the max token is
+    then at m − 1."""
+    row = torch.as_tensor(np.delete(tokens[:m + 1], p), dtype=torch.long)[None]
+    captured = {}
+    with torch.no_grad():
+        bridge.run_with_hooks(row, return_type=None, fwd_hooks=[
+            (f"blocks.{layer}.mlp.hook_post", lambda value, hook: captured.update(post=value))])
+    return float(captured["post"][0, m - 1, neuron])
+
+
+@pytest.mark.parametrize("family, mode", [("gpt2", "mask"), ("llama", "mask"), ("gpt2", "delete"),
+                                          ("llama", "delete")])
+def test_shared_importance_equals_naive_reference_on_tiny_models(family, mode, tiny_models, make_config):
+    cfg = make_config(tiny_models[family], max_examples=4, max_sequences=24, importance_mode=mode)
     run_stage("collect", cfg)
     run_stage("importance", cfg)
     paths = AtlasPaths.of(cfg)
@@ -39,7 +51,7 @@ def test_shared_importance_equals_naive_reference_on_tiny_models(family, tiny_mo
     tokens = read_tokens(paths)
     mask_id = importance.mask_token_id(cfg, model.tokenizer)
     rng = np.random.default_rng(0)
-    checked = 0
+    checked, deletion_differs = 0, False
     for layer in (0, 1):
         examples = read_examples(paths, f"L{layer}")
         result = read_importance(paths, f"L{layer}")
@@ -49,14 +61,19 @@ def test_shared_importance_equals_naive_reference_on_tiny_models(family, tiny_mo
             clean = naive_masked_activation(model.bridge, tokens[seq], layer, neuron, m, None, mask_id)
             masked = np.full(cfg.window_before + 1, np.nan)
             for p in range(max(1, m - cfg.window_before), m + 1):  # BOS (position 0) is never masked
-                masked[p - m + cfg.window_before] = naive_masked_activation(model.bridge, tokens[seq], layer, neuron,
-                                                                            m, p, mask_id)
+                by_mask = naive_masked_activation(model.bridge, tokens[seq], layer, neuron, m, p, mask_id)
+                if mode == "delete" and p < m:
+                    by_deletion = naive_deleted_activation(model.bridge, tokens[seq], layer, neuron, m, p)
+                    deletion_differs = deletion_differs or abs(by_deletion - by_mask) > 1e-3
+                    by_mask = by_deletion
+                masked[p - m + cfg.window_before] = by_mask
             np.testing.assert_allclose(result["clean"][row], clean, atol=1e-5)
             np.testing.assert_allclose(result["masked"][row], masked, atol=1e-5, equal_nan=True)
             expected, _ = normalised_importance(np.array([clean]), masked[None])
             np.testing.assert_allclose(result["importance"][row], expected[0], atol=1e-5, equal_nan=True)
             checked += 1
     assert checked >= 12
+    assert deletion_differs == (mode == "delete")  # deleting is not masking under another name
 
 
 def test_importance_normalises_by_the_max_token_drop_and_clips():

@@ -445,3 +445,32 @@ def test_an_sae_trained_on_another_model_is_atlased_with_a_warning(tmp_path, tin
         run_stage("collect", cfg)
     assert any("was trained on 'gemma-2-2b'" in r.getMessage() for r in caplog.records)
     assert AtlasPaths.of(cfg).set_file("collect", "other").exists()
+
+
+def test_latent_importance_equals_a_naive_masked_rerun(sae_runs):
+    from builder.importance import mask_token_id
+    from builder.schema import read_importance
+
+    cfg, model = sae_runs["llama"]
+    paths = AtlasPaths.of(cfg)
+    tokens = read_tokens(paths)
+    mask_id = mask_token_id(cfg, model.tokenizer)
+    checked = 0
+    for architecture, hook, _ in SAE_SITES:
+        key = f"sae-{architecture}"
+        maths = read_sae(cfg.sae[[s.slug for s in cfg.sae].index(key)].path).on("cpu")
+        examples, result = read_examples(paths, key), read_importance(paths, key)
+        units = np.repeat(np.arange(TINY_D_SAE), np.diff(examples.offsets))
+        for row in np.random.default_rng(1).choice(len(examples.seq), size=min(4, len(examples.seq)), replace=False):
+            seq, m, unit = int(examples.seq[row]), int(examples.pos[row]), int(units[row])
+            for p in range(max(1, m - cfg.window_before), m + 1):
+                prefix = torch.as_tensor(tokens[seq, :m + 1], dtype=torch.long)[None].clone()
+                prefix[0, p] = mask_id
+                seen = {}
+                with torch.no_grad():
+                    model.bridge.run_with_hooks(prefix, return_type=None,
+                                                fwd_hooks=[(hook, lambda value, hook: seen.update(x=value))])
+                expected = float(maths.encode(seen["x"].float())[0, m, unit])
+                assert abs(result["masked"][row, p - m + cfg.window_before] - expected) < 1e-4
+                checked += 1
+    assert checked >= 12
