@@ -474,3 +474,47 @@ def test_latent_importance_equals_a_naive_masked_rerun(sae_runs):
                 assert abs(result["masked"][row, p - m + cfg.window_before] - expected) < 1e-4
                 checked += 1
     assert checked >= 12
+
+
+@pytest.mark.slow
+def test_random_saes_beside_the_embedded_models_neurons_build_a_whole_site(tmp_path, embedded_corpus,
+                                                                           share_embedded_model):
+    """The embedded end-to-end: three random SAEs (one per architecture) beside layer 2's neurons on a small slice."""
+    from builder.config import EMBEDDED_MODEL, config_from_dict
+    from builder.pipeline import STAGES
+    from builder.stage import run_stage
+
+    model = share_embedded_model
+    rng = np.random.default_rng(12)
+    sites = [("jumprelu", "blocks.2.mlp.hook_post", model.d_mlp, "none"),
+             ("topk", "blocks.2.hook_resid_post", model.d_model, "layer_norm"),
+             ("standard", "blocks.4.hook_resid_pre", model.d_model, "constant_norm_rescale")]
+    specs = [{"path": str(random_sae(tmp_path / a, rng, a, hook, width, norm, model_name="SmolLM2-135M-Instruct")),
+              "slug": f"sae-{a}"} for a, hook, width, norm in sites]
+    cfg = config_from_dict({"name": "embedded-sae", "model": EMBEDDED_MODEL, "data_files": [str(embedded_corpus)],
+                            "max_sequences": 16, "context_length": 32, "layers": [2], "batch_size": 8,
+                            "device": "cpu", "max_examples": 6, "threshold": 0.5, "out_dir": str(tmp_path / "build"),
+                            "site_dir": str(tmp_path / "site"), "sae": specs, "build_date": "2024-01-01"})
+    for stage in STAGES:
+        run_stage(stage, cfg)
+    paths = AtlasPaths.of(cfg)
+    identity = json.loads(paths.meta("embed").read_text())["identity_max_error"]
+    assert sorted(identity) == ["L2", "sae-jumprelu", "sae-standard", "sae-topk"]
+    assert all(error < 1e-4 for error in identity.values()), identity
+    tokens = read_tokens(paths)
+    with torch.no_grad():
+        _, cache = model.bridge.run_with_cache(torch.as_tensor(tokens, dtype=torch.long))
+    site = Path(cfg.site_dir) / cfg.name
+    for (architecture, hook, _, _), spec in zip(sites, specs):
+        maths = read_sae(spec["path"]).on("cpu")
+        pre = maths.pre(maths.sae_input(cache[hook].float())).numpy()
+        examples = read_examples(paths, spec["slug"])
+        assert len(examples.seq) > 20
+        np.testing.assert_allclose(examples.pre, pre[examples.seq, examples.pos, examples.unit_of_example],
+                                   atol=1e-4, rtol=0)
+        listing = (site / spec["slug"] / "index.html").read_text()
+        assert "Evaluation on this corpus" in listing
+        first = int(np.flatnonzero(np.diff(examples.offsets))[0])
+        assert f"Latent {first}</h1>" in (site / spec["slug"] / f"N{first}" / "index.html").read_text()
+    neuron = next(p for p in sorted((site / "L2").glob("N*/index.html")) if "SAE latents that write" in p.read_text())
+    assert "sae-jumprelu N" in neuron.read_text()
