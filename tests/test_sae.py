@@ -518,3 +518,22 @@ def test_random_saes_beside_the_embedded_models_neurons_build_a_whole_site(tmp_p
         assert f"Latent {first}</h1>" in (site / spec["slug"] / f"N{first}" / "index.html").read_text()
     neuron = next(p for p in sorted((site / "L2").glob("N*/index.html")) if "SAE latents that write" in p.read_text())
     assert "sae-jumprelu N" in neuron.read_text()
+
+
+def test_the_method_page_sets_each_layers_neurons_beside_its_latents_as_quartiles(sae_runs):
+    from builder.render.text import fmt
+    from builder.schema import read_metrics_table
+
+    cfg, _ = sae_runs["gpt2"]
+    method = (Path(cfg.site_dir) / cfg.name / "method" / "index.html").read_text()
+    table = read_metrics_table(AtlasPaths.of(cfg))
+    sets = [d["key"] for d in read_collect_meta(AtlasPaths.of(cfg))["subject_sets"]]
+    layer1 = re.search(r"<h3>Layer 1</h3>(.*?)</table>", method, re.S).group(1)
+    order = re.findall(r'<th scope="row"><a href="[^"]+">([^<]+)</a>', layer1)
+    assert order[0] == "L1" and sorted(order[1:]) == ["sae-standard", "sae-topk", "sae-twin"]
+    for key in order:
+        mine = (table["set_index"] == sets.index(key)) & (table["n_examples"] > 0)
+        row = re.search(rf'>{key}</a></th><td>(\d+) of [^<]*</td><td>([^<]+)</td>', layer1)
+        assert int(row.group(1)) == mine.sum()
+        quartiles = np.percentile(table["n_clusters"][mine].astype(float), [25, 50, 75])
+        assert row.group(2) == " / ".join(fmt(q) for q in quartiles)

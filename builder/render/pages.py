@@ -292,6 +292,9 @@ def render_unit(site: Site, data: SetData, unit: int, folder: Path) -> tuple[int
     return count, len(features), sidecar_bytes, len(page), feature_bytes, twin_bytes
 
 
+METRIC_LABELS = {"n_clusters": "Feature clusters", "largest_share": "Largest share", "mean_distance": "Mean distance",
+                 "max_distance": "Max distance", "intra_distance": "Intra-cluster", "inter_distance": "Inter-cluster"}
+
 # Every metric's definition, as the tooltip and the method page's anchor (#m-<key>) give it.
 METRIC_DEFINITIONS = {
     "max_activation": "The unit's highest activation on any token of the dataset.",
@@ -325,6 +328,30 @@ def report_rows(report: dict) -> list[dict]:
                      "inter": fmt(ours.get("median_inter")), "n": " / ".join(fmt(c) for c in counts) or "–",
                      "paper_intra": fmt(theirs.get("median_intra")), "paper_inter": fmt(theirs.get("median_inter"))})
     return rows
+
+
+COMPARED_METRICS = ("n_clusters", "largest_share", "mean_distance", "max_distance", "intra_distance",
+                    "inter_distance")
+
+
+def neurons_vs_latents(atlas: Atlas) -> list[dict]:
+    """The paper's proposed use of neuron embeddings on SAEs: per layer with SAEs, the distribution (quartiles over
+    units with examples; a distance over units where it is defined) of each polysemanticity metric for the layer's
+    neurons and for each SAE's latents on that layer."""
+    groups = []
+    for layer in sorted({s.layer for s in atlas.sets if s.kind == "sae"}):
+        rows = []
+        for s in sorted((s for s in atlas.sets if s.layer == layer), key=lambda s: s.kind != "mlp"):
+            table = {name: atlas.metrics[name][atlas.index.rows(s.key)] for name in ("n_examples", *COMPARED_METRICS)}
+            kept = table["n_examples"] > 0
+            cells = []
+            for name in COMPARED_METRICS:
+                values = table[name][kept].astype(np.float64)
+                values = values[np.isfinite(values)]
+                cells.append(" / ".join(fmt(q) for q in np.percentile(values, [25, 50, 75])) if len(values) else "–")
+            rows.append({"set": s.slug, "what": f"{s.size:,} {s.unit_noun}s", "n": int(kept.sum()), "cells": cells})
+        groups.append({"layer": layer, "rows": rows})
+    return groups
 
 
 PAPER_THRESHOLD = 0.75  # the example threshold the method's paper used for GPT-2 small
@@ -382,7 +409,9 @@ def model_pages(site: Site, model_dir: Path, root_dir: Path) -> None:
               "window_before": atlas.cfg.window_before, "window_after": atlas.cfg.window_after}
     write(model_dir / "method" / "index.html", "method.html",
           site.page(2, f"{site.model}/method/", f"Method · {site.model}", f"{site.model} method", "method",
-                    report=report_rows(atlas.report), method=method, coverage=coverage))
+                    report=report_rows(atlas.report), method=method, coverage=coverage,
+                    compared=neurons_vs_latents(atlas),
+                    compared_names=[METRIC_LABELS[name] for name in COMPARED_METRICS]))
     for subject in atlas.sets:
         rows = atlas.index.rows(subject.key)
         column = {name: table[name][rows] for name in ("max_activation", "n_examples", "n_clusters",
