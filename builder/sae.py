@@ -215,9 +215,34 @@ class SaeTensors:
         return y
 
 
+HUB_PREFIX = "hf://"  # an [[sae]] path hf://owner/repo/sub/folder is that folder of a Hugging Face hub repo
+
+
+def sae_folder(path: str | Path) -> Path:
+    """The local folder of an SAE path: itself, or for hf://owner/repo[/subfolder] the hub snapshot of that folder
+    (downloaded once with huggingface_hub, then read from its cache)."""
+    text = str(path)
+    if not text.startswith(HUB_PREFIX):
+        return Path(text).expanduser()
+    parts = text[len(HUB_PREFIX):].strip("/").split("/")
+    if len(parts) < 2:
+        raise SaeError(f"SAE {text!r}: a hub path is hf://owner/repo[/subfolder]; fix the [[sae]] path")
+    repo, subfolder = "/".join(parts[:2]), "/".join(parts[2:])
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        root = snapshot_download(repo, allow_patterns=[f"{subfolder}/{CFG_FILE}" if subfolder else CFG_FILE,
+                                                       f"{subfolder}/{WEIGHTS_FILE}" if subfolder else WEIGHTS_FILE])
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as error:
+        raise SaeError(f"SAE {text!r}: cannot fetch it from the hub ({type(error).__name__}); go online, or "
+                       "download the folder and give its local path") from None
+    return Path(root) / subfolder
+
+
 def read_sae(folder: str | Path) -> Sae:
-    """The SAE in `folder`, checked: every problem is one SaeError naming it and its fix."""
-    folder = Path(folder).expanduser()
+    """The SAE in `folder` (or at a hub path), checked: every problem is one SaeError naming it and its fix."""
+    folder = sae_folder(folder)
     if not folder.is_dir():
         raise _fail(folder, "no such folder", "give the path of a folder holding cfg.json and "
                     f"{WEIGHTS_FILE}")

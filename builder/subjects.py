@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, NamedTuple, Sequence
 
 import numpy as np
@@ -339,7 +338,7 @@ def sae_latents(spec, model, model_name: str) -> SaeLatents:
         log.warning("%s was trained on %r, not %r: its latents may mean nothing on this model", where, trained_on,
                     model_name)
     return SaeLatents(key=spec.slug, size=sae.cfg.d_sae, d_input=sae.cfg.d_in, layer=sae.cfg.layer,
-                      folder=str(Path(spec.path).expanduser().resolve()), hook_name=hook,
+                      folder=str(sae.folder.resolve()), hook_name=hook,
                       architecture=sae.cfg.architecture, writes=writes)
 
 

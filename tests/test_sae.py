@@ -537,3 +537,13 @@ def test_the_method_page_sets_each_layers_neurons_beside_its_latents_as_quartile
         assert int(row.group(1)) == mine.sum()
         quartiles = np.percentile(table["n_clusters"][mine].astype(float), [25, 50, 75])
         assert row.group(2) == " / ".join(fmt(q) for q in quartiles)
+
+
+def test_a_hub_path_offline_is_one_line_naming_the_fix(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SaeError) as caught:
+        read_sae("hf://nobody/no-such-saes/blocks.0.hook_resid_pre")
+    message = caught.value.format_message()
+    assert "cannot fetch it from the hub" in message and "local path" in message and "\n" not in message
+    with pytest.raises(SaeError, match="hf://owner/repo"):
+        read_sae("hf://just-a-name")
