@@ -215,6 +215,52 @@ def bench_render_and_memory(cfg: AtlasConfig) -> None:
              f"({max(peaks) / 8192:.2f}× of 8 GiB)")
 
 
+SAE_BENCH_SEQUENCES = 64  # sequences of the latents-vs-neurons comparison
+SAE_BENCH_LAYER = 3
+
+
+def bench_sae_cost(cfg: AtlasConfig) -> None:
+    """Each stage's wall time for a layer's SAE latents relative to that layer's neurons: the same corpus slice, one
+    build atlasing the neurons and one atlasing a random JumpReLU SAE with as many latents on their activations."""
+    import dataclasses
+    import tempfile
+    from pathlib import Path
+
+    from builder.config import SaeSpec
+    from builder.models import load_model
+    from builder.sae import write_sae
+    from builder.stage import run_stage
+
+    model = load_model(cfg)
+    rng = np.random.default_rng(0)
+    d_in = d_sae = model.d_mlp
+    w_enc = rng.normal(size=(d_in, d_sae)).astype(np.float32)
+    tensors = {"W_enc": w_enc / np.linalg.norm(w_enc, axis=0), "b_enc": rng.normal(0, 0.05, d_sae),
+               "W_dec": rng.normal(0, 0.02, (d_sae, d_in)), "b_dec": np.zeros(d_in), "threshold": np.full(d_sae, 0.05)}
+    walls = {}
+    with tempfile.TemporaryDirectory() as folder:
+        sae = write_sae(Path(folder) / "sae", {"architecture": "jumprelu", "d_in": d_in, "d_sae": d_sae,
+                                               "apply_b_dec_to_input": True, "normalize_activations": "none",
+                                               "metadata": {"hook_name": f"blocks.{SAE_BENCH_LAYER}.mlp.hook_post"}},
+                        tensors)
+        for kind, overrides in (("neurons", {"sae": ()}),
+                                ("latents", {"atlas_neurons": False, "sae": (SaeSpec(path=str(sae), slug="bench"),)})):
+            run_cfg = dataclasses.replace(cfg, layers=(SAE_BENCH_LAYER,), max_sequences=SAE_BENCH_SEQUENCES,
+                                          out_dir=str(Path(folder) / kind / "build"),
+                                          site_dir=str(Path(folder) / kind / "site"), **overrides)
+            walls[kind] = {}
+            for name in STAGES:
+                run_stage(name, run_cfg)
+                walls[kind][name] = STAGES[name].meta_type.read_json(AtlasPaths.of(run_cfg).meta(name))["wall_seconds"]
+    for name in STAGES:
+        neurons, latents = walls["neurons"][name], walls["latents"][name]
+        label = f"SAE: {name}, {d_sae} latents vs {model.d_mlp} neurons of layer {SAE_BENCH_LAYER}"
+        if name == "evaluate":  # only SAEs are evaluated: there is no neuron baseline
+            line(label, f"{latents:.1f} s (latents only)")
+        else:
+            line(label, f"{latents:.1f} s / {neurons:.1f} s = {latents / max(neurons, 1e-9):.2f}×")
+
+
 @click.command()
 @click.option("--config", default="configs/embedded.toml")
 def main(config: str) -> None:
@@ -227,6 +273,7 @@ def main(config: str) -> None:
     bench_importance(cfg)
     bench_neighbours(cfg)
     bench_render_and_memory(cfg)
+    bench_sae_cost(cfg)
 
 
 if __name__ == "__main__":
