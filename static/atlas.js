@@ -1098,8 +1098,15 @@
   Atlas.parseNeuron = parseNeuron;
 
   function search(query) {
-    var found = parseNeuron(query);
     var results = document.getElementById("results");
+    // "<set slug> N<unit>" (e.g. "res-jb-6 N42") goes to that unit of any set.
+    var named = /^\s*([A-Za-z0-9_.-]+)\s+N?(\d+)\s*$/.exec(query);
+    if (named) {
+      var wanted = named[1].toLowerCase(), number = Number(named[2]);
+      var chosen = pageIndex().sets.filter(function (s) { return s.slug.toLowerCase() === wanted; })[0];
+      if (chosen && number < chosen.size) { window.location.href = unitHref(chosen, number); return; }
+    }
+    var found = parseNeuron(query);
     if (found) {
       var atlas = pageIndex(), set = atlas.byKey.get("L" + found[0]);
       if (set && found[1] < set.size) { window.location.href = unitHref(set, found[1]); return; }

@@ -371,6 +371,11 @@ def test_the_index_table_sorts_filters_and_search_finds_neurons_and_words(site, 
     page.fill("#q", "2/3")
     page.press("#q", "Enter")
     page.wait_for_url("**/tiny-atlas/L2/N3/index.html")
+    page.wait_for_selector("html[data-ready=true]")
+    page.fill("#q", "l0 4")  # a set's slug (any case) and a unit number
+    page.press("#q", "Enter")
+    page.wait_for_url("**/tiny-atlas/L0/N4/index.html")
+    page.wait_for_selector("html[data-ready=true]")
     page.fill("#q", "L7 N0")
     page.press("#q", "Enter")
     page.wait_for_url("**/tiny-atlas/index.html#q=*")

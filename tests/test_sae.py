@@ -547,3 +547,32 @@ def test_a_hub_path_offline_is_one_line_naming_the_fix(monkeypatch):
     assert "cannot fetch it from the hub" in message and "local path" in message and "\n" not in message
     with pytest.raises(SaeError, match="hf://owner/repo"):
         read_sae("hf://just-a-name")
+
+
+def test_latent_pages_work_in_the_browser_like_neuron_pages(sae_runs):
+    from playwright.sync_api import sync_playwright
+
+    from test_browser import ARGS, CHROMIUM, Tab, serve
+
+    cfg, _ = sae_runs["gpt2"]
+    site = Path(cfg.site_dir)
+    examples = read_examples(AtlasPaths.of(cfg), "sae-standard")
+    latent = int(np.argmax(np.diff(examples.offsets)))  # the latent with the most examples
+    server, url = serve(site)
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+            tab = Tab(browser)
+            page = tab.open(url + f"{cfg.name}/sae-standard/N{latent}/index.html")
+            shown = page.locator(".example").count()
+            assert shown == min(int(np.diff(examples.offsets)[latent]), shown) and shown > 0
+            assert page.locator("#dendro svg").count() == 1 and page.locator("#logits li").count() == 20
+            assert "Latent" in page.text_content("h1")
+            page.fill("#q", f"sae-twin {latent}")
+            page.press("#q", "Enter")
+            page.wait_for_url(f"**/sae-twin/N{latent}/index.html")
+            page.wait_for_selector("html[data-ready=true]")
+            browser.close()
+    finally:
+        server.shutdown()
+    assert tab.errors == [] and tab.dialogs == []
