@@ -306,6 +306,7 @@ def test_latent_pages_sit_at_their_sets_slug_and_inactive_latents_are_listed_wit
         slug = f"sae-{architecture}"
         assert sets[slug]["kind"] == "sae" and sets[slug]["size"] == TINY_D_SAE
         listing = (site / slug / "index.html").read_text()
+        assert f'href="../index.html#set={slug}"' in listing  # the sortable index, filtered to this SAE
         found = re.search(r'id="inactive">(\d+) latents? never active on this corpus \(no page\): ([^.]*)\.', listing)
         inactive = [int(n[1:]) for n in found.group(2).split(", ")]
         assert INACTIVE in inactive and int(found.group(1)) == len(inactive)
@@ -572,7 +573,70 @@ def test_latent_pages_work_in_the_browser_like_neuron_pages(sae_runs):
             page.press("#q", "Enter")
             page.wait_for_url(f"**/sae-twin/N{latent}/index.html")
             page.wait_for_selector("html[data-ready=true]")
+            # The SAE's sortable index: the model index filtered to its latents, inactive ones left out.
+            page = tab.open(url + f"{cfg.name}/index.html#set=sae-standard&ex=0")
+            page.click("th button[data-col=density]")
+            names = page.eval_on_selector_all("#neurons tbody tr td:first-child", "ts => ts.map(t => t.textContent)")
+            active = int((np.diff(examples.offsets) > 0).sum())
+            assert all(n.startswith("sae-standard N") for n in names) and len(names) == min(50, active)
+            density = page.eval_on_selector_all("#neurons tbody tr td:nth-child(3)",
+                                                "ts => ts.map(t => +t.textContent)")
+            order = page.get_attribute("th:has(button[data-col=density])", "aria-sort")
+            assert density == sorted(density, reverse=order == "descending") and max(density) > 0
             browser.close()
     finally:
         server.shutdown()
     assert tab.errors == [] and tab.dialogs == []
+
+
+def test_latent_examples_are_the_first_sequences_over_the_threshold_as_a_naive_loop_finds_them(sae_runs):
+    cfg, model = sae_runs["llama"]
+    paths = AtlasPaths.of(cfg)
+    tokens = read_tokens(paths)
+    with torch.no_grad():
+        _, cache = model.bridge.run_with_cache(torch.as_tensor(tokens, dtype=torch.long))
+    for architecture, hook, _ in SAE_SITES:
+        key = f"sae-{architecture}"
+        post = read_sae(cfg.sae[[s.slug for s in cfg.sae].index(key)].path).on("cpu").encode(
+            cache[hook].float()).numpy()
+        examples = read_examples(paths, key)
+        for unit in range(TINY_D_SAE):
+            maximum = post[:, :, unit].max()
+            expected = []
+            if maximum > 0:
+                for seq in range(len(tokens)):  # corpus order: the first max_examples sequences reaching the bar
+                    if post[seq, :, unit].max() >= cfg.threshold * maximum and len(expected) < cfg.max_examples:
+                        expected.append((seq, int(np.argmax(post[seq, :, unit]))))
+            part = examples.unit_slice(unit)
+            assert list(zip(examples.seq[part].tolist(), examples.pos[part].tolist())) == expected, (key, unit)
+
+
+def test_latent_logit_effects_go_through_the_decoder_as_a_brute_force_sort_finds_them(sae_runs):
+    from builder.schema import read_weights
+
+    cfg, model = sae_runs["gpt2"]
+    w_u = model.bridge.W_U.detach().double().numpy()
+    w_out = model.bridge.blocks[1].mlp.W_out.detach().double().numpy()
+    for key, through_mlp in (("sae-standard", True), ("sae-topk", False)):
+        w_dec = read_sae(cfg.sae[[s.slug for s in cfg.sae].index(key)].path).W_dec.astype(np.float64)
+        effects = (w_dec @ w_out if through_mlp else w_dec) @ w_u
+        weights = read_weights(AtlasPaths.of(cfg), key)
+        k = weights.logit_top_ids.shape[1]
+        np.testing.assert_array_equal(weights.logit_top_ids, np.argsort(-effects, axis=1, kind="stable")[:, :k])
+        np.testing.assert_allclose(weights.logit_bottom_values, np.sort(effects, axis=1)[:, :k], rtol=1e-4, atol=1e-4)
+
+
+def test_an_sae_files_content_is_part_of_every_stage_key(tmp_path, tiny_gpt2, corpus_file):
+    from builder.config import config_from_dict
+    from builder.pipeline import STAGES
+    from builder.stage import Keys
+    from conftest import tiny_config_dict
+
+    rng = np.random.default_rng(6)
+    folder = random_sae(tmp_path / "sae", rng, "standard", "blocks.0.hook_resid_post", 32, "none")
+    cfg = config_from_dict(tiny_config_dict(tiny_gpt2, corpus_file, tmp_path / "run",
+                                            sae=[{"path": str(folder), "slug": "s"}]))
+    before = {name: Keys(cfg, STAGES).key(name) for name in STAGES}
+    random_sae(folder, rng, "standard", "blocks.0.hook_resid_post", 32, "none")  # same path, new weights
+    after = {name: Keys(cfg, STAGES).key(name) for name in STAGES}
+    assert all(before[name] != after[name] for name in STAGES)

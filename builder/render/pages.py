@@ -427,6 +427,7 @@ def model_pages(site: Site, model_dir: Path, root_dir: Path) -> None:
         write(model_dir / subject.slug / "index.html", "layer.html",
               site.page(2, f"{site.model}/{subject.slug}/", f"{subject.title} · {site.model}",
                         f"{site.model} {subject.label}", "layer", layer=subject.layer, neurons=units,
-                        set_title=subject.title, noun=subject.unit_noun, mcs=mcs_distributions(atlas, subject),
+                        set_title=subject.title, set_key=subject.key, noun=subject.unit_noun,
+                        mcs=mcs_distributions(atlas, subject),
                         evaluation=evaluation_rows(atlas.evaluations.get(subject.key)),
                         inactive=[int(n) for n in np.flatnonzero(~shown)]))
