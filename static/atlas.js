@@ -67,14 +67,15 @@
   };
   Atlas.SubjectIndex = SubjectIndex;
 
-  /* The index of this page's atlas, from <body data-sets="key:slug:layer:size,...">. */
+  /* The index of this page's atlas, from <body data-sets="key:slug:layer:size:kind,..."> or common.json. */
   function pageIndex() {
     // Unit and feature pages leave the list out (it would repeat on every one): it comes with common.json.
     var sets = body().sets ? body().sets.split(",") : (Atlas.common ? Atlas.common.sets : []);
     return new SubjectIndex(sets.filter(function (s) { return s !== ""; })
       .map(function (entry) {
         var parts = entry.split(":");
-        return { key: parts[0], slug: parts[1], layer: Number(parts[2]), size: Number(parts[3]) };
+        return { key: parts[0], slug: parts[1], layer: Number(parts[2]), size: Number(parts[3]),
+                 kind: parts[4] || "mlp" };
       }));
   }
 
@@ -1127,11 +1128,17 @@
   }
   Atlas.search = search;
 
+  /* A random unit, from the MLP layers when the atlas has any: an SAE's latents that never fired have no page, and
+   * which they are is only in neurons.json (too large to fetch for this). */
   function randomNeuron() {
     var atlas = pageIndex();
-    if (!atlas.total) return;
-    var at = atlas.unit(Math.floor(Math.random() * atlas.total));
-    window.location.href = unitHref(at.set, at.unit);
+    var pool = atlas.sets.filter(function (s) { return s.kind === "mlp"; });
+    if (!pool.length) pool = atlas.sets;
+    var total = pool.reduce(function (sum, s) { return sum + s.size; }, 0);
+    if (!total) return;
+    var pick = Math.floor(Math.random() * total), i = 0;
+    while (pick >= pool[i].size) { pick -= pool[i].size; i++; }
+    window.location.href = unitHref(pool[i], pick);
   }
 
   function queryFromLocation() {

@@ -569,6 +569,10 @@ def test_latent_pages_work_in_the_browser_like_neuron_pages(sae_runs):
             assert shown == min(int(np.diff(examples.offsets)[latent]), shown) and shown > 0
             assert page.locator("#dendro svg").count() == 1 and page.locator("#logits li").count() == 20
             assert "Latent" in page.text_content("h1")
+            page.keyboard.press("r")  # a random unit: from the MLP layers, which have a page for every unit
+            page.wait_for_url("**/L1/N*/index.html")
+            page.wait_for_selector("html[data-ready=true]")
+            page = tab.open(url + f"{cfg.name}/sae-standard/N{latent}/index.html")
             page.fill("#q", f"sae-twin {latent}")
             page.press("#q", "Enter")
             page.wait_for_url(f"**/sae-twin/N{latent}/index.html")

@@ -65,8 +65,8 @@ def to_local(tokens: np.ndarray, ids: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def subject_sets(atlas: Atlas) -> list[str]:
-    """The atlas's subject sets as `key:slug:layer:size`, in order: how pages and data files list them."""
-    return [f"{s.key}:{s.slug}:{s.layer}:{s.size}" for s in atlas.sets]
+    """The atlas's subject sets as `key:slug:layer:size:kind`, in order: how pages and data files list them."""
+    return [f"{s.key}:{s.slug}:{s.layer}:{s.size}:{s.kind}" for s in atlas.sets]
 
 
 def common_file(atlas: Atlas, definitions: dict[str, str], prov: dict) -> dict:
