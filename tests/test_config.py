@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import fields
 from pathlib import Path
 
@@ -186,3 +187,32 @@ def test_every_atlas_error_is_a_click_error_shown_as_one_error_line_with_exit_st
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err == "Error: something is wrong; fix it\n"
+
+
+def test_sae_tables_load_as_frozen_entries_with_paths_from_the_config_folder(tmp_path):
+    path = tmp_path / "atlas.toml"
+    path.write_text('data_files = ["corpus.txt"]\natlas_neurons = false\n[[sae]]\npath = "saes/a"\nslug = "res-a"\n'
+                    '[[sae]]\npath = "hf://owner/repo/blocks.0"\nslug = "b"\n')
+    cfg = load_config(path)
+    assert [s.slug for s in cfg.sae] == ["res-a", "b"] and cfg.atlas_neurons is False
+    assert cfg.sae[0].path == str((tmp_path / "saes" / "a").resolve())
+    assert cfg.sae[1].path == "hf://owner/repo/blocks.0"
+    assert hash(cfg) == hash(load_config(path))  # frozen and hashable, SAE entries included
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.sae[0].slug = "other"
+    assert cfg.config_hash() != dataclasses.replace(cfg, sae=cfg.sae[:1]).config_hash()
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[[sae]]\npath = "a"\nslug = "a"\n[[sae]]\npath = "b"\nslug = "a"\n', "each [[sae]] needs its own slug"),
+    ('atlas_neurons = false\n', "atlas_neurons = false needs at least one [[sae]]"),
+    ('[[sae]]\npath = "a"\n', "an [[sae]] table needs 'slug'"),
+    ('[[sae]]\npath = "a"\nslug = "data"\n', "slug must be a URL slug"),
+    ('importance_mode = "erase"\n', "importance_mode must be mask or delete"),
+])
+def test_bad_sae_settings_are_one_line_config_errors(tmp_path, text, message):
+    path = tmp_path / "atlas.toml"
+    path.write_text('data_files = ["corpus.txt"]\n' + text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert message in caught.value.format_message() and "\n" not in caught.value.format_message()
