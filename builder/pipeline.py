@@ -50,7 +50,7 @@ COLLECT_FIELDS = ("model", "model_revision", "dtype", "layers", "atlas_neurons",
 
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("collect", COLLECT_FIELDS, (), version=3, inputs=collect_inputs),
-    Stage("embed", (), ("collect",), version=2),
+    Stage("embed", (), ("collect",), version=3),  # 3: SAE sets also write their dictionary tools
     Stage("cluster", ("cluster_threshold",), ("collect", "embed"), version=3),
     Stage("importance", ("importance_mode", "mask_token"), ("collect",), version=2),
     Stage("neighbours", ("neighbour_count", "neighbour_threshold", "neighbour_space", "seed"),
