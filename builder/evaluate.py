@@ -62,8 +62,9 @@ def evaluate_batch(bridge, maths, hook_name: str, tokens: torch.Tensor, totals: 
 
     def splice(value, hook):
         x = value.detach()
-        reconstruction = maths.decode(maths.encode(x), x)
-        captured["x"], captured["x_hat"], captured["f"] = x, reconstruction, maths.encode(x)
+        latents = maths.encode(x)
+        reconstruction = maths.decode(latents, x)
+        captured["x"], captured["x_hat"], captured["f"] = x, reconstruction, latents
         return reconstruction.to(value.dtype)
 
     with torch.no_grad():

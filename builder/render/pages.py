@@ -229,7 +229,7 @@ def render_unit(site: Site, data: SetData, unit: int, folder: Path) -> tuple[int
     Returns (examples, clusters, sidecar bytes, unit page bytes, feature pages bytes, file:// twin bytes)."""
     atlas = site.atlas
     subject = data.subject
-    if not subject.published(int(data.offsets[unit + 1] - data.offsets[unit])):
+    if not site.published[atlas.index.row(UnitId(subject.key, unit))]:
         return 0, 0, 0, 0, 0, 0
     env = environment()
     files = unit_sidecar(atlas, data, unit)
