@@ -399,7 +399,7 @@ def build(run: StageRun) -> dict:
     cfg, paths = run.cfg, run.paths
     model = load_model(cfg)
     layers = selected_layers(cfg, model.n_layers)
-    sets = model_subject_sets(model, layers if cfg.atlas_neurons else [], cfg.sae, cfg.model)
+    sets = model_subject_sets(model, layers if cfg.atlas_neurons else [], cfg.atlased_saes, cfg.model)
     reference = load_reference_maxima(cfg, sets, model.n_layers)
     tokens, packing = _load_or_tokenise(run, model)
     shards = sequence_shards(len(tokens), cfg.shard_sequences)

@@ -45,6 +45,60 @@ class SaeSpec:
 
 
 @dataclass(frozen=True)
+class TrainSaeSpec:
+    """One `[[train_sae]]` table: an SAE the train_sae stage trains (builder/train_sae), then atlased like an
+    `[[sae]]` folder. A standard ReLU SAE; with `ne` > 0, trained with the neuron-embedding loss."""
+
+    # Its URL path component, as an [[sae]] slug: pages at /{name}/{slug}/N{latent}/.
+    slug: str
+    # The TransformerLens hook whose activations it reconstructs, e.g. blocks.3.mlp.hook_post.
+    hook: str
+    # Number of latents; 0 = expansion × the hook's width.
+    d_sae: int = 0
+    expansion: int = 2
+    # λ1, the L1 penalty on the latent activations (per-input sum, averaged over the batch). Its right size depends
+    # on the hook's scale: pick it so the standard SAE's L0 is a few percent of d_sae (the paper's range).
+    l1: float = 1e-3
+    # λ2, the weight of the neuron-embedding loss L_N; 0 trains a standard SAE.
+    ne: float = 0.0
+    # m, the momentum of the per-latent running average L_N compares each input with (the paper's 0.9).
+    momentum: float = 0.9
+    # Steps trained without L_N before it is switched on (the paper: 200 steps, about 40% of its epoch).
+    warmup_steps: int = 200
+    # Adam's learning rate.
+    learning_rate: float = 1e-3
+    # Tokens per optimiser step.
+    batch_size: int = 1024
+    # Tokens trained on (whole steps: the remainder below one batch is not used), read from train_data_files in
+    # corpus order and shuffled within windows of 16 steps by one fixed permutation per window, the same for
+    # every SAE, so SAEs on one hook with one batch size see the same batches.
+    training_tokens: int = 500_000
+    # The initialisation's seed (the token order does not depend on it).
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(bool(self.slug) and all(c.isalnum() or c in "-_." for c in self.slug)
+               and self.slug not in RESERVED_SLUGS and not (self.slug[0] == "L" and self.slug[1:].isdigit()),
+               "a [[train_sae]] slug must be a URL slug (letters, digits, - _ .), not L<number> or "
+               + "/".join(RESERVED_SLUGS), self.slug)
+        _check(bool(self.hook) and self.hook.startswith("blocks."), "a [[train_sae]] hook must be a "
+               "blocks.<layer>.* TransformerLens hook", self.hook)
+        _check(self.d_sae >= 0, "d_sae must be 0 (expansion × the hook's width) or more", self.d_sae)
+        _check(self.expansion >= 1, "expansion must be at least 1", self.expansion)
+        _check(self.l1 >= 0, "l1 (λ1) must be 0 or more", self.l1)
+        _check(self.ne >= 0, "ne (λ2) must be 0 or more", self.ne)
+        _check(0 <= self.momentum < 1, "momentum must be in [0, 1)", self.momentum)
+        _check(self.warmup_steps >= 0, "warmup_steps must be 0 or more", self.warmup_steps)
+        _check(self.learning_rate > 0, "learning_rate must be positive", self.learning_rate)
+        _check(self.batch_size >= 1, "batch_size must be at least 1", self.batch_size)
+        _check(self.training_tokens >= self.batch_size, f"training_tokens must be at least one batch "
+               f"({self.batch_size} tokens)", self.training_tokens)
+
+
+TRAIN_SAE_KEYS = tuple(f.name for f in fields(TrainSaeSpec))
+
+
+@dataclass(frozen=True)
 class AtlasConfig:
     # Short slug used in URLs (/{name}/L{layer}/N{neuron}/) and citations. Never change it for a published atlas.
     name: str = "smollm2-135m"
@@ -62,6 +116,16 @@ class AtlasConfig:
     atlas_neurons: bool = True
     # SAEs whose latents are atlased beside the neurons, one [[sae]] table each (see SaeSpec).
     sae: tuple[SaeSpec, ...] = ()
+    # SAEs to train before atlasing, one [[train_sae]] table each (see TrainSaeSpec); each is then atlased as if it
+    # were an [[sae]] folder (the train_sae stage writes it under out_dir/train_sae/{slug}).
+    train_sae: tuple[TrainSaeSpec, ...] = ()
+    # The corpus SAEs are trained on (.txt or .jsonl, as data_files; relative to the config file's folder), packed
+    # as the atlas corpus is (context_length, prepend_bos, text_field). Never the atlas corpus itself: the atlas
+    # shows what the SAEs do on text they were not trained on.
+    train_data_files: tuple[str, ...] = ()
+    # Sequences of the training corpus held out for evaluation: the ones right after the training tokens, never
+    # trained on.
+    train_heldout_sequences: int = 256
     # Hub dataset name streamed with `datasets` (the user path); ignored when data_files is set.
     dataset: str = ""
     # Hub dataset config name, if the dataset has several.
@@ -120,6 +184,9 @@ class AtlasConfig:
     # Where artefacts and the site are written. Relative paths are relative to the working directory.
     out_dir: str = "build/embedded"
     site_dir: str = "site"
+    # Where `atlas repro` writes the MNIST reproduction (tables.json, atlas.npz); render publishes site/mnist/
+    # whenever they exist.
+    mnist_dir: str = "build/mnist"
     # Absolute URL the site is published at, used in citations (empty: citations use the relative path).
     site_url: str = ""
     # Author or organisation named in every page's citation (empty: "Neuron Atlas").
@@ -157,10 +224,22 @@ class AtlasConfig:
         _check(bool(self.dataset) or bool(self.data_files), "set dataset (hub name) or data_files (local files)",
                self.dataset)
         _check(all(isinstance(s, SaeSpec) for s in self.sae), "sae must be [[sae]] tables", self.sae)
-        slugs = [s.slug for s in self.sae]
-        _check(len(set(slugs)) == len(slugs), "each [[sae]] needs its own slug", slugs)
-        _check(self.atlas_neurons or bool(self.sae), "atlas_neurons = false needs at least one [[sae]]",
-               self.atlas_neurons)
+        _check(all(isinstance(s, TrainSaeSpec) for s in self.train_sae), "train_sae must be [[train_sae]] tables",
+               self.train_sae)
+        slugs = [s.slug for s in self.sae] + [s.slug for s in self.train_sae]
+        _check(len(set(slugs)) == len(slugs), "each [[sae]] and [[train_sae]] needs its own slug", slugs)
+        _check(self.atlas_neurons or bool(slugs), "atlas_neurons = false needs at least one [[sae]] or "
+               "[[train_sae]]", self.atlas_neurons)
+        _check(not self.train_sae or bool(self.train_data_files), "[[train_sae]] needs train_data_files (its own "
+               "training corpus)", self.train_data_files)
+        _check(self.train_heldout_sequences >= 1, "train_heldout_sequences must be at least 1",
+               self.train_heldout_sequences)
+
+    @property
+    def atlased_saes(self) -> tuple[SaeSpec, ...]:
+        """Every SAE the atlas shows: the [[sae]] folders, then the trained ones (their folders, once trained)."""
+        return self.sae + tuple(SaeSpec(path=str(trained_sae_folder(self, spec.slug)), slug=spec.slug)
+                                for spec in self.train_sae)
 
     def config_hash(self) -> str:
         """Hash of everything that changes the atlas's content (paths and dates excluded), shown in provenance.
@@ -169,8 +248,13 @@ class AtlasConfig:
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:12]
 
 
-_NOT_CONTENT = {"out_dir", "site_dir", "site_url", "author", "build_date", "device", "workers", "shard_sequences",
-                "batch_size"}
+_NOT_CONTENT = {"out_dir", "site_dir", "mnist_dir", "site_url", "author", "build_date", "device", "workers",
+                "shard_sequences", "batch_size"}
+
+
+def trained_sae_folder(cfg: AtlasConfig, slug: str) -> Path:
+    """Where the train_sae stage writes the SAE a [[train_sae]] table names (a SAELens folder)."""
+    return Path(cfg.out_dir) / "train_sae" / slug
 
 
 def _check(ok: bool, message: str, value: object) -> None:
@@ -195,8 +279,13 @@ def config_from_dict(raw: dict, base_dir: Path | None = None) -> AtlasConfig:
                                      for p in values["data_files"])
     if base_dir is not None and values.get("reference_maxima") and not Path(values["reference_maxima"]).is_absolute():
         values["reference_maxima"] = str((base_dir / values["reference_maxima"]).resolve())
+    if base_dir is not None and "train_data_files" in values:
+        values["train_data_files"] = tuple(str((base_dir / p).resolve()) if not Path(p).is_absolute() else p
+                                           for p in values["train_data_files"])
     if "sae" in values:
         values["sae"] = tuple(_sae_spec(table, base_dir) for table in values["sae"])
+    if "train_sae" in values:
+        values["train_sae"] = tuple(_train_sae_spec(table) for table in values["train_sae"])
     for key, value in values.items():
         expected = type(known[key].default)
         if not isinstance(value, expected) and not (expected is float and isinstance(value, int)):
@@ -223,6 +312,27 @@ def _sae_spec(table: object, base_dir: Path | None) -> SaeSpec:
         path = str((base_dir / path).resolve())
     try:
         return SaeSpec(path=path, slug=table["slug"])
+    except ValueError as error:
+        raise ConfigError(f"invalid config: {error}") from None
+
+
+def _train_sae_spec(table: object) -> TrainSaeSpec:
+    if not isinstance(table, dict):
+        raise ConfigError(f"train_sae entries must be [[train_sae]] tables, got {table!r}")
+    for key, value in table.items():
+        if key not in TRAIN_SAE_KEYS:
+            near = difflib.get_close_matches(key, TRAIN_SAE_KEYS, n=1)
+            raise ConfigError(f"unknown [[train_sae]] key {key!r}" + (f"; did you mean {near[0]!r}?" if near else
+                                                                        f"; one of {', '.join(TRAIN_SAE_KEYS)}"))
+        expected = type(TrainSaeSpec.__dataclass_fields__[key].default) if key not in ("slug", "hook") else str
+        if not isinstance(value, expected) or isinstance(value, bool) and expected is not bool:
+            if not (expected is float and isinstance(value, int) and not isinstance(value, bool)):
+                raise ConfigError(f"[[train_sae]] key {key!r} must be {expected.__name__}, got {value!r}")
+    missing = [key for key in ("slug", "hook") if key not in table]
+    if missing:
+        raise ConfigError(f"a [[train_sae]] table needs {missing[0]!r} (a string), got {table!r}")
+    try:
+        return TrainSaeSpec(**table)
     except ValueError as error:
         raise ConfigError(f"invalid config: {error}") from None
 

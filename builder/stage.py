@@ -17,6 +17,7 @@ here owns everything else:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -173,7 +174,10 @@ class Keys:
 
 
 def _jsonable(value):
-    return list(value) if isinstance(value, tuple) else value
+    """A config value as JSON: tuples as lists, table specs (frozen dataclasses) as dicts."""
+    if dataclasses.is_dataclass(value):
+        return {k: _jsonable(v) for k, v in dataclasses.asdict(value).items()}
+    return [_jsonable(v) for v in value] if isinstance(value, tuple) else value
 
 
 def what_changed(old: dict, new: dict) -> str:

@@ -226,6 +226,7 @@ def tiny_config_dict(model: Path | str, corpus: Path, out_dir: Path, **overrides
         "shard_sequences": 16,
         "out_dir": str(out_dir / "build"),
         "site_dir": str(out_dir / "site"),
+        "mnist_dir": str(out_dir / "mnist"),
         "build_date": "2024-01-01",
     }
     raw.update(overrides)

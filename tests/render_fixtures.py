@@ -55,6 +55,7 @@ def render_config(folder: Path, **overrides) -> AtlasConfig:
         "name": "tiny-atlas", "data_files": ["corpus.jsonl"], "context_length": CONTEXT, "max_examples": 8,
         "window_before": 6, "window_after": 3, "layers": list(LAYERS), "workers": 1, "build_date": "2024-01-01",
         "out_dir": str(folder / "build"), "site_dir": str(folder / "site"), "neighbour_count": K_NEIGHBOURS,
+        "mnist_dir": str(folder / "mnist"),  # none: the repo's own build/mnist must not leak into fixtures
     }
     raw.update(overrides)
     return config_from_dict(raw)

@@ -204,7 +204,8 @@ def test_sae_tables_load_as_frozen_entries_with_paths_from_the_config_folder(tmp
 
 
 @pytest.mark.parametrize("text, message", [
-    ('[[sae]]\npath = "a"\nslug = "a"\n[[sae]]\npath = "b"\nslug = "a"\n', "each [[sae]] needs its own slug"),
+    ('[[sae]]\npath = "a"\nslug = "a"\n[[sae]]\npath = "b"\nslug = "a"\n',
+     "each [[sae]] and [[train_sae]] needs its own slug"),
     ('atlas_neurons = false\n', "atlas_neurons = false needs at least one [[sae]]"),
     ('[[sae]]\npath = "a"\n', "an [[sae]] table needs 'slug'"),
     ('[[sae]]\npath = "a"\nslug = "data"\n', "slug must be a URL slug"),

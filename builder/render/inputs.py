@@ -3,8 +3,9 @@ when its pages are written."""
 
 from __future__ import annotations
 
+
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -34,6 +35,8 @@ class Atlas:
     common: np.ndarray  # the token ids every page shares (data/common.json), most shown first
     dictionaries: dict[str, dict[str, np.ndarray]]  # per SAE set: embed's dictionary tools (builder/dictionary.py)
     evaluations: dict[str, dict]  # per SAE set: its evaluation on the corpus (builder/evaluate.py)
+    # per trained SAE set ([[train_sae]]): its table, held-out evaluation and training log (builder/train_sae)
+    training: dict[str, dict]
 
     @property
     def sets(self) -> list[SubjectSet]:
@@ -70,7 +73,16 @@ def load_atlas(cfg: AtlasConfig, vocabulary: list[str] | None = None) -> Atlas:
                  dictionaries={s.key: schema.DICTIONARY.read_npz(paths.dictionary(s.key))
                                for s in index.sets if s.kind == "sae"},
                  evaluations={s.key: schema.EVALUATION.read_json(paths.evaluation(s.key))
-                              for s in index.sets if s.kind == "sae"})
+                              for s in index.sets if s.kind == "sae"},
+                 training=load_training(cfg, paths, index.keys))
+
+
+def load_training(cfg: AtlasConfig, paths: AtlasPaths, keys: list[str]) -> dict[str, dict]:
+    """Per trained SAE in the atlas: its [[train_sae]] settings, held-out evaluation and training log."""
+    return {spec.slug: {"settings": asdict(spec),
+                        "evaluation": schema.TRAINING_EVALUATION.read_json(paths.trained(spec.slug, "evaluation.json")),
+                        "log": schema.TRAINING_LOG.read_npz(paths.trained(spec.slug, "log.npz"))}
+            for spec in cfg.train_sae if spec.slug in keys}
 
 
 def density(fields: dict[str, np.ndarray]) -> np.ndarray:

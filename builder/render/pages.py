@@ -177,6 +177,71 @@ def evaluation_rows(result: dict | None) -> list[dict]:
     return [{"name": name, "value": fmt(result[key], 4), "meaning": meaning} for key, name, meaning in names]
 
 
+# The held-out evaluation of a trained SAE (builder/train_sae), as the paper's Tables 2 and 3 measure it.
+TRAINED_METRICS = (("mse", "MSE", "mean squared reconstruction error per dimension"),
+                   ("l1", "L1", "per-token sum of latent activations, averaged over tokens"),
+                   ("l0_percent", "L0 (%)", "latents above 0 per token, as a percentage of the latents"),
+                   ("ce_increase", "Cross-entropy increase", "nats per token when the reconstruction replaces the "
+                    "hook (the counterpart of the paper's accuracy loss)"),
+                   ("dead_percent", "Dead (%)", "latents never active on the training tokens"),
+                   ("median_max_distance", "Max distance", "median over latents of the largest pairwise cosine "
+                    "distance between its held-out examples' neuron embeddings"),
+                   ("median_mean_distance", "Mean distance", "median over latents of the mean pairwise distance"),
+                   ("median_size", "Size", "median number of held-out examples per active latent (up to 100)"))
+CURVE_TERMS = (("mse", "MSE"), ("l1", "L1"), ("ne", "L_N (per input)"), ("l0", "L0 (latents per token)"))
+CURVE_POINTS = 160  # a loss curve's points: the log's steps averaged in this many equal buckets
+CURVE_WIDTH, CURVE_HEIGHT = 320, 110
+
+
+def loss_curve(values: np.ndarray, warmup: int | None) -> dict:
+    """One logged term as an SVG polyline (log-scaled y when every point is positive), bucket-averaged."""
+    values = np.asarray(values, np.float64)
+    steps = len(values)
+    edges = np.linspace(0, steps, min(CURVE_POINTS, steps) + 1).astype(int)
+    x = (edges[:-1] + edges[1:] - 1) / 2
+    y = np.array([values[a:b].mean() for a, b in zip(edges[:-1], edges[1:])])
+    log_scale = bool((y > 0).all())
+    shown = np.log10(y) if log_scale else y
+    low, high = float(shown.min()), float(shown.max())
+    span = high - low or 1.0
+    px = x / max(1, steps - 1) * CURVE_WIDTH
+    py = CURVE_HEIGHT - (shown - low) / span * CURVE_HEIGHT
+    return {"points": " ".join(f"{a:.1f},{b:.1f}" for a, b in zip(px, py)), "width": CURVE_WIDTH,
+            "height": CURVE_HEIGHT, "first": fmt(values[0], 3), "last": fmt(values[-1], 3),
+            "low": fmt(10 ** low if log_scale else low, 3), "high": fmt(10 ** high if log_scale else high, 3),
+            "scale": "log" if log_scale else "linear", "steps": steps,
+            "warmup": None if warmup is None or not 0 < warmup < steps else round(warmup / (steps - 1) * CURVE_WIDTH,
+                                                                                   1)}
+
+
+def training_section(training: dict | None) -> dict | None:
+    """A trained SAE's page section: its [[train_sae]] settings, held-out evaluation and loss curves."""
+    if training is None:
+        return None
+    settings, log = training["settings"], training["log"]
+    warmup = int(log["warmup_steps"]) if float(log["ne_coefficient"]) > 0 else None
+    evaluation = training["evaluation"]
+    return {"settings": [{"name": k, "value": v} for k, v in settings.items() if k != "slug"],
+            "evaluation": [{"name": name, "value": fmt(evaluation[key], 4), "meaning": meaning}
+                           for key, name, meaning in TRAINED_METRICS],
+            "heldout_tokens": evaluation["heldout_tokens"], "training_tokens": evaluation["training_tokens"],
+            "curves": [{"name": name, **loss_curve(log[term], warmup)} for term, name in CURVE_TERMS]}
+
+
+def trained_table(atlas: Atlas) -> dict | None:
+    """The method page's side-by-side held-out evaluation of every trained SAE."""
+    if not atlas.training:
+        return None
+    slugs = list(atlas.training)
+    evaluations = [atlas.training[slug]["evaluation"] for slug in slugs]
+    rows = [{"name": name, "meaning": meaning, "cells": [fmt(e[key], 4) for e in evaluations]}
+            for key, name, meaning in TRAINED_METRICS]
+    header = [{"slug": slug, "l1": fmt(e["l1_coefficient"], 3), "ne": fmt(e["ne_coefficient"], 3)}
+              for slug, e in zip(slugs, evaluations)]
+    return {"header": header, "rows": rows, "heldout_tokens": evaluations[0]["heldout_tokens"],
+            "training_tokens": evaluations[0]["training_tokens"]}
+
+
 MCS_BINS = 10  # the MCS distribution on an SAE's page: bins of 0.1 over [0, 1] (negative values in the first)
 
 
@@ -195,6 +260,11 @@ def mcs_distributions(atlas: Atlas, subject: SubjectSet) -> list[dict]:
                            "bins": [{"range": f"{i / MCS_BINS:.1f}–{(i + 1) / MCS_BINS:.1f}", "count": int(c),
                                      "bar": "█" * round(20 * int(c) / peak)} for i, c in enumerate(counts)]})
     return result
+
+
+def dictionary_pairs(atlas: Atlas) -> list[dict]:
+    """The method page's MCS lines: for every SAE and every other SAE on its hook, its MCS distribution."""
+    return [{"set": s.slug, **d} for s in atlas.sets if s.kind == "sae" for d in mcs_distributions(atlas, s)]
 
 
 def quoted(text: str) -> str:
@@ -371,7 +441,7 @@ def threshold_note(atlas: Atlas) -> str:
     return note
 
 
-def model_pages(site: Site, model_dir: Path, root_dir: Path) -> None:
+def model_pages(site: Site, model_dir: Path, root_dir: Path, mnist: dict | None = None) -> None:
     """The landing page, the model index, the method page and one static table per subject set."""
     atlas = site.atlas
     env = environment()
@@ -411,7 +481,8 @@ def model_pages(site: Site, model_dir: Path, root_dir: Path) -> None:
           site.page(2, f"{site.model}/method/", f"Method · {site.model}", f"{site.model} method", "method",
                     report=report_rows(atlas.report), method=method, coverage=coverage,
                     compared=neurons_vs_latents(atlas),
-                    compared_names=[METRIC_LABELS[name] for name in COMPARED_METRICS]))
+                    compared_names=[METRIC_LABELS[name] for name in COMPARED_METRICS], mnist=mnist,
+                    trained=trained_table(atlas), dictionaries=dictionary_pairs(atlas)))
     for subject in atlas.sets:
         rows = atlas.index.rows(subject.key)
         column = {name: table[name][rows] for name in ("max_activation", "n_examples", "n_clusters",
@@ -430,4 +501,5 @@ def model_pages(site: Site, model_dir: Path, root_dir: Path) -> None:
                         set_title=subject.title, set_key=subject.key, noun=subject.unit_noun,
                         mcs=mcs_distributions(atlas, subject),
                         evaluation=evaluation_rows(atlas.evaluations.get(subject.key)),
+                        training=training_section(atlas.training.get(subject.key)),
                         inactive=[int(n) for n in np.flatnonzero(~shown)]))

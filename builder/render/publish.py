@@ -17,6 +17,7 @@ from builder.artefacts import atomic_dir
 from builder.config import AtlasConfig
 from builder.render.codec import FILE_COPY_SUFFIX, write_data_file
 from builder.render.inputs import Atlas, load_atlas, load_set
+from builder.render.mnist import mnist_available, method_context, render_mnist
 from builder.render.pages import METRIC_DEFINITIONS, REPO, Site, model_pages, render_unit
 from builder.render.sidecars import (atlas_manifest, common_file, provenance, search_postings, search_shards,
                                      unit_table, vocab_file)
@@ -147,7 +148,7 @@ def render_site(cfg: AtlasConfig, vocabulary: list[str] | None = None) -> dict:
         write_data_file(data_dir / "common.json", "common", common_file(atlas, METRIC_DEFINITIONS, prov))
         write_data_file(data_dir / "atlas.json", "atlas", atlas_manifest(atlas, prov))
         write_data_file(data_dir / "neurons.json", "neurons", unit_table(atlas))
-        model_pages(site, model_dir, tmp)
+        model_pages(site, model_dir, tmp, mnist=method_context(cfg.mnist_dir))
         tasks = [RenderTask(s.key, units, str(model_dir / s.slug))
                  for s in atlas.sets for units in unit_ranges(s.size, workers, MAX_UNITS_PER_TASK)]
         executor = LocalExecutor(workers, initializer=functools.partial(start_worker, atlas))
@@ -165,6 +166,8 @@ def render_site(cfg: AtlasConfig, vocabulary: list[str] | None = None) -> dict:
             search_bytes += write_data_file(data_dir / "search" / f"{shard['shard']}.json", f"search{shard['shard']}",
                                             shard)[0]
         published, twins = site_bytes(tmp)
+        if mnist_available(cfg.mnist_dir):  # the MNIST reproduction's atlas (builder/render/mnist.py), not counted
+            render_mnist(site, cfg.mnist_dir, tmp)  # in the language model's bytes per unit
     seconds = time.perf_counter() - started
     n = atlas.n_units
     per_unit = np.array(sizes, np.int64).reshape(-1, SIZE_FIELDS)
