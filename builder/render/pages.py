@@ -221,11 +221,14 @@ def training_section(training: dict | None) -> dict | None:
     settings, log = training["settings"], training["log"]
     warmup = int(log["warmup_steps"]) if float(log["ne_coefficient"]) > 0 else None
     evaluation = training["evaluation"]
-    return {"settings": [{"name": k, "value": v} for k, v in settings.items() if k != "slug"],
+    settings = {**settings, "d_sae": evaluation["d_sae"] if settings["d_sae"] else
+                f"{evaluation['d_sae']} (expansion {settings['expansion']} × the hook's width)"}
+    return {"settings": [{"name": k, "value": v} for k, v in settings.items() if k not in ("slug", "expansion")],
             "evaluation": [{"name": name, "value": fmt(evaluation[key], 4), "meaning": meaning}
                            for key, name, meaning in TRAINED_METRICS],
             "heldout_tokens": evaluation["heldout_tokens"], "training_tokens": evaluation["training_tokens"],
-            "curves": [{"name": name, **loss_curve(log[term], warmup)} for term, name in CURVE_TERMS]}
+            "curves": [{"name": name, **loss_curve(log[term], warmup)} for term, name in CURVE_TERMS
+                       if np.isfinite(log[term]).all()]}  # a standard SAE logs no L_N (NaN)
 
 
 def trained_table(atlas: Atlas) -> dict | None:

@@ -27,7 +27,9 @@ from builder.train_sae.loss import ActivePairs, neuron_embedding_loss, update_bu
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 PARAMETERS = ("W_enc", "b_enc", "W_dec", "b_dec")
-LOG_TERMS = ("mse", "l1", "ne", "l0", "loss")  # per step: the three loss terms (unweighted), L0 and the total
+# Per step: the loss terms (unweighted), L0 and the total. A standard SAE (λ2 = 0) has no L_N term: its `ne` is NaN and
+# it keeps no buffer (L_N costs as much as the rest of a step while the code is still dense).
+LOG_TERMS = ("mse", "l1", "ne", "l0", "loss")
 
 
 @dataclass(frozen=True)
@@ -69,8 +71,9 @@ class SaeTrainer:
         """The step's terms (differentiable), its latent activations and their active pairs."""
         f = self.encode(x)
         pairs = ActivePairs.of(f.detach())
-        terms = {"mse": (self.decode(f) - x).square().mean(), "l1": f.sum(dim=1).mean(),
-                 "ne": neuron_embedding_loss(self.params["W_enc"], x, self.h_avg, self.initialised, pairs)}
+        terms = {"mse": (self.decode(f) - x).square().mean(), "l1": f.sum(dim=1).mean()}
+        if self.settings.ne > 0:
+            terms["ne"] = neuron_embedding_loss(self.params["W_enc"], x, self.h_avg, self.initialised, pairs)
         return terms, f, pairs
 
     def total(self, terms: dict[str, Tensor], step: int) -> Tensor:
@@ -86,9 +89,10 @@ class SaeTrainer:
         loss = self.total(terms, self.steps)
         grads = torch.autograd.grad(loss, list(self.params.values()), allow_unused=True)
         self._adam(grads)
-        update_buffer(self.h_avg, self.initialised, x, pairs, self.settings.momentum)
+        if self.settings.ne > 0:
+            update_buffer(self.h_avg, self.initialised, x, pairs, self.settings.momentum)
         self.fired |= (f.detach() > 0).any(dim=0)
-        row = {name: float(value.detach()) for name, value in terms.items()}
+        row = {"ne": float("nan"), **{name: float(value.detach()) for name, value in terms.items()}}
         row.update(l0=len(pairs) / x.shape[0], loss=float(loss.detach()))
         for term in LOG_TERMS:
             self.log[term].append(row[term])
