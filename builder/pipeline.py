@@ -77,6 +77,6 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("report", ("cluster_threshold",), ("collect", "cluster"), version=2),
     Stage("evaluate", (), ("collect",), version=1),
     Stage("render", ("name", "site_dir", "site_url", "author", "build_date", "seed"),
-          ("train_sae", "collect", "embed", "cluster", "importance", "neighbours", "report", "evaluate"), version=2,
+          ("collect", "embed", "cluster", "importance", "neighbours", "report", "evaluate", "train_sae"), version=2,
           inputs=render_inputs),
 )}

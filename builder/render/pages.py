@@ -466,7 +466,8 @@ def model_pages(site: Site, model_dir: Path, root_dir: Path, mnist: dict | None 
     def write(path: Path, template: str, context: dict) -> None:
         path.write_bytes(env.get_template(template).render(context).encode())
 
-    write(root_dir / "index.html", "home.html", site.page(0, "", "Neuron Atlas", "index", "home", coverage=coverage))
+    write(root_dir / "index.html", "home.html", site.page(0, "", "Neuron Atlas", "index", "home", coverage=coverage,
+                                                          mnist=bool(mnist)))
     # GitHub Pages serves 404.html for a missing path at any depth, so its links are absolute from the site's path.
     base = urlsplit(atlas.cfg.site_url).path.rstrip("/") + "/" if atlas.cfg.site_url else "/"
     write(root_dir / "404.html", "404.html", {**site.page(0, "404.html", "Not found · Neuron Atlas", "index", "404"),
