@@ -321,3 +321,23 @@ def expect_error(kind: type[Exception], call, *phrases: str) -> str:
     except Exception as error:  # noqa: BLE001 - which exception escapes is the point
         pytest.fail(f"expected {kind.__name__}, but {type(error).__name__} escaped: {error}")
     pytest.fail(f"expected {kind.__name__}, but nothing was raised")
+
+
+def literal_splice(model, row: torch.Tensor, hook: str, reconstruct) -> tuple[float, float, int, torch.Tensor]:
+    """One sequence, literally: summed next-token cross-entropy clean and with `reconstruct(x)` in place of the hook,
+    the number of predicted positions, and the hook's value x [pos, d] (the reference SAE evaluations check against)."""
+    seen = {}
+
+    def splice(value, hook):
+        seen["x"] = value.detach().clone()
+        return reconstruct(value).to(value.dtype)
+
+    with torch.no_grad():
+        logits_clean = model.bridge(row[None])[0].double()
+        logits_spliced = model.bridge.run_with_hooks(row[None], fwd_hooks=[(hook, splice)])[0].double()
+    clean = spliced = 0.0
+    for position in range(len(row) - 1):
+        target = int(row[position + 1])
+        clean -= float(torch.log_softmax(logits_clean[position], -1)[target])
+        spliced -= float(torch.log_softmax(logits_spliced[position], -1)[target])
+    return clean, spliced, len(row) - 1, seen["x"][0]

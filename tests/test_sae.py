@@ -373,6 +373,8 @@ def test_latent_and_neuron_pages_link_the_dictionary_tools(sae_runs):
 
 
 def test_evaluation_matches_a_literal_per_sequence_computation(sae_runs):
+    from conftest import literal_splice
+
     cfg, model = sae_runs["gpt2"]
     paths = AtlasPaths.of(cfg)
     tokens = torch.as_tensor(read_tokens(paths), dtype=torch.long)
@@ -382,23 +384,12 @@ def test_evaluation_matches_a_literal_per_sequence_computation(sae_runs):
         clean = spliced = squared = 0.0
         xs, active, predicted = [], 0, 0
         for row in tokens:
-            seen = {}
-
-            def splice(value, hook):
-                seen["x"] = value.detach().clone()
-                return maths.decode(maths.encode(value), value)
-
-            with torch.no_grad():
-                logits_clean = model.bridge(row[None])[0].double()
-                logits_spliced = model.bridge.run_with_hooks(row[None], fwd_hooks=[(hook, splice)])[0].double()
-            for position in range(len(row) - 1):
-                target = int(row[position + 1])
-                clean -= float(torch.log_softmax(logits_clean[position], -1)[target])
-                spliced -= float(torch.log_softmax(logits_spliced[position], -1)[target])
-                predicted += 1
-            x = seen["x"][0].double()
-            squared += float(((maths.decode(maths.encode(seen["x"]), seen["x"])[0].double() - x) ** 2).sum())
-            active += int((maths.encode(seen["x"]) > 0).sum())
+            row_clean, row_spliced, row_predicted, seen = literal_splice(
+                model, row, hook, lambda value: maths.decode(maths.encode(value), value))
+            clean, spliced, predicted = clean + row_clean, spliced + row_spliced, predicted + row_predicted
+            x = seen.double()
+            squared += float(((maths.decode(maths.encode(seen), seen).double() - x) ** 2).sum())
+            active += int((maths.encode(seen) > 0).sum())
             xs.append(x)
         x = torch.cat(xs)
         assert result["tokens"] == len(x)

@@ -19,7 +19,7 @@ from builder.sae import read_sae
 from builder.schema import TRAIN_TOKENS, TRAINING_LOG
 from builder.train_sae.metrics import latent_examples
 from builder.train_sae.trainer import SaeTrainer, TrainSettings, saelens_config
-from conftest import ROOT, atlas_command, expect_error, tiny_config_dict
+from conftest import ROOT, atlas_command, expect_error, literal_splice, tiny_config_dict
 
 HOOK = "blocks.1.mlp.hook_post"  # the tiny GPT-2's MLP activations, 128 wide
 WARMUP = 30
@@ -117,22 +117,10 @@ def test_the_held_out_evaluation_matches_literal_computations(trained):
         active = predicted = 0
         xs = []
         for row in heldout:
-            seen = {}
-
-            def splice(value, hook):
-                seen["x"] = value.detach().clone()
-                f = torch.relu(value.double() @ w_enc + b_enc)
-                return (f @ w_dec + b_dec).to(value.dtype)
-
-            with torch.no_grad():
-                logits_clean = model.bridge(row[None])[0].double()
-                logits_spliced = model.bridge.run_with_hooks(row[None], fwd_hooks=[(HOOK, splice)])[0].double()
-            for position in range(len(row) - 1):
-                target = int(row[position + 1])
-                clean -= float(torch.log_softmax(logits_clean[position], -1)[target])
-                spliced -= float(torch.log_softmax(logits_spliced[position], -1)[target])
-                predicted += 1
-            x = seen["x"][0].double()
+            row_clean, row_spliced, row_predicted, x = literal_splice(
+                model, row, HOOK, lambda value: torch.relu(value.double() @ w_enc + b_enc) @ w_dec + b_dec)
+            clean, spliced, predicted = clean + row_clean, spliced + row_spliced, predicted + row_predicted
+            x = x.double()
             for token in x:  # per input, literally
                 f = torch.relu(token @ w_enc + b_enc)
                 squared += float(((f @ w_dec + b_dec - token) ** 2).sum())
