@@ -63,28 +63,33 @@ class ActivePairs:
         return ActivePairs(self.batch[keep], self.latent[keep])
 
 
-def _per_pair(x: Tensor, x_sq: Tensor, a_w2: Tensor, w2: Tensor, batch: Tensor, latent: Tensor
-              ) -> tuple[Tensor, Tensor]:
+def _per_pair(x: Tensor, a_w2: Tensor, w2: Tensor, batch: Tensor, latent: Tensor) -> tuple[Tensor, Tensor]:
     """Per pair: x · (a ⊙ w²) and x² · w², in chunks of pairs, or through dense products for dense pairs."""
     if len(batch) >= DENSE_SHARE * x.shape[0] * w2.shape[0]:
-        return (x @ a_w2.t())[batch, latent], (x_sq @ w2.t())[batch, latent]
+        return (x @ a_w2.t())[batch, latent], (x.square() @ w2.t())[batch, latent]
     dot, vv = [], []
     for s in range(0, len(batch), PAIR_CHUNK):
-        b, j = batch[s:s + PAIR_CHUNK], latent[s:s + PAIR_CHUNK]
-        dot.append((x[b] * a_w2[j]).sum(1))
-        vv.append((x_sq[b] * w2[j]).sum(1))
+        xb, j = x[batch[s:s + PAIR_CHUNK]], latent[s:s + PAIR_CHUNK]
+        dot.append((xb * a_w2[j]).sum(1))
+        vv.append((xb.square_() * w2[j]).sum(1))
     return (torch.cat(dot), torch.cat(vv)) if dot else (x.new_zeros(0), x.new_zeros(0))
 
 
-def _latent_sums(x: Tensor, weight: Tensor, batch: Tensor, latent: Tensor, d_sae: int) -> Float[Tensor, "d_sae d_in"]:
-    """Per latent j: Σ over its pairs (b, j) of weight · x_b."""
+def _latent_sums(x: Tensor, weights: tuple[Tensor, ...], powers: tuple[int, ...], batch: Tensor, latent: Tensor,
+                 d_sae: int) -> list[Float[Tensor, "d_sae d_in"]]:
+    """Per latent j, for each (weight, power): Σ over its pairs (b, j) of weight · x_b ** power (power 1 or 2)."""
     if len(batch) >= DENSE_SHARE * x.shape[0] * d_sae:
-        dense = x.new_zeros(x.shape[0], d_sae)
-        dense[batch, latent] = weight
-        return dense.t() @ x
-    sums = x.new_zeros(d_sae, x.shape[1])
+        results = []
+        for weight, power in zip(weights, powers):
+            dense = x.new_zeros(x.shape[0], d_sae)
+            dense[batch, latent] = weight
+            results.append(dense.t() @ (x if power == 1 else x.square()))
+        return results
+    sums = [x.new_zeros(d_sae, x.shape[1]) for _ in weights]
     for s in range(0, len(batch), PAIR_CHUNK):
-        sums.index_add_(0, latent[s:s + PAIR_CHUNK], weight[s:s + PAIR_CHUNK, None] * x[batch[s:s + PAIR_CHUNK]])
+        xb, j = x[batch[s:s + PAIR_CHUNK]], latent[s:s + PAIR_CHUNK]
+        for total, weight, power in zip(sums, weights, powers):
+            total.index_add_(0, j, weight[s:s + PAIR_CHUNK, None] * (xb if power == 1 else xb.square()))
     return sums
 
 
@@ -94,8 +99,7 @@ class _NeuronEmbeddingLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w_enc: Tensor, h: Tensor, h_avg: Tensor, batch: Tensor, latent: Tensor) -> Tensor:
         w2 = w_enc.detach().t().square()  # [d_sae, d_in]
-        h_sq = h.square()
-        dot, vv = _per_pair(h, h_sq, h_avg * w2, w2, batch, latent)
+        dot, vv = _per_pair(h, h_avg * w2, w2, batch, latent)
         norm_u = (h_avg.square() * w2).sum(1).sqrt().clamp_min(NORM_EPS)  # per latent
         norm_v = vv.sqrt().clamp_min(NORM_EPS)
         cos = dot / (norm_u[latent] * norm_v)
@@ -106,8 +110,8 @@ class _NeuronEmbeddingLoss(torch.autograd.Function):
     def backward(ctx, grad_output: Tensor):
         w_enc, h, h_avg, batch, latent, cos, norm_u, norm_v = ctx.saved_tensors
         d_sae = h_avg.shape[0]
-        s1 = _latent_sums(h, 1.0 / (norm_u[latent] * norm_v), batch, latent, d_sae)
-        s3 = _latent_sums(h.square(), cos / norm_v.square(), batch, latent, d_sae)
+        s1, s3 = _latent_sums(h, (1.0 / (norm_u[latent] * norm_v), cos / norm_v.square()), (1, 2), batch, latent,
+                              d_sae)
         cos_sum = torch.zeros(d_sae, dtype=cos.dtype, device=cos.device).index_add_(0, latent, cos)
         w_t = w_enc.detach().t()
         grad_t = -w_t * (2.0 * h_avg * s1 - h_avg.square() * (cos_sum / norm_u.square())[:, None] - s3)
@@ -131,7 +135,7 @@ def update_buffer(h_avg: Float[Tensor, "d_sae d_in"], initialised: Bool[Tensor, 
     d_sae = h_avg.shape[0]
     counts = torch.bincount(pairs.latent, minlength=d_sae)
     h = h.to(h_avg.dtype)
-    sums = _latent_sums(h, h.new_ones(len(pairs)), pairs.batch, pairs.latent, d_sae)
+    sums, = _latent_sums(h, (h.new_ones(len(pairs)),), (1,), pairs.batch, pairs.latent, d_sae)
     active = counts > 0
     means = sums[active] / counts[active, None].to(h_avg.dtype)
     old = h_avg[active]
