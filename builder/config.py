@@ -174,6 +174,9 @@ class AtlasConfig:
     # Token substituted when masking for importance; empty = the model's pad token, else its EOS token. Deleting
     # still masks the max token itself (its own score and the normaliser: a deleted max token cannot be read).
     mask_token: str = ""
+    # SAEs are evaluated (the evaluate stage: reconstruction and the cross-entropy cost of splicing it in) on the first
+    # this-many sequences of the atlas corpus; 0 = all. Two full forward passes per SAE and sequence.
+    evaluate_sequences: int = 0
     # Similar features: neighbours kept per feature and the minimum cosine similarity.
     neighbour_count: int = 20
     neighbour_threshold: float = 0.5
@@ -209,6 +212,7 @@ class AtlasConfig:
                f"shard_sequences must be a positive multiple of {SHARD_MULTIPLE}", self.shard_sequences)
         _check(0 < self.cluster_threshold <= 2, "cluster_threshold must be in (0, 2]", self.cluster_threshold)
         _check(self.workers >= 0, "workers must be 0 (all cores) or more", self.workers)
+        _check(self.evaluate_sequences >= 0, "evaluate_sequences must be 0 (all) or more", self.evaluate_sequences)
         _check(self.neighbour_count >= 1, "neighbour_count must be at least 1", self.neighbour_count)
         _check(-1 <= self.neighbour_threshold <= 1, "neighbour_threshold must be in [-1, 1]", self.neighbour_threshold)
         _check(self.importance_mode in ("mask", "delete"), "importance_mode must be mask or delete",

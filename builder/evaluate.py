@@ -1,6 +1,7 @@
 """SAE evaluation on the atlas corpus, per SAE set: how well it reconstructs its hook and what that costs the model.
 
-Over every token of every sequence (x the hook's value, x̂ = decode(encode(x)) as the SAE reconstructs it):
+Over every token of every sequence (the first `evaluate_sequences` of the atlas corpus, or all of it; x the hook's
+value, x̂ = decode(encode(x)) as the SAE reconstructs it):
 - `mse`: mean over tokens and dimensions of (x̂ − x)²;
 - `explained_variance`: 1 − Σ‖x − x̂‖² / Σ‖x − x̄‖², x̄ the mean of x over the corpus;
 - `l0`: mean number of latents above 0 per token (and `l0_share`, as a share of d_sae);
@@ -96,6 +97,7 @@ def build(run: StageRun) -> dict:
     if not saes:
         return {"saes": 0}
     tokens = read_tokens(paths)
+    tokens = tokens[:cfg.evaluate_sequences] if cfg.evaluate_sequences else tokens
     model = load_model(cfg)
     done = 0
     with progress(total=len(saes) * len(tokens), desc="evaluate", unit="seq") as bar:

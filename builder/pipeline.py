@@ -75,7 +75,7 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("neighbours", ("neighbour_count", "neighbour_threshold", "neighbour_space", "seed"),
           ("collect", "embed", "cluster"), version=3),
     Stage("report", ("cluster_threshold",), ("collect", "cluster"), version=2),
-    Stage("evaluate", (), ("collect",), version=1),
+    Stage("evaluate", ("evaluate_sequences",), ("collect",), version=1),
     Stage("render", ("name", "site_dir", "site_url", "author", "build_date", "seed"),
           ("collect", "embed", "cluster", "importance", "neighbours", "report", "evaluate", "train_sae"), version=2,
           inputs=render_inputs),

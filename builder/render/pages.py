@@ -167,7 +167,8 @@ def evaluation_rows(result: dict | None) -> list[dict]:
     """An SAE's evaluation (builder/evaluate.py) as the rows its page shows."""
     if result is None:
         return []
-    names = [("mse", "MSE", "mean squared reconstruction error per dimension"),
+    names = [("tokens", "Tokens", "tokens of the atlas corpus evaluated on"),
+             ("mse", "MSE", "mean squared reconstruction error per dimension"),
              ("explained_variance", "Explained variance", "1 − residual / total variance of the hook"),
              ("l0", "L0", "latents above 0 per token"), ("l0_share", "L0 share", "L0 / latents"),
              ("inactive_share", "Inactive", "share of latents never above 0 on this corpus"),
