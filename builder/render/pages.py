@@ -227,7 +227,7 @@ def training_section(training: dict | None) -> dict | None:
     return {"settings": [{"name": k, "value": v} for k, v in settings.items() if k not in ("slug", "expansion")],
             "evaluation": [{"name": name, "value": fmt(evaluation[key], 4), "meaning": meaning}
                            for key, name, meaning in TRAINED_METRICS],
-            "heldout_tokens": evaluation["heldout_tokens"], "training_tokens": evaluation["training_tokens"],
+            "heldout_tokens": fmt(evaluation["heldout_tokens"]), "training_tokens": fmt(evaluation["training_tokens"]),
             "curves": [{"name": name, **loss_curve(log[term], warmup)} for term, name in CURVE_TERMS
                        if np.isfinite(log[term]).all()]}  # a standard SAE logs no L_N (NaN)
 
@@ -242,8 +242,9 @@ def trained_table(atlas: Atlas) -> dict | None:
             for key, name, meaning in TRAINED_METRICS]
     header = [{"slug": slug, "l1": fmt(e["l1_coefficient"], 3), "ne": fmt(e["ne_coefficient"], 3)}
               for slug, e in zip(slugs, evaluations)]
-    return {"header": header, "rows": rows, "heldout_tokens": evaluations[0]["heldout_tokens"],
-            "training_tokens": evaluations[0]["training_tokens"]}
+    counts = lambda key: " or ".join(fmt(n) for n in sorted({e[key] for e in evaluations}))  # one number if all agree
+    return {"header": header, "rows": rows, "heldout_tokens": counts("heldout_tokens"),
+            "training_tokens": counts("training_tokens")}
 
 
 MCS_BINS = 10  # the MCS distribution on an SAE's page: bins of 0.1 over [0, 1] (negative values in the first)
