@@ -232,6 +232,14 @@ def training_section(training: dict | None) -> dict | None:
                        if np.isfinite(log[term]).all()]}  # a standard SAE logs no L_N (NaN)
 
 
+def trained_note(training: dict | None) -> str:
+    """How a trained SAE was trained, in a few words for the coverage line ("" for an SAE read from a folder)."""
+    if training is None:
+        return ""
+    ne = training["settings"]["ne"]
+    return f"with the neuron-embedding loss (λ2 = {fmt(ne, 3)})" if ne > 0 else "with the standard loss"
+
+
 def trained_table(atlas: Atlas) -> dict | None:
     """The method page's side-by-side held-out evaluation of every trained SAE."""
     if not atlas.training:
@@ -457,7 +465,8 @@ def model_pages(site: Site, model_dir: Path, root_dir: Path, mnist: dict | None 
         "layers": [s.layer for s in atlas.sets if s.kind == "mlp"], "n_layers": meta.get("n_layers", len(atlas.sets)),
         "d_mlp": meta.get("d_mlp"), "n_neurons": sum(s.size for s in atlas.sets if s.kind == "mlp"),
         "saes": [{"slug": s.slug, "size": s.size, "architecture": s.architecture, "hook": s.hook_name,
-                  "inactive": int((~site.published[atlas.index.rows(s.key)]).sum())}
+                  "inactive": int((~site.published[atlas.index.rows(s.key)]).sum()),
+                  "trained": trained_note(atlas.training.get(s.key))}
                  for s in atlas.sets if s.kind == "sae"], "n_sequences": int(meta["n_sequences"]),
         "n_tokens": int(meta["n_tokens"]), "context_length": meta.get("context_length", "?"),
         "dataset": site.prov["dataset"], "with_examples": int((table["n_examples"] > 0).sum()),
