@@ -78,7 +78,7 @@ def _stage_command(name: str) -> click.Command:
         run_stage(name, _load(config))
 
     command.__doc__ = f"Run only the {name} stage."
-    return click.command(name=name.replace("_", "-"))(command)  # `atlas train-sae`
+    return click.command(name=STAGES[name].command)(command)  # `atlas train-sae`
 
 
 for _name in STAGES:

@@ -67,7 +67,7 @@ TRAIN_FIELDS = ("model", "model_revision", "dtype", "context_length", "prepend_b
                 "train_heldout_sequences")
 
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (
-    Stage("train_sae", TRAIN_FIELDS, (), version=1, inputs=train_inputs),
+    Stage("train_sae", TRAIN_FIELDS, (), version=1, inputs=train_inputs, applies=lambda cfg: bool(cfg.train_sae)),
     Stage("collect", COLLECT_FIELDS, ("train_sae",), version=3, inputs=collect_inputs),
     Stage("embed", (), ("collect",), version=3),  # 3: SAE sets also write their dictionary tools
     Stage("cluster", ("cluster_threshold",), ("collect", "embed"), version=3),

@@ -26,6 +26,11 @@ class ArtefactType:
     version: int
     stage: str  # the stage that writes it: re-running that stage is the fix for a bad file
 
+    @property
+    def command(self) -> str:
+        """The `atlas` command that runs its stage (train_sae → train-sae)."""
+        return self.stage.replace("_", "-")
+
     def write_npz(self, path: Path, **arrays: np.ndarray) -> None:
         write_npz(path, self.kind, self.version, **arrays)
 
@@ -42,8 +47,8 @@ class ArtefactType:
 
     def _require(self, path: Path) -> None:
         if not Path(path).is_file():
-            raise ArtefactError(f"{self.kind} artefact {path} is missing; run `atlas {self.stage}` (or `atlas build`) "
-                                "first")
+            raise ArtefactError(f"{self.kind} artefact {path} is missing; run `atlas {self.command}` (or "
+                                "`atlas build`) first")
 
     def read_fields(self, path: Path, names: tuple[str, ...]) -> dict[str, np.ndarray]:
         """Only the named arrays of an .npz artefact (collect's input vectors and embed's weights are large and
@@ -57,7 +62,7 @@ class ArtefactType:
                 return {name: bundle[name] for name in names}
         except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError):
             raise ArtefactError(f"{self.kind} artefact {path} is corrupt or truncated (or lacks expected arrays); "
-                                f"delete it and re-run `atlas {self.stage}`") from None
+                                f"delete it and re-run `atlas {self.command}`") from None
 
     def is_readable(self, path: Path) -> bool:
         try:

@@ -53,6 +53,14 @@ class Stage:
     version: int  # schema version of the stage's meta; bump when its outputs change meaning or format
     # Inputs whose content is part of the key: label -> a file, or a string that already identifies the content.
     inputs: Callable[[AtlasConfig], dict[str, Path | str]] = lambda cfg: {}
+    # Whether a config uses the stage at all; one that does not counts as done, writes nothing and never blocks the
+    # stages downstream (train_sae without [[train_sae]] tables).
+    applies: Callable[[AtlasConfig], bool] = lambda cfg: True
+
+    @property
+    def command(self) -> str:
+        """Its `atlas` command: the name with dashes (`atlas train-sae`)."""
+        return self.name.replace("_", "-")
 
     @property
     def meta_type(self) -> ArtefactType:
@@ -202,15 +210,20 @@ def what_changed(old: dict, new: dict) -> str:
 # Done, stale or missing
 
 
+FINISHED = ("done", "unused")  # states that let a stage be skipped and its downstream stages run
+
+
 @dataclass(frozen=True)
 class StageState:
     name: str
-    state: str  # "done", "stale" or "missing"
+    state: str  # "done", "stale", "missing", or "unused" (the config does not use the stage)
     reason: str
     meta: dict | None = None
 
 
 def stage_state(stage: Stage, keys: Keys) -> StageState:
+    if not stage.applies(keys.cfg):
+        return StageState(stage.name, "unused", "this config does not use it", {})
     paths = AtlasPaths.of(keys.cfg)
     meta_path = paths.meta(stage.name)
     if not meta_path.exists():
@@ -255,13 +268,14 @@ def run_stage(name: str, cfg: AtlasConfig, keys: Keys | None = None) -> dict:
     keys = keys or Keys(cfg, STAGES)
     stage = STAGES[name]
     current = stage_state(stage, keys)
-    if current.state == "done":
-        log.info("%s: up to date", name)
+    if current.state in FINISHED:
+        log.info("%s: %s", name, current.reason or "up to date")
         return current.meta
     for up in stage.upstream:
         upstream = stage_state(STAGES[up], keys)
-        if upstream.state != "done":
-            raise ArtefactError(f"the {up} stage is {upstream.state} ({upstream.reason}); run `atlas {up}` (or "
+        if upstream.state not in FINISHED:
+            raise ArtefactError(f"the {up} stage is {upstream.state} ({upstream.reason}); run `atlas "
+                                f"{STAGES[up].command}` (or "
                                 "`atlas build`) first")
     if current.state == "stale":
         log.info("%s: rebuilding (%s)", name, current.reason)

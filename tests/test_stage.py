@@ -27,7 +27,12 @@ def build_all(cfg) -> None:
 
 def meta_stamps(cfg) -> dict[str, int]:
     paths = AtlasPaths.of(cfg)
-    return {name: paths.meta(name).stat().st_mtime_ns for name in STAGES}
+    return {name: paths.meta(name).stat().st_mtime_ns for name in used(cfg)}
+
+
+def used(cfg) -> list[str]:
+    """The stages this config uses (the base build has no [[train_sae]]: train_sae is unused, writes nothing)."""
+    return [name for name, stage in STAGES.items() if stage.applies(cfg)]
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +62,7 @@ def rebuilt_stages(base_raw: dict, tmp_path: Path, edit_corpus: bool = False, **
     before = meta_stamps(cfg)
     build_all(cfg)
     after = meta_stamps(cfg)
-    return {name for name in STAGES if before[name] != after[name]}
+    return {name for name in before if before[name] != after[name]}
 
 
 @pytest.mark.parametrize("machine", [{}, {"workers": 2, "batch_size": 4, "shard_sequences": 32, "device": "cpu"}],
@@ -67,7 +72,7 @@ def test_an_unchanged_config_or_other_machine_settings_re_run_nothing(base, mach
     before = meta_stamps(cfg)
     build_all(cfg)
     assert meta_stamps(cfg) == before
-    assert all(state.state == "done" for state in statuses(cfg))
+    assert all(state.state == ("done" if state.name in used(cfg) else "unused") for state in statuses(cfg))
 
 
 @pytest.mark.parametrize("changes, expected", [
@@ -84,7 +89,7 @@ def test_a_changed_key_re_runs_only_the_stages_that_read_it_and_what_is_downstre
 
 def test_editing_the_corpus_in_place_re_runs_every_stage(base, tmp_path):
     """The key holds the corpus's content, not its path: the same file, new text, everything rebuilt."""
-    assert rebuilt_stages(base, tmp_path, edit_corpus=True) == set(STAGES)
+    assert rebuilt_stages(base, tmp_path, edit_corpus=True) == set(used(config_from_dict(base)))
     cfg = config_from_dict({**base, "out_dir": str(tmp_path / "build")})
     fresh_tokens = read_tokens(AtlasPaths.of(cfg))
     assert not (fresh_tokens.shape == read_tokens(AtlasPaths.of(config_from_dict(base))).shape
@@ -100,7 +105,7 @@ def test_collect_keys_every_field_it_reads_and_no_machine_setting():
 def test_keys_chain_through_upstream_stages(base):
     cfg = config_from_dict(base)
     keys, other = Keys(cfg, STAGES), Keys(dataclasses.replace(cfg, threshold=0.5), STAGES)
-    assert all(keys.key(name) != other.key(name) for name in STAGES)  # collect reads it; all are downstream
+    assert all(keys.key(name) != other.key(name) for name in used(cfg))  # collect reads it; all are downstream
     near = Keys(dataclasses.replace(cfg, neighbour_threshold=0.9), STAGES)
     assert [name for name in STAGES if keys.key(name) != near.key(name)] == ["neighbours", "render"]
 
@@ -122,7 +127,8 @@ def test_atlas_status_prints_done_stale_with_the_reason_and_missing(base, tmp_pa
     runner = CliRunner()
     done = runner.invoke(main, ["status", "--config", str(write_toml(tmp_path / "a.toml", base))])
     assert done.exit_code == 0, done.output
-    assert [line.split()[:2] for line in done.output.splitlines()] == [[name, "done"] for name in STAGES]
+    assert [line.split()[:2] for line in done.output.splitlines()] == [
+        [name, "done" if name in used(config_from_dict(base)) else "unused:"] for name in STAGES]
 
     changed = runner.invoke(main, ["status", "--config",
                                    str(write_toml(tmp_path / "b.toml", {**base, "cluster_threshold": 0.6}))])
@@ -134,5 +140,6 @@ def test_atlas_status_prints_done_stale_with_the_reason_and_missing(base, tmp_pa
 
     fresh = runner.invoke(main, ["status", "--config", str(write_toml(tmp_path / "c.toml", {
         **base, "out_dir": str(tmp_path / "nothing")}))])
-    assert [line.split(None, 1)[1] for line in fresh.output.splitlines()] == ["missing: never built"] * len(STAGES)
+    assert [line.split(None, 1)[1] for line in fresh.output.splitlines()] == [
+        "unused: this config does not use it"] + ["missing: never built"] * (len(STAGES) - 1)
     assert not (tmp_path / "nothing").exists()  # status writes nothing

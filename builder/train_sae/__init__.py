@@ -105,8 +105,6 @@ def window_activations(bridge, hook: str, tokens: np.ndarray, window: int, windo
 
 def build(run: StageRun) -> dict:
     cfg = run.cfg
-    if not cfg.train_sae:
-        return {"trained": 0}
     from builder.models import load_model
 
     model = load_model(cfg)
