@@ -270,8 +270,9 @@ def bench_train_sae(cfg: AtlasConfig) -> None:
     import dataclasses
 
     from builder.models import load_model
-    from builder.train_sae import capture, loss as ne_loss
-    from builder.train_sae.trainer import SaeTrainer, TrainSettings
+    from builder.train_sae import capture, settings_for
+    from builder.train_sae import loss as ne_loss
+    from builder.train_sae.trainer import SaeTrainer
 
     if not cfg.train_sae:
         line("train_sae: no [[train_sae]] in this config", "skipped")
@@ -285,10 +286,10 @@ def bench_train_sae(cfg: AtlasConfig) -> None:
     x = torch.cat([capture(model.bridge, spec.hook, torch.as_tensor(tokens[i:i + 16], dtype=torch.long))
                    for i in range(0, len(tokens), 16)]).reshape(-1, model.d_mlp)[:TRAIN_BENCH_STEPS * 1024]
     batches = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))].split(1024)
-    settings = TrainSettings(d_in=x.shape[1], d_sae=2 * x.shape[1], l1=spec.l1, ne=3e-4, momentum=0.9,
-                             warmup_steps=0, learning_rate=spec.learning_rate, seed=0)
+    settings = dataclasses.replace(settings_for(spec, x.shape[1]), warmup_steps=0)
+    ne_weight = max([s.ne for s in cfg.train_sae if s.ne > 0] or [3e-4])  # the config's NE SAE's λ2
     timed = {}
-    for name, ne in (("standard", 0.0), ("ne", 3e-4)):
+    for name, ne in (("standard", 0.0), ("ne", ne_weight)):
         trainer = SaeTrainer(dataclasses.replace(settings, ne=ne))
         for batch in batches[:TRAIN_SETTLE_STEPS]:
             trainer.step(batch)
