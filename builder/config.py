@@ -38,10 +38,7 @@ class SaeSpec:
 
     def __post_init__(self) -> None:
         _check(bool(self.path), "an [[sae]] table needs a path (its SAELens folder)", self.path)
-        _check(bool(self.slug) and all(c.isalnum() or c in "-_." for c in self.slug)
-               and self.slug not in RESERVED_SLUGS and not (self.slug[0] == "L" and self.slug[1:].isdigit()),
-               "an [[sae]] slug must be a URL slug (letters, digits, - _ .), not L<number> or "
-               + "/".join(RESERVED_SLUGS), self.slug)
+        _check_slug(self.slug, "an [[sae]]")
 
 
 @dataclass(frozen=True)
@@ -77,10 +74,7 @@ class TrainSaeSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check(bool(self.slug) and all(c.isalnum() or c in "-_." for c in self.slug)
-               and self.slug not in RESERVED_SLUGS and not (self.slug[0] == "L" and self.slug[1:].isdigit()),
-               "a [[train_sae]] slug must be a URL slug (letters, digits, - _ .), not L<number> or "
-               + "/".join(RESERVED_SLUGS), self.slug)
+        _check_slug(self.slug, "a [[train_sae]]")
         _check(bool(self.hook) and self.hook.startswith("blocks."), "a [[train_sae]] hook must be a "
                "blocks.<layer>.* TransformerLens hook", self.hook)
         _check(self.d_sae >= 0, "d_sae must be 0 (expansion × the hook's width) or more", self.d_sae)
@@ -96,6 +90,7 @@ class TrainSaeSpec:
 
 
 TRAIN_SAE_KEYS = tuple(f.name for f in fields(TrainSaeSpec))
+TRAIN_SAE_TYPES = {f.name: str if f.name in ("slug", "hook") else type(f.default) for f in fields(TrainSaeSpec)}
 
 
 @dataclass(frozen=True)
@@ -261,6 +256,14 @@ def trained_sae_folder(cfg: AtlasConfig, slug: str) -> Path:
     return Path(cfg.out_dir) / "train_sae" / slug
 
 
+def _check_slug(slug: str, table: str) -> None:
+    """An SAE set's slug names its URL folder: a URL slug, not an MLP layer's (L<n>) nor a reserved folder."""
+    _check(bool(slug) and all(c.isalnum() or c in "-_." for c in slug) and slug not in RESERVED_SLUGS
+           and not (slug[0] == "L" and slug[1:].isdigit()),
+           f"{table} slug must be a URL slug (letters, digits, - _ .), not L<number> or " + "/".join(RESERVED_SLUGS),
+           slug)
+
+
 def _check(ok: bool, message: str, value: object) -> None:
     if not ok:
         raise ValueError(f"{message}, got {value!r}")
@@ -328,10 +331,10 @@ def _train_sae_spec(table: object) -> TrainSaeSpec:
             near = difflib.get_close_matches(key, TRAIN_SAE_KEYS, n=1)
             raise ConfigError(f"unknown [[train_sae]] key {key!r}" + (f"; did you mean {near[0]!r}?" if near else
                                                                         f"; one of {', '.join(TRAIN_SAE_KEYS)}"))
-        expected = type(TrainSaeSpec.__dataclass_fields__[key].default) if key not in ("slug", "hook") else str
-        if not isinstance(value, expected) or isinstance(value, bool) and expected is not bool:
-            if not (expected is float and isinstance(value, int) and not isinstance(value, bool)):
-                raise ConfigError(f"[[train_sae]] key {key!r} must be {expected.__name__}, got {value!r}")
+        expected = TRAIN_SAE_TYPES[key]
+        allowed = (int, float) if expected is float else (expected,)  # TOML's 1 is a fine λ
+        if isinstance(value, bool) or not isinstance(value, allowed):
+            raise ConfigError(f"[[train_sae]] key {key!r} must be {expected.__name__}, got {value!r}")
     missing = [key for key in ("slug", "hook") if key not in table]
     if missing:
         raise ConfigError(f"a [[train_sae]] table needs {missing[0]!r} (a string), got {table!r}")
