@@ -27,11 +27,12 @@ from jaxtyping import Float, Int
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import squareform
 
+from builder.config import AtlasConfig
 from builder.errors import ArtefactError
 from builder.paths import AtlasPaths
 from builder.schema import (CLUSTERS, METRIC_NAMES, METRICS, collect_sets, read_clusters, read_collect_meta,
                             read_example_fields, read_examples, read_weights)
-from builder.shards import LocalExecutor, unit_ranges
+from builder.shards import unit_executor, unit_ranges
 from builder.stage import StageRun, progress, worker_count
 from builder.subjects import SubjectSet, neuron_embeddings
 
@@ -171,13 +172,15 @@ def cluster_units(task: ClusterTask) -> list[NeuronClusters]:
     return results
 
 
-def cluster_set(paths: AtlasPaths, subject: SubjectSet, space: str, threshold: float, workers: int,
-                bar: progress | None = None) -> list[NeuronClusters]:
-    """Cluster every unit of a set in `space`, as unit-range tasks across `workers` processes."""
-    tasks = [ClusterTask(str(paths.root), subject.key, units, space, threshold)
+def cluster_set(cfg: AtlasConfig, subject: SubjectSet, space: str, bar: progress | None = None
+                ) -> list[NeuronClusters]:
+    """Cluster every unit of a set in `space`, as unit-range tasks across the config's workers (or Ray tasks)."""
+    paths, workers = AtlasPaths.of(cfg), worker_count(cfg)
+    tasks = [ClusterTask(str(paths.root), subject.key, units, space, cfg.cluster_threshold)
              for units in unit_ranges(subject.size, workers, MAX_UNITS_PER_TASK)]
-    pooled = workers > 1 and len(tasks) > 1  # only pool workers give up their BLAS threads
-    executor = LocalExecutor(workers, initializer=single_threaded_blas if pooled else None)
+    # Only workers of their own give up their BLAS threads (all of them on Ray).
+    pooled = cfg.engine == "ray" or workers > 1 and len(tasks) > 1
+    executor = unit_executor(cfg, workers, initializer=single_threaded_blas if pooled else None)
     results: list[NeuronClusters] = []
     for part in executor.map(cluster_units, tasks):
         results.extend(part)
@@ -209,7 +212,7 @@ def build(run: StageRun) -> dict:
                   desc="cluster", unit="unit") as bar:
         for s in todo:
             offsets = read_example_fields(paths, s.key, ("offsets",))["offsets"]
-            results = cluster_set(paths, s, "embedding", cfg.cluster_threshold, worker_count(cfg), bar)
+            results = cluster_set(cfg, s, "embedding", bar)
             CLUSTERS.write_npz(paths.set_file("cluster", s.key), **set_arrays(results, offsets))
     tables = []
     for s in sets:

@@ -161,14 +161,24 @@ class AtlasConfig:
     shard_sequences: int = 64
     # Cut the average-linkage dendrogram at this cosine distance.
     cluster_threshold: float = 0.5
-    # Worker processes for per-neuron stages (0 = all cores).
+    # Worker processes for per-neuron stages (0 = all cores). With the Ray engine: the actors for collect and
+    # importance (0 = one per GPU of the cluster, else one per CPU) and the tasks at once for cluster and render.
     workers: int = 0
+    # What runs the shards and unit-range tasks: "local" (this process and a process pool) or "ray" (actors and tasks
+    # on a Ray cluster, the optional extra `neuron-atlas[ray]`; docs/scaling.md). Same artefacts, same site.
+    engine: str = "local"
+    # The Ray cluster to join (`ray://host:10001`, or "auto" for the one `ray start` runs here); empty = start a
+    # local one with this machine's cores. Every node must see out_dir (and the data) at the same path.
+    ray_address: str = ""
     # Token importance removes each context token in one of two ways: "mask" replaces it by the mask token (the
     # paper), "delete" drops it so later tokens move one position left (the dictionary-learning post's ablation).
     importance_mode: str = "mask"
     # Token substituted when masking for importance; empty = the model's pad token, else its EOS token. Deleting
     # still masks the max token itself (its own score and the normaliser: a deleted max token cannot be read).
     mask_token: str = ""
+    # Memory (MiB) one importance forward may use, which sets how many masked rows it batches; 0 = derived from the
+    # device (half a GPU's memory, an eighth of the host's on a CPU, at most 4 GiB). Only float rounding depends on it.
+    importance_memory_mb: int = 0
     # SAEs are evaluated (the evaluate stage: reconstruction and the cross-entropy cost of splicing it in) on the first
     # this-many sequences of the atlas corpus; 0 = all. Two full forward passes per SAE and sequence.
     evaluate_sequences: int = 0
@@ -207,11 +217,14 @@ class AtlasConfig:
                f"shard_sequences must be a positive multiple of {SHARD_MULTIPLE}", self.shard_sequences)
         _check(0 < self.cluster_threshold <= 2, "cluster_threshold must be in (0, 2]", self.cluster_threshold)
         _check(self.workers >= 0, "workers must be 0 (all cores) or more", self.workers)
+        _check(self.engine in ("local", "ray"), "engine must be local or ray", self.engine)
         _check(self.evaluate_sequences >= 0, "evaluate_sequences must be 0 (all) or more", self.evaluate_sequences)
         _check(self.neighbour_count >= 1, "neighbour_count must be at least 1", self.neighbour_count)
         _check(-1 <= self.neighbour_threshold <= 1, "neighbour_threshold must be in [-1, 1]", self.neighbour_threshold)
         _check(self.importance_mode in ("mask", "delete"), "importance_mode must be mask or delete",
                self.importance_mode)
+        _check(self.importance_memory_mb >= 0, "importance_memory_mb must be 0 (derived from the device) or more",
+               self.importance_memory_mb)
         _check(self.neighbour_space in ("pre_mlp", "embedding"), "neighbour_space must be pre_mlp or embedding",
                self.neighbour_space)
         _check(self.dtype in ("float32", "float16", "bfloat16"), "dtype must be float32, float16 or bfloat16",
@@ -248,7 +261,7 @@ class AtlasConfig:
 
 
 _NOT_CONTENT = {"out_dir", "site_dir", "mnist_dir", "site_url", "author", "build_date", "device", "workers",
-                "shard_sequences", "batch_size"}
+                "shard_sequences", "batch_size", "engine", "ray_address", "importance_memory_mb"}
 
 
 def trained_sae_folder(cfg: AtlasConfig, slug: str) -> Path:

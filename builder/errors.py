@@ -23,3 +23,7 @@ class DatasetError(AtlasError):
 
 class ArtefactError(AtlasError):
     """An artefact on disk is missing, corrupt or from another schema version."""
+
+
+class WorkerError(AtlasError):
+    """A shard or task failed on a worker of another process (a Ray actor or task); the message names which."""

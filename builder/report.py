@@ -12,7 +12,7 @@ import numpy as np
 
 from builder.cluster import cluster_set
 from builder.schema import REPORT, collect_sets, read_collect_meta, read_metrics_table, read_report
-from builder.stage import StageRun, progress, worker_count
+from builder.stage import StageRun, progress
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def build(run: StageRun) -> dict:
     intra, inter = [], []
     with progress(total=sum(s.size for s in sets), desc="report", unit="unit") as bar:
         for s in sets:
-            results = cluster_set(paths, s, "pre_mlp", cfg.cluster_threshold, worker_count(cfg), bar)
+            results = cluster_set(cfg, s, "pre_mlp", bar)
             intra.extend(r.metrics["intra_distance"] for r in results)
             inter.extend(r.metrics["inter_distance"] for r in results)
     report = {"cluster_threshold": cfg.cluster_threshold,

@@ -1,18 +1,26 @@
 """Shards: how work is split so that any executor can run it and the merge is exact.
 
 Per-sequence stages (collect, importance) split the corpus into contiguous ranges of `shard_sequences`; each range is
-one artefact and the unit of resume. Per-unit stages (cluster, render) split each subject set into unit ranges whose
-task reads its inputs from files, so a task can run in any process. The local engine runs the tasks in a loop or a
-process pool (`LocalExecutor`); another executor only has to run the same tasks.
+one artefact and the unit of resume. A `ShardWorker` runs them: `setup()` loads what every shard needs once (the model),
+`run(shard, bar)` computes one shard and writes its artefact atomically. Per-unit stages (cluster, render) split each
+subject set into unit ranges whose task reads its inputs from files, so a task can run in any process.
+
+Two engines run the same shards and tasks (`engine` in the config). The local one runs shards in this process and
+tasks in a loop or a process pool (`LocalExecutor`); the Ray one (builder/ray_engine.py, the only module that imports
+Ray) runs shards on actors that each set up once and tasks as Ray tasks. Results are read back in task order and shard
+artefacts are merged in shard order, so the engine never changes an artefact.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Protocol, TypeVar
 
 from builder.paths import AtlasPaths
+
+if TYPE_CHECKING:
+    from builder.config import AtlasConfig
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -61,3 +69,39 @@ class LocalExecutor:
             return
         with ProcessPoolExecutor(max_workers=self.workers, initializer=self.initializer) as pool:
             yield from pool.map(function, tasks)
+
+
+class ProgressLike(Protocol):
+    def update(self, n: float = 1) -> object: ...
+
+
+class ShardWorker(Protocol):
+    """A per-sequence stage's shard runner. It is pickled before `setup` (it holds only the config and what the
+    driver read), so it can be shipped to another process or node."""
+
+    stage: str  # the stage's name: its progress and fault points are named after it
+
+    def setup(self) -> None: ...
+
+    def run(self, shard: range, bar: ProgressLike) -> dict: ...
+
+
+def run_shards(cfg: "AtlasConfig", worker: ShardWorker, todo: list[range], bar: ProgressLike) -> list[dict]:
+    """Run the shards still to do with the config's engine; returns each shard's counters, in shard order."""
+    if not todo:
+        return []
+    if cfg.engine == "ray":
+        from builder.ray_engine import run_shards_on_ray
+
+        return run_shards_on_ray(cfg, worker, todo, bar)
+    worker.setup()
+    return [worker.run(shard, bar) for shard in todo]
+
+
+def unit_executor(cfg: "AtlasConfig", workers: int, initializer: Callable[[], None] | None = None):
+    """What runs a per-unit stage's tasks: a LocalExecutor of `workers` processes, or Ray tasks."""
+    if cfg.engine == "ray":
+        from builder.ray_engine import RayExecutor
+
+        return RayExecutor(cfg, initializer)
+    return LocalExecutor(workers, initializer)

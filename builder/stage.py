@@ -340,17 +340,50 @@ def peak_rss_mb() -> float:
 
 
 FAULT_ENV = "ATLAS_FAULT"
+# "kill" (the default) or "raise": the error tests make the work raise at the fault point instead of dying.
+FAULT_MODE_ENV = "ATLAS_FAULT_MODE"
+# With this set to a path prefix, each fault point fires once: the first process to reach it creates
+# `<prefix>.<desc>`, later ones (a restarted Ray actor retrying the shard) run on. Without it, every process reaching
+# the point is killed.
+FAULT_ONCE_ENV = "ATLAS_FAULT_ONCE"
+
+
+def fault_point(desc: str, count: float) -> None:
+    """Fault injection for the kill-and-resume tests: with ATLAS_FAULT="<desc>:<n>" (several, comma-separated) the
+    process SIGKILLs itself (or, with ATLAS_FAULT_MODE=raise, raises) as soon as the count of the work named <desc>
+    reaches n, a precise point inside a stage."""
+    for fault in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
+        name, _, at = fault.rpartition(":")
+        if name != desc or count < int(at):
+            continue
+        once = os.environ.get(FAULT_ONCE_ENV, "")
+        if once:
+            try:
+                Path(f"{once}.{desc.replace(' ', '-')}").touch(exist_ok=False)  # one marker per fault point
+            except FileExistsError:
+                continue
+        if os.environ.get(FAULT_MODE_ENV) == "raise":
+            raise RuntimeError(f"injected fault at {desc}:{at}")
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class progress(tqdm):
-    """A stage's progress bar. Fault injection for the kill-and-resume tests: with ATLAS_FAULT="<desc>:<n>" the
-    process SIGKILLs itself as soon as the bar named <desc> reaches n, a precise point inside the stage."""
+    """A stage's progress bar; reaching a count is a fault point (`fault_point`) named by the bar's description."""
 
     def update(self, n: float | None = 1) -> bool | None:
         shown = super().update(n)
-        fault = os.environ.get(FAULT_ENV, "")
-        if fault:
-            name, _, count = fault.rpartition(":")
-            if name == self.desc and self.n >= int(count):
-                os.kill(os.getpid(), signal.SIGKILL)
+        fault_point(self.desc, self.n)
         return shown
+
+
+class Tally:
+    """What a shard reports its progress to where no bar is shown (a Ray actor): a count with the same fault points
+    as a bar of that description."""
+
+    def __init__(self, desc: str):
+        self.desc = desc
+        self.n = 0
+
+    def update(self, n: float = 1) -> None:
+        self.n += n
+        fault_point(self.desc, self.n)

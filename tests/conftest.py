@@ -341,3 +341,40 @@ def literal_splice(model, row: torch.Tensor, hook: str, reconstruct) -> tuple[fl
         clean -= float(torch.log_softmax(logits_clean[position], -1)[target])
         spliced -= float(torch.log_softmax(logits_spliced[position], -1)[target])
     return clean, spliced, len(row) - 1, seen["x"][0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Whole tiny builds in their own process (test_build, test_ray_engine)
+
+
+def write_config(folder: Path, model: Path, corpus: Path) -> Path:
+    """A TOML config of the tiny build (64 sequences, one worker) writing under `folder`."""
+    raw = tiny_config_dict(model, corpus, folder, max_sequences=64, workers=1, neighbour_threshold=0.0)
+    lines = [f"{key} = {json.dumps(value)}" for key, value in raw.items()]
+    path = folder / "atlas.toml"
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def build(config: Path, fault: str | None = None) -> subprocess.CompletedProcess:
+    """`atlas build` in its own process, offline, with an optional ATLAS_FAULT point."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env.pop("ATLAS_FAULT", None)
+    if fault:
+        env["ATLAS_FAULT"] = fault
+    return subprocess.run(atlas_command() + ["build", "--config", str(config)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def site_files(site: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(site)): p.read_bytes() for p in sorted(site.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def reference_site(tmp_path_factory, tiny_llama, corpus_file) -> Path:
+    """The tiny build every engine and kill test compares its site with."""
+    folder = tmp_path_factory.mktemp("reference")
+    result = build(write_config(folder, tiny_llama, corpus_file))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return folder

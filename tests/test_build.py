@@ -4,49 +4,15 @@ builds are byte-identical, and a failed build leaves the previous site in place.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-from pathlib import Path
 
-import pytest
 
-from tests.conftest import ROOT, atlas_command, tiny_config_dict
+from tests.conftest import build, site_files, write_config
 
 # (stage progress bar, units after which the process SIGKILLs itself). The counts sit after a checkpoint or a
 # finished layer, so a resumed run has finished work it must not redo.
 KILL_POINTS = [("collect", 40), ("cluster", 80), ("importance", 48), ("neighbours", 1), ("report", 80),
                ("render", 20)]
-
-
-def write_config(folder: Path, model: Path, corpus: Path) -> Path:
-    raw = tiny_config_dict(model, corpus, folder, max_sequences=64, workers=1, neighbour_threshold=0.0)
-    lines = [f"{key} = {json.dumps(value)}" for key, value in raw.items()]
-    path = folder / "atlas.toml"
-    folder.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def build(config: Path, fault: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    env.pop("ATLAS_FAULT", None)
-    if fault:
-        env["ATLAS_FAULT"] = fault
-    return subprocess.run(atlas_command() + ["build", "--config", str(config)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-
-
-def site_files(site: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(site)): p.read_bytes() for p in sorted(site.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def reference_site(tmp_path_factory, tiny_llama, corpus_file) -> Path:
-    folder = tmp_path_factory.mktemp("reference")
-    result = build(write_config(folder, tiny_llama, corpus_file))
-    assert result.returncode == 0, result.stderr[-2000:]
-    return folder
 
 
 def test_build_killed_inside_every_stage_resumes_to_a_byte_identical_site(reference_site, tmp_path, tiny_llama,

@@ -1,0 +1,121 @@
+"""The Ray engine: the same shards and tasks on a local Ray cluster (2 CPUs, the tiny model) give a byte-identical
+site; an actor killed in the middle of a shard is retried, a killed driver resumes from the finished shards, and a
+worker that raises reaches the user as one line. The local engine never imports Ray."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from builder.ray_engine import actor_plan
+from tests.conftest import ROOT, build, site_files, write_config
+
+pytest.importorskip("ray", reason="the Ray extra (requirements-ray.txt) is not installed; `make test` installs it")
+
+
+def ray_config(folder, model, corpus, **extra):
+    """The test_build config, run by the Ray engine with two actors and two tasks at once."""
+    path = write_config(folder, model, corpus)
+    settings = {"engine": '"ray"', "workers": "2", **extra}
+    lines = [line for line in path.read_text().splitlines() if line.split(" = ")[0] not in settings]
+    path.write_text("\n".join(lines + [f"{key} = {value}" for key, value in settings.items()]) + "\n")
+    return path
+
+
+def ray_build(config, fault: str | None = None, **env) -> subprocess.CompletedProcess:
+    """An `atlas build` in its own process, so each starts (and stops) its own local Ray cluster; `env` reaches the
+    Ray workers too (they inherit the driver's environment)."""
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        return build(config, fault)
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+
+
+@pytest.fixture(scope="module")
+def local_site(reference_site):
+    """The local engine's site for the same config (conftest's reference build)."""
+    return site_files(reference_site / "site")
+
+
+def test_the_ray_engine_builds_the_local_engines_site_byte_for_byte(local_site, tmp_path, tiny_llama, corpus_file):
+    result = ray_build(ray_config(tmp_path, tiny_llama, corpus_file))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "on 2 Ray actors" in result.stderr
+    assert site_files(tmp_path / "site") == local_site
+
+
+def test_actors_killed_inside_a_shard_are_retried_and_the_site_is_identical(local_site, tmp_path, tiny_llama,
+                                                                            corpus_file):
+    marker = tmp_path / "fault"
+    # In collect and again in importance, the first actor to finish one batch of a shard SIGKILLs itself, once:
+    # Ray restarts it and retries the shard.
+    result = ray_build(ray_config(tmp_path, tiny_llama, corpus_file), "collect worker:8,importance worker:8",
+                       ATLAS_FAULT_ONCE=str(marker))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "fault.collect-worker").exists() and (tmp_path / "fault.importance-worker").exists()
+    assert site_files(tmp_path / "site") == local_site
+
+
+def test_a_killed_driver_resumes_from_the_finished_shards(local_site, tmp_path, tiny_llama, corpus_file):
+    config = ray_config(tmp_path, tiny_llama, corpus_file)
+    killed = ray_build(config, "collect:32")  # the driver's bar: after two of the four shards
+    assert killed.returncode == -9
+    finished = sorted(p.name for p in (tmp_path / "build" / "collect" / "shards").iterdir())
+    assert finished, "no shard survived the driver"
+    resumed = ray_build(config)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"{len(finished)} of 4 shards already done" in resumed.stderr
+    assert site_files(tmp_path / "site") == local_site
+
+
+def test_a_worker_that_raises_reaches_the_user_as_one_line(tmp_path, tiny_llama, corpus_file):
+    result = ray_build(ray_config(tmp_path, tiny_llama, corpus_file), "collect worker:8", ATLAS_FAULT_MODE="raise")
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and re.fullmatch(r"Error: collect failed on sequences (0–15|16–31) on a Ray worker: "
+                                             r"RuntimeError: injected fault at collect worker:8", errors[0]), \
+        result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_the_local_engine_never_imports_ray(tmp_path, tiny_llama, corpus_file):
+    config = write_config(tmp_path, tiny_llama, corpus_file)
+    code = ("import sys; from builder.cli import main; from builder.errors import AtlasError\n"
+            f"main.main(['build', '--config', {str(config)!r}], standalone_mode=False)\n"
+            "assert 'ray' not in sys.modules, 'the local engine imported ray'\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_without_ray_installed_the_ray_engine_is_one_line(tmp_path, tiny_llama, corpus_file):
+    config = ray_config(tmp_path, tiny_llama, corpus_file)
+    code = ("import sys; sys.modules['ray'] = None\n"  # `import ray` now fails as if it were not installed
+            "from builder.cli import entry; sys.argv = ['atlas', 'build', '--config', sys.argv[1]]; entry()\n")
+    result = subprocess.run([sys.executable, "-c", code, str(config)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("Error: engine = \"ray\" needs Ray 2.60.0")
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("resources, actors, claim, threads", [
+    ({"CPU": 2.0}, 2, {"num_cpus": 0.5}, 1),  # fractional claims: Ray Data keeps a CPU for its own tasks
+    ({"CPU": 16.0}, 16, {"num_cpus": 0.5}, 1),
+    ({"CPU": 16.0, "GPU": 4.0}, 4, {"num_gpus": 1, "num_cpus": 1.0}, 4),  # one actor per GPU
+])
+def test_actors_get_fractional_cpus_or_one_gpu_each(make_config, tiny_llama, resources, actors, claim, threads):
+    cfg = make_config(tiny_llama, engine="ray", device="auto")
+    assert actor_plan(cfg, resources) == (actors, claim, threads)
+
+
+def test_workers_sets_the_number_of_cpu_actors(make_config, tiny_llama):
+    cfg = make_config(tiny_llama, engine="ray", workers=4)
+    assert actor_plan(cfg, {"CPU": 2.0}) == (4, {"num_cpus": 0.25}, 1)
