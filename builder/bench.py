@@ -6,10 +6,12 @@ collection and clustering from scratch. Prints a table; nothing here is asserted
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import click
 import numpy as np
@@ -34,6 +36,9 @@ SLICE_EXAMPLES = 12  # examples of one sequence the importance slice scores both
 TRAIN_BENCH_STEPS = 40  # batches of 1,024 tokens the training benchmark uses...
 TRAIN_SETTLE_STEPS = 25  # ...the first of which (a dense code, L0 falling from half the latents) are not timed
 WARMUP_FEATURES = 2000  # PyNNDescent compiles with numba on first use: warm it on a small slice
+ENGINE_SEQUENCES = 256  # the embedded corpus slice both engines collect and score for importance...
+ENGINE_SHARD = 32  # ...in shards of this many sequences (8 shards: work for both of 2 Ray actors)
+ENGINE_WORKERS = 2  # Ray actors, against the local engine's one process on the same cores
 
 
 def line(name: str, value: str) -> None:
@@ -313,6 +318,62 @@ def bench_train_sae(cfg: AtlasConfig) -> None:
     line("train_sae: L_N on active pairs / dense products (fwd+bwd)", f"{sparse / dense:.2f}×")
 
 
+def _toml(cfg: AtlasConfig, **overrides) -> str:
+    """A config as TOML (its [[sae]] and [[train_sae]] tables last), with `overrides`."""
+    import dataclasses
+
+    def value(v) -> str:
+        return json.dumps(list(v) if isinstance(v, tuple) else v)
+
+    raw = {**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}, **overrides}
+    tables = {name: [dataclasses.asdict(spec) for spec in raw.pop(name)] for name in ("sae", "train_sae")}
+    lines = [f"{key} = {value(v)}" for key, v in raw.items()]
+    for name, specs in tables.items():
+        for spec in specs:
+            lines += ["", f"[[{name}]]"] + [f"{key} = {value(v)}" for key, v in spec.items()]
+    return "\n".join(lines) + "\n"
+
+
+def bench_ray_engine(cfg: AtlasConfig) -> None:
+    """Collect and importance on a slice of the embedded corpus, once with the local engine and once with the Ray
+    engine (2 actors), each as the `atlas` commands a user runs: start-up, Ray's cluster and model loading included."""
+    import shutil
+    import subprocess
+    import sys
+
+    try:
+        import ray  # noqa: F401 - only to know whether the extra is installed
+    except ImportError:
+        line("ray engine: collect + importance, ray / local wall time", "skipped (pip install -r requirements-ray.txt)")
+        return
+    root = Path("bench-out") / "engines"
+    shutil.rmtree(root, ignore_errors=True)
+    trained = AtlasPaths.of(cfg).stage("train_sae")
+    seconds, artefacts = {}, {}
+    for engine in ("local", "ray"):
+        folder = (root / engine).resolve()
+        config = folder / "atlas.toml"
+        folder.mkdir(parents=True)
+        config.write_text(_toml(cfg, out_dir=str(folder / "build"), site_dir=str(folder / "site"),
+                                max_sequences=ENGINE_SEQUENCES, shard_sequences=ENGINE_SHARD, workers=ENGINE_WORKERS,
+                                engine=engine))
+        if trained.is_dir():  # the SAEs make site trained, reused: training is not what this compares
+            shutil.copytree(trained, folder / "build" / "train_sae")
+        started = time.perf_counter()
+        for stage in ("collect", "importance"):
+            result = subprocess.run([str(Path(sys.executable).parent / "atlas"), stage, "--config", str(config)],
+                                    capture_output=True, text=True)
+            if result.returncode != 0:
+                raise click.ClickException(f"{engine} {stage} failed: {result.stderr.strip().splitlines()[-1:]}")
+        seconds[engine] = time.perf_counter() - started
+        artefacts[engine] = {p.relative_to(folder / "build").as_posix(): p.read_bytes()
+                             for stage in ("collect", "importance") for p in (folder / "build" / stage).glob("*.npz")}
+    same = "identical" if artefacts["local"] == artefacts["ray"] else "DIFFERENT"
+    line(f"ray engine: collect + importance, {ENGINE_SEQUENCES} seq, local wall time", f"{seconds['local']:.1f} s")
+    line(f"ray engine: the same with {ENGINE_WORKERS} Ray actors ({same} artefacts)", f"{seconds['ray']:.1f} s")
+    line("ray engine: ray / local wall time (target ≤ 1.15)", f"{seconds['ray'] / seconds['local']:.2f}×")
+
+
 @click.command()
 @click.option("--config", default="configs/embedded.toml")
 def main(config: str) -> None:
@@ -327,6 +388,7 @@ def main(config: str) -> None:
     bench_render_and_memory(cfg)
     bench_sae_cost(cfg)
     bench_train_sae(cfg)
+    bench_ray_engine(cfg)
 
 
 if __name__ == "__main__":

@@ -176,7 +176,7 @@ def cluster_set(cfg: AtlasConfig, subject: SubjectSet, space: str, bar: progress
                 ) -> list[NeuronClusters]:
     """Cluster every unit of a set in `space`, as unit-range tasks across the config's workers (or Ray tasks)."""
     paths, workers = AtlasPaths.of(cfg), worker_count(cfg)
-    tasks = [ClusterTask(str(paths.root), subject.key, units, space, cfg.cluster_threshold)
+    tasks = [ClusterTask(str(paths.root.resolve()), subject.key, units, space, cfg.cluster_threshold)
              for units in unit_ranges(subject.size, workers, MAX_UNITS_PER_TASK)]
     # Only workers of their own give up their BLAS threads (all of them on Ray).
     pooled = cfg.engine == "ray" or workers > 1 and len(tasks) > 1

@@ -18,11 +18,13 @@ This is the only module that imports Ray; the local engine never loads it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
@@ -142,9 +144,17 @@ def raise_failure(failure: str) -> None:
     raise (error_type if isinstance(error_type, type) and issubclass(error_type, AtlasError) else AtlasError)(message)
 
 
+def for_every_node(cfg: AtlasConfig) -> AtlasConfig:
+    """The config with its output folders absolute, as a worker on any node must read them (data paths already are:
+    the config loader resolves them against the config file's folder)."""
+    return dataclasses.replace(cfg, **{name: str(Path(getattr(cfg, name)).resolve())
+                                       for name in ("out_dir", "site_dir", "mnist_dir")})
+
+
 def run_shards_on_ray(cfg: AtlasConfig, worker: ShardWorker, todo: list[range], bar: ProgressLike) -> list[dict]:
     """Run `todo` on shard actors; each finished shard advances `bar`. Returns the counters in shard order."""
     ray = connect(cfg)
+    worker = type(worker)(for_every_node(worker.cfg))
     actors, claim, threads = actor_plan(cfg, ray.cluster_resources())
     actors = min(actors, len(todo))
     by_start = {shard.start: shard for shard in todo}

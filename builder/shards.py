@@ -76,10 +76,11 @@ class ProgressLike(Protocol):
 
 
 class ShardWorker(Protocol):
-    """A per-sequence stage's shard runner. It is pickled before `setup` (it holds only the config and what the
-    driver read), so it can be shipped to another process or node."""
+    """A per-sequence stage's shard runner, constructible from its config alone and pickled before `setup` (without
+    a model the driver may have lent it), so it can be shipped to another process or node."""
 
     stage: str  # the stage's name: its progress and fault points are named after it
+    cfg: "AtlasConfig"
 
     def setup(self) -> None: ...
 

@@ -4,6 +4,7 @@ worker that raises reaches the user as one line. The local engine never imports 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -119,3 +120,25 @@ def test_actors_get_fractional_cpus_or_one_gpu_each(make_config, tiny_llama, res
 def test_workers_sets_the_number_of_cpu_actors(make_config, tiny_llama):
     cfg = make_config(tiny_llama, engine="ray", workers=4)
     assert actor_plan(cfg, {"CPU": 2.0}) == (4, {"num_cpus": 0.25}, 1)
+
+
+@pytest.mark.slow
+def test_on_the_embedded_model_the_ray_engine_builds_the_local_site(tmp_path, embedded_corpus, share_embedded_model):
+    from builder.config import EMBEDDED_MODEL, config_from_dict
+    from builder.pipeline import STAGES
+    from builder.stage import run_stage
+
+    raw = {"name": "embedded-slice", "model": EMBEDDED_MODEL, "data_files": [str(embedded_corpus)], "device": "cpu",
+           "context_length": 32, "max_sequences": 64, "shard_sequences": 16, "layers": [0], "workers": 2,
+           "neighbour_threshold": 0.0, "build_date": "2024-01-01"}
+    local = config_from_dict({**raw, "out_dir": str(tmp_path / "local" / "build"),
+                              "site_dir": str(tmp_path / "local" / "site")})
+    for stage in STAGES:  # in this process, on the session's embedded model
+        run_stage(stage, local)
+    config = tmp_path / "ray.toml"
+    config.write_text("".join(f"{key} = {json.dumps(value)}\n" for key, value in {
+        **raw, "engine": "ray", "out_dir": str(tmp_path / "ray" / "build"),
+        "site_dir": str(tmp_path / "ray" / "site")}.items()))
+    result = build(config)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert site_files(tmp_path / "ray" / "site") == site_files(tmp_path / "local" / "site")
