@@ -66,13 +66,15 @@ def test_actors_killed_inside_a_shard_are_retried_and_the_site_is_identical(loca
 
 def test_a_killed_driver_resumes_from_the_finished_shards(local_site, tmp_path, tiny_llama, corpus_file):
     config = ray_config(tmp_path, tiny_llama, corpus_file)
-    killed = ray_build(config, "collect:32")  # the driver's bar: after two of the four shards
+    killed = ray_build(config, "collect:16")  # the driver's bar, as the first of the four shards comes back
     assert killed.returncode == -9
-    finished = sorted(p.name for p in (tmp_path / "build" / "collect" / "shards").iterdir())
-    assert finished, "no shard survived the driver"
+    finished = len(list((tmp_path / "build" / "collect" / "shards").iterdir()))
+    assert finished >= 1, "no shard survived the driver"
     resumed = ray_build(config)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"{len(finished)} of 4 shards already done" in resumed.stderr
+    # Actors may finish a shard after the driver died (their cluster goes down with it moments later): never fewer.
+    done = re.search(r"collect: (\d) of 4 shards already done", resumed.stderr)
+    assert done and int(done.group(1)) >= finished, resumed.stderr[-2000:]
     assert site_files(tmp_path / "site") == local_site
 
 
