@@ -26,6 +26,17 @@ tables, the merge concatenates them and `finish` picks the interval examples aga
 construction, with no second pass over the corpus. The price is memory: units × sequences × 8 bytes per set (float32
 max + int32 position), e.g. GPT-2 small's 3,072 neurons × 10,000 sequences = 246 MB per layer, all sets held together
 while merging (2.9 GB for 12 layers); acceptable next to the forward pass. `interval_examples = 0` records nothing.
+
+Cost (issue 14): every per-batch step is a torch op on the hook values' device, and nothing goes to the host until
+`state_arrays`/`finish` (tests/test_collect.py counts the transfers). The histogram needs no search: the edges lie on
+float32 values with 2 mantissa bits, so a value's bin is a function of its top 11 bits; `count_histogram_keys` counts
+those keys (one shift and one scatter per value) and `fold_histogram` maps keys to bins (`histogram_key_bins`). Each
+sequence's first maximum comes from maxima of blocks of positions (`sequence_maxima`). The dominance rule is applied
+as a batch arrives, against the `max_examples` largest sequence maxima fed before it (any earlier sequence that
+reaches a candidate's activation is a candidate itself, or dominated by as many): a candidate, once stored, is only
+ever dropped by a rising maximum, so the candidates kept stay near max_examples · (1 + ln(qualifiers / max_examples))
+per unit, and compaction is a sort, a threshold and a vector lookup, also on the device. Batches out of corpus order
+and absorbed shards are checked by `keep_first_needed` at compaction instead.
 """
 
 from __future__ import annotations
@@ -44,53 +55,175 @@ from torch import Tensor
 from builder.config import AtlasConfig
 from builder.data import tokenise_corpus
 from builder.errors import ArtefactError, ConfigError
+from builder.paths import AtlasPaths
 from builder.schema import COLLECT_SHARD, EXAMPLES, HISTOGRAM_EDGES, TOKENS
-from builder.shards import sequence_shards, shard_files
+from builder.shards import run_shards, sequence_shards, shard_files
 from builder.stage import StageRun, progress
 from builder.subjects import MlpLayer, Readout, SubjectSet
 
 log = logging.getLogger(__name__)
 
 CANDIDATE_FIELDS = ("unit", "seq", "pos", "act", "pre", "pre_linear", "window")
-# Candidates compared at once by keep_first_needed: the block's dominance matrix is DOMINANCE_BLOCK × group size.
-DOMINANCE_BLOCK = 2048
+# Queries × group width compared at once by keep_first_needed (bool and gathered-float temporaries of this size).
+DOMINANCE_BLOCK = 1 << 22
 # Sequences whose interval indices are computed at once by select_interval_examples (float64 temporaries of
 # INDEX_BLOCK × units).
 INDEX_BLOCK = 512
+# Hook values whose histogram keys are formed at once: an int32 buffer of 16 MB, small enough to stay in cache.
+HISTOGRAM_BLOCK = 1 << 22
+# Positions reduced at once when finding each sequence's first maximum (`sequence_maxima`).
+POSITION_BLOCK = 32
+# Sequences of a batch checked against each other at once by the dominance rule (a rows² × units comparison).
+DOMINANCE_ROWS = 16
+# Pending candidates that make `update`/`absorb` compact (or a quarter of those kept, if more): bounds the pending
+# vectors while keeping compactions rare (their cost grows with the candidates kept).
+COMPACT_PENDING = 1 << 16
+# A float32's histogram key is its bits − 1 shifted right by KEY_SHIFT: the sign, the exponent and 2 mantissa bits.
+KEY_SHIFT = 21
+N_KEYS = 1 << (32 - KEY_SHIFT)
+_INT32_MAX = (1 << 31) - 1
+FOLD_EVERY = _INT32_MAX  # values counted into int32 key counters before they are folded into the histogram
+_SEQ_SPAN = 1 << 31  # (unit, sequence) sort key: unit · _SEQ_SPAN + sequence
+
+
+def histogram_key_bins(edges: np.ndarray) -> Int[np.ndarray, " n_keys"]:
+    """The histogram bin of every key k = ((float32 bits − 1) >> KEY_SHIFT) + N_KEYS / 2 (schema.HISTOGRAM_EDGES'
+    convention: above zero bin b holds (edges[b − 1], edges[b]], below zero [edges[b − 1], edges[b]), ±0 the bin
+    ending at 0).
+
+    Every edge has at most 2 mantissa bits, so edges lie on key boundaries; subtracting 1 from the bits moves a value
+    exactly on a boundary into the key nearer zero (for either sign), and ±0 into the keys of the NaNs whose top bits
+    are all ones. So all values of one key share one bin, read here off the key's last value. NaN's bin is
+    unspecified."""
+    edges = np.asarray(edges, np.float32)
+    if (edges.view(np.int32) & ((1 << KEY_SHIFT) - 1)).any():
+        raise ValueError("histogram edges must be float32 values with at most 2 mantissa bits")
+    last_bits = (np.arange(N_KEYS, dtype=np.int64) - N_KEYS // 2 + 1) << KEY_SHIFT
+    values = (last_bits & 0xFFFFFFFF).astype(np.uint32).view(np.float32)
+    return np.where(values >= 0, np.searchsorted(edges, values, side="left"),
+                    np.searchsorted(edges, values, side="right")).astype(np.int64)
+
+
+KEY_BINS = histogram_key_bins(HISTOGRAM_EDGES)
+
+
+def count_histogram_keys(values: Float[Tensor, "rows n_units"], counts: Int[Tensor, " keys_by_units"]) -> None:
+    """Add every float32 value's histogram key to `counts`, laid out key-major (key · n_units + unit, so the units of
+    one row hit neighbouring counters), in blocks of rows that stay in cache. `fold_histogram` turns keys into bins."""
+    n_units = values.shape[-1]
+    bits = values.reshape(-1, n_units).view(torch.int32)
+    rows = max(1, min(HISTOGRAM_BLOCK // n_units, len(bits)))
+    wide = N_KEYS * n_units > _INT32_MAX
+    column = torch.arange(n_units, device=values.device, dtype=torch.int64 if wide else torch.int32)
+    column += (N_KEYS // 2) * n_units
+    buffer = torch.empty((rows, n_units), dtype=torch.int32, device=values.device)
+    ones = torch.ones((), dtype=counts.dtype, device=values.device).expand(buffer.numel())
+    for start in range(0, len(bits), rows):
+        keys = buffer[:min(rows, len(bits) - start)]
+        torch.sub(bits[start:start + len(keys)], 1, out=keys)  # wraps -0.0 (INT32_MIN) to INT32_MAX
+        keys.bitwise_right_shift_(KEY_SHIFT)
+        index = keys.long() if wide else keys
+        torch.add(column, index, alpha=n_units, out=index)
+        counts.index_add_(0, index.view(-1), ones[:index.numel()])
+
+
+def sequence_maxima(post: Float[Tensor, "batch pos n_units"]) -> tuple[Float[Tensor, "batch n_units"],
+                                                                       Int[Tensor, "batch n_units"]]:
+    """Each sequence's max per unit and the first position holding it. Reducing blocks of positions first keeps this
+    to one pass over the values (argmax along positions costs ~10 of them on a CPU) and makes "first" explicit
+    (torch.max's index is not guaranteed to be the first on every device)."""
+    n_seq, n_pos, n_units = post.shape
+    width = next(w for w in range(min(POSITION_BLOCK, n_pos), 0, -1) if n_pos % w == 0)
+    block_max = post.view(n_seq, n_pos // width, width, n_units).amax(dim=2)
+    seq_max = block_max.amax(dim=1)
+    first_block = (block_max == seq_max[:, None]).to(torch.uint8).argmax(dim=1)  # argmax: first of equal values
+    positions = first_block[:, None] * width + torch.arange(width, device=post.device)[None, :, None]
+    inside = (post.gather(1, positions) == seq_max[:, None]).to(torch.uint8).argmax(dim=1)
+    return seq_max, first_block * width + inside
 
 
 @dataclass
 class SetState:
-    """One subject set's running state: maxima, candidate examples, the vectors they point to, and histograms."""
+    """One subject set's running state, as tensors on the device of its hook values: maxima, histogram counts,
+    candidate examples and the vectors they point to. Nothing leaves the device until `state_arrays`/`finish`."""
 
-    running_max: Float[np.ndarray, " n_units"]
-    histogram: Int[np.ndarray, "n_units n_bins"]
-    candidates: dict[str, np.ndarray]
-    vector_keys: Int[np.ndarray, " n_vectors"]  # seq * context_length + pos, sorted
-    vectors: Float[np.ndarray, "n_vectors d_input"]
-    pending: list[dict[str, np.ndarray]] = field(default_factory=list)
-    pending_vectors: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    running_max: Float[Tensor, " n_units"]
+    reference: Float[Tensor, " n_units"] | None
+    key_counts: Int[Tensor, " keys_by_units"]  # histogram keys counted since the last fold (count_histogram_keys)
+    histogram: Int[Tensor, "n_units n_bins"]
+    candidates: dict[str, Tensor]  # CANDIDATE_FIELDS, sorted by (unit, sequence)
+    vector_keys: Int[Tensor, " n_vectors"]  # seq * context_length + pos, sorted
+    vectors: Float[Tensor, "n_vectors d_input"]
+    # The dominance rule at insertion (see `Collector._needed`): without reference maxima, the max_examples largest
+    # sequence maxima fed so far per unit, ascending; with them, how many fed sequences reached the threshold.
+    leaders: Float[Tensor, "n_units max_examples"]
+    qualified: Int[Tensor, " n_units"]
+    pending: list[dict[str, Tensor]] = field(default_factory=list)
+    pending_vectors: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     # Per-sequence maxima for the interval examples, in chunks: (sequence ids [n], max [n, units], argmax [n, units]).
-    sequences: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+    sequences: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)
+    n_pending: int = 0
+    counted: int = 0  # values counted into key_counts (each counter holds at most this many)
+    next_seq: int = 0  # one past the last sequence `update` was fed
+    needs_dominance: bool = False  # pending holds candidates the dominance rule has not seen (absorbed, out of order)
 
     @classmethod
-    def empty(cls, n_units: int, d_input: int, window: int) -> "SetState":
-        candidates = {name: np.zeros(0, np.int32) for name in ("unit", "seq", "pos")}
-        candidates.update({name: np.zeros(0, np.float32) for name in ("act", "pre", "pre_linear")})
-        candidates["window"] = np.zeros((0, window), np.float32)
-        return cls(running_max=np.full(n_units, -np.inf, np.float32),
-                   histogram=np.zeros((n_units, len(HISTOGRAM_EDGES) + 1), np.int64), candidates=candidates,
-                   vector_keys=np.zeros(0, np.int64), vectors=np.zeros((0, d_input), np.float32))
+    def empty(cls, n_units: int, d_input: int, window: int, max_examples: int,
+              reference: np.ndarray | None) -> "SetState":
+        candidates = {name: torch.zeros(0, dtype=torch.int32) for name in ("unit", "seq", "pos")}
+        candidates.update({name: torch.zeros(0) for name in ("act", "pre", "pre_linear")})
+        candidates["window"] = torch.zeros((0, window))
+        wide = n_units * N_KEYS > _INT32_MAX  # counters indexed by an int64 key
+        return cls(running_max=torch.full((n_units,), -torch.inf),
+                   reference=None if reference is None else torch.as_tensor(reference, dtype=torch.float32),
+                   key_counts=torch.zeros(N_KEYS * n_units, dtype=torch.int64 if wide else torch.int32),
+                   histogram=torch.zeros((n_units, len(HISTOGRAM_EDGES) + 1), dtype=torch.int64),
+                   candidates=candidates, vector_keys=torch.zeros(0, dtype=torch.int64),
+                   vectors=torch.zeros((0, d_input)), leaders=torch.full((n_units, max_examples), -torch.inf),
+                   qualified=torch.zeros(n_units, dtype=torch.int64))
+
+    @property
+    def device(self) -> torch.device:
+        return self.running_max.device
+
+    def to(self, device: torch.device) -> None:
+        """Move every tensor of the state to `device` (once, when the first batch arrives there)."""
+        for name, value in vars(self).items():
+            setattr(self, name, _moved(value, device))
+
+    def fold_histogram(self) -> None:
+        """Add the counted keys into the per-bin histogram (exact: every key lies inside one bin)."""
+        if self.counted == 0:
+            return
+        n_units = len(self.running_max)
+        self.histogram.index_add_(1, torch.as_tensor(KEY_BINS, device=self.device),
+                                  self.key_counts.view(N_KEYS, n_units).T.long())
+        self.key_counts.zero_()
+        self.counted = 0
 
     def sequence_table(self) -> tuple[Int[np.ndarray, " n_seq"], Float[np.ndarray, "n_seq n_units"],
                                       Int[np.ndarray, "n_seq n_units"]]:
         """Every recorded sequence's id, per-unit max and its first position, concatenated (once) in arrival order."""
         if len(self.sequences) != 1:
-            n_units = len(self.running_max)
-            chunks = [(np.zeros(0, np.int32), np.zeros((0, n_units), np.float32), np.zeros((0, n_units), np.int32))]
-            chunks += self.sequences
-            self.sequences = [tuple(np.concatenate([c[i] for c in chunks]) for i in range(3))]
-        return self.sequences[0]
+            n_units, device = len(self.running_max), self.device
+            chunks = [(torch.zeros(0, dtype=torch.int32, device=device), torch.zeros((0, n_units), device=device),
+                       torch.zeros((0, n_units), dtype=torch.int32, device=device))] + self.sequences
+            self.sequences = [tuple(torch.cat([c[i] for c in chunks]) for i in range(3))]
+        return tuple(_host(t) for t in self.sequences[0])
+
+
+def _moved(value, device: torch.device):
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {name: _moved(v, device) for name, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_moved(v, device) for v in value)
+    return value
+
+
+def _host(tensor: Tensor) -> np.ndarray:
+    return tensor.cpu().numpy()
 
 
 def candidate_mask(seq_max: Tensor, thresholds: Tensor, maxima: Tensor) -> Tensor:
@@ -98,24 +231,37 @@ def candidate_mask(seq_max: Tensor, thresholds: Tensor, maxima: Tensor) -> Tenso
     return (seq_max >= thresholds) & (maxima > 0)
 
 
-def keep_first_needed(unit: np.ndarray, act: np.ndarray, max_examples: int) -> np.ndarray:
+def _group_rank(sorted_groups: Tensor) -> Tensor:
+    """Each element's index within its run of equal values (0 for the first)."""
+    index = torch.arange(len(sorted_groups), device=sorted_groups.device)
+    starts = torch.ones_like(sorted_groups, dtype=torch.bool)
+    starts[1:] = sorted_groups[1:] != sorted_groups[:-1]
+    return index - torch.cummax(torch.where(starts, index, 0), dim=0).values
+
+
+def keep_first_needed(unit: Int[Tensor, " n"], act: Float[Tensor, " n"], max_examples: int) -> Tensor:
     """Mask of candidates (given in corpus order) that fewer than `max_examples` earlier candidates of the same
-    unit dominate (activation ≥ theirs). The rest can never be among a unit's first `max_examples` qualifiers."""
-    keep = np.ones(len(unit), bool)
-    order = np.argsort(unit, kind="stable")
-    sorted_units = unit[order]
-    starts = np.flatnonzero(np.r_[True, sorted_units[1:] != sorted_units[:-1]])
-    ends = np.r_[starts[1:], len(order)]
-    for start, end in zip(starts, ends):
-        if end - start <= max_examples:
-            continue
-        members = order[start:end]
-        group_act = act[members]
-        for begin in range(0, len(members), DOMINANCE_BLOCK):
-            block = group_act[begin:begin + DOMINANCE_BLOCK]
-            earlier = np.arange(len(members))[None, :] < np.arange(begin, begin + len(block))[:, None]
-            dominating = ((group_act[None, :] >= block[:, None]) & earlier).sum(axis=1)
-            keep[members[begin:begin + len(block)]] = dominating < max_examples
+    unit dominate (activation ≥ theirs). The rest can never be among a unit's first `max_examples` qualifiers.
+
+    Compares each candidate with at least max_examples earlier ones against all of them, in blocks of candidates
+    padded to the longest group: n × width work, on the candidates' device."""
+    keep = torch.ones(len(unit), dtype=torch.bool, device=unit.device)
+    order = torch.argsort(unit, stable=True)
+    rank = _group_rank(unit[order])
+    queries = torch.nonzero(rank >= max_examples).flatten()
+    if len(queries) == 0:
+        return keep
+    sorted_act = act[order]
+    width = int(rank.max())
+    offsets = torch.arange(width, device=unit.device)
+    step = max(1, DOMINANCE_BLOCK // width)
+    for begin in range(0, len(queries), step):
+        query = queries[begin:begin + step]
+        members = (query - rank[query])[:, None] + offsets[None, :]  # the group's first `width` members
+        earlier = offsets[None, :] < rank[query, None]
+        members = torch.where(earlier, members, query[:, None])
+        dominating = ((sorted_act[members] >= sorted_act[query, None]) & earlier).sum(dim=1)
+        keep[order[query]] = dominating < max_examples
     return keep
 
 
@@ -177,10 +323,12 @@ def _rank_within_group(sorted_groups: np.ndarray) -> np.ndarray:
 
 
 class Collector:
-    """Streams batches of hook values into per-set state. Pure numpy/torch: no model, no files.
+    """Streams batches of hook values into per-set state. Pure torch: no model, no files.
 
-    A collector sees any contiguous or non-contiguous part of the corpus (a shard); `absorb` merges another
-    collector's state exactly (see the module docstring and docs/architecture.md)."""
+    All per-batch work runs in torch on the device of the hook values (state moves there with the first batch), with
+    no transfer to the host until `state_arrays`/`finish`. A collector sees any contiguous or non-contiguous part of
+    the corpus (a shard); `absorb` merges another collector's state exactly (see the module docstring and
+    docs/architecture.md)."""
 
     def __init__(self, sets: list[SubjectSet], context_length: int, threshold: float, max_examples: int,
                  window_before: int, window_after: int, reference_maxima: dict[str, np.ndarray] | None = None, *,
@@ -194,7 +342,9 @@ class Collector:
         self.window_before = window_before
         self.window_after = window_after
         self.reference = reference_maxima
-        self.states = {s.key: SetState.empty(s.size, s.d_input, self.window_width) for s in sets}
+        self.states = {s.key: SetState.empty(s.size, s.d_input, self.window_width, max_examples,
+                                             None if reference_maxima is None else reference_maxima[s.key])
+                       for s in sets}
 
     @classmethod
     def for_config(cls, sets: list[SubjectSet], cfg: AtlasConfig,
@@ -207,102 +357,148 @@ class Collector:
         return self.window_before + 1 + self.window_after
 
     def _maxima(self, key: str) -> np.ndarray:
-        return self.reference[key] if self.reference is not None else self.states[key].running_max
+        return self.reference[key] if self.reference is not None else _host(self.states[key].running_max)
+
+    @staticmethod
+    def _maxima_t(state: SetState) -> Tensor:
+        return state.running_max if state.reference is None else state.reference
 
     def update(self, key: str, first_seq: int, readout: Readout) -> None:
         """Feed one batch of sequences (corpus indices first_seq …) of subject set `key`."""
         state = self.states[key]
-        post, pre, pre_linear = readout.post, readout.pre, readout.pre_linear
-        seq_max, argmax = post.max(dim=1)
+        post = readout.post.float().contiguous()
+        if post.device != state.device:
+            state.to(post.device)
+        n_seq, n_pos, n_units = post.shape
+        seq_max, argmax = sequence_maxima(post)
         if self.interval_examples > 0:
-            state.sequences.append((np.arange(first_seq, first_seq + len(seq_max), dtype=np.int32),
-                                    seq_max.float().cpu().numpy(), argmax.int().cpu().numpy()))
-        batch_max = seq_max.max(dim=0).values.float().cpu().numpy()
-        state.running_max = np.maximum(state.running_max, batch_max)
-        bins = torch.bucketize(post.float(), torch.as_tensor(HISTOGRAM_EDGES, device=post.device))
-        n_units = post.shape[-1]
-        flat = (bins + torch.arange(n_units, device=post.device) * (len(HISTOGRAM_EDGES) + 1)).reshape(-1)
-        state.histogram += torch.bincount(flat, minlength=state.histogram.size).reshape(
-            state.histogram.shape).cpu().numpy()
+            state.sequences.append((torch.arange(first_seq, first_seq + n_seq, dtype=torch.int32, device=post.device),
+                                    seq_max, argmax.int()))
+        torch.maximum(state.running_max, seq_max.amax(dim=0), out=state.running_max)
+        if state.counted + n_seq * n_pos > FOLD_EVERY and state.key_counts.dtype == torch.int32:
+            state.fold_histogram()
+        count_histogram_keys(post, state.key_counts)
+        state.counted += n_seq * n_pos
 
-        maxima_t = torch.as_tensor(self._maxima(key), device=post.device)
-        mask = candidate_mask(seq_max, self.threshold * maxima_t, maxima_t)
+        maxima = self._maxima_t(state)
+        mask = candidate_mask(seq_max, self.threshold * maxima, maxima)
+        mask &= self._needed(state, first_seq, seq_max, mask)
         rows, units = torch.nonzero(mask, as_tuple=True)
         if len(rows) == 0:
             return
         positions = argmax[rows, units]
         offsets = torch.arange(-self.window_before, self.window_after + 1, device=post.device)
         window_pos = positions[:, None] + offsets[None, :]
-        inside = (window_pos >= 0) & (window_pos < post.shape[1])
-        window = post[rows[:, None], window_pos.clamp(0, post.shape[1] - 1), units[:, None]]
-        window = torch.where(inside, window, torch.full_like(window, float("nan")))
+        inside = (window_pos >= 0) & (window_pos < n_pos)
+        window = post[rows[:, None], window_pos.clamp(0, n_pos - 1), units[:, None]]
         chunk = {
-            "unit": units.cpu().numpy().astype(np.int32),
-            "seq": (rows + first_seq).cpu().numpy().astype(np.int32),
-            "pos": positions.cpu().numpy().astype(np.int32),
-            "act": seq_max[rows, units].float().cpu().numpy(),
-            "pre": pre[rows, positions, units].float().cpu().numpy(),
-            "pre_linear": (pre_linear[rows, positions, units].float().cpu().numpy() if pre_linear is not None
-                           else np.zeros(len(rows), np.float32)),
-            "window": window.float().cpu().numpy(),
+            "unit": units.int(), "seq": (rows + first_seq).int(), "pos": positions.int(),
+            "act": seq_max[rows, units],
+            "pre": readout.pre[rows, positions, units].float(),
+            "pre_linear": (readout.pre_linear[rows, positions, units].float() if readout.pre_linear is not None
+                           else torch.zeros(len(rows), device=post.device)),
+            "window": torch.where(inside, window, torch.full_like(window, float("nan"))),
         }
-        keys = chunk["seq"].astype(np.int64) * self.context_length + chunk["pos"]
-        unique_keys, first = np.unique(keys, return_index=True)
-        vectors = readout.input[rows[first], positions[first]].float().cpu().numpy()
+        keys = chunk["seq"].long() * self.context_length + positions
+        unique_keys, inverse = torch.unique(keys, return_inverse=True)
+        # Any candidate of each (sequence, position): they all point to the same vector.
+        pick = torch.empty(len(unique_keys), dtype=torch.long, device=post.device).scatter_(
+            0, inverse, torch.arange(len(keys), device=post.device))
         state.pending.append(chunk)
-        state.pending_vectors.append((unique_keys, vectors))
+        state.pending_vectors.append((unique_keys, readout.input[rows[pick], positions[pick]].float()))
+        state.n_pending += len(rows)
+        if state.n_pending >= max(COMPACT_PENDING, len(state.candidates["unit"]) // 4):
+            self._compact(state)
+
+    def _needed(self, state: SetState, first_seq: int, seq_max: Float[Tensor, "batch n_units"],
+                qualifies: Tensor) -> Tensor:
+        """Which (sequence, unit) pairs of the batch fewer than max_examples earlier fed sequences dominate: reach at
+        least the pair's max (any such sequence is itself a candidate, or dominated by as many; so this is
+        `keep_first_needed`'s rule, applied before the pair is stored); with reference maxima, reach the threshold
+        before it. A batch from before the last one fed may be dominated by later sequences: it is kept whole and
+        compaction applies the rule; its maxima still count for the batches after it."""
+        n = self.max_examples
+        if state.reference is not None:
+            counts = qualifies.long()
+            before = state.qualified + torch.cumsum(counts, dim=0) - counts
+            state.qualified += counts.sum(dim=0)
+            needed = before < n
+        else:
+            needed = torch.empty_like(qualifies)
+            for start in range(0, len(seq_max), DOMINANCE_ROWS):
+                rows = seq_max[start:start + DOMINANCE_ROWS]
+                earlier = n - torch.searchsorted(state.leaders, rows.T.contiguous(), side="left").T
+                within = (rows[None, :, :] >= rows[:, None, :]) & torch.ones(
+                    len(rows), len(rows), dtype=torch.bool, device=rows.device).tril(-1)[:, :, None]
+                needed[start:start + len(rows)] = earlier + within.sum(dim=1) < n
+                state.leaders = torch.sort(torch.cat([state.leaders, rows.T], dim=1), dim=1).values[:, -n:].contiguous()
+        in_order = first_seq >= state.next_seq
+        state.next_seq = max(state.next_seq, first_seq + len(seq_max))
+        if not in_order:
+            state.needs_dominance = True
+            return torch.ones_like(qualifies)
+        return needed
 
     def absorb(self, arrays: dict[str, np.ndarray]) -> None:
         """Merge another collector's `state_arrays()` (a shard) into this one. Exact in any order: compaction sorts
-        by (unit, sequence), maxima combine by max, histograms by sum, and per-sequence maxima are kept (sorted by
-        sequence in `finish`)."""
+        by (unit, sequence) and applies the dominance rule, maxima combine by max, histograms by sum, and
+        per-sequence maxima are kept (sorted by sequence in `finish`)."""
         for key, state in self.states.items():
-            state.running_max = np.maximum(state.running_max, arrays[f"{key}.running_max"])
-            state.histogram = state.histogram + arrays[f"{key}.histogram"]
-            state.pending.append({name: arrays[f"{key}.c.{name}"] for name in CANDIDATE_FIELDS})
-            state.pending_vectors.append((arrays[f"{key}.vector_keys"], arrays[f"{key}.vectors"]))
-            state.sequences.append((arrays[f"{key}.seq_ids"], arrays[f"{key}.seq_max"], arrays[f"{key}.seq_argmax"]))
-        self.compact()
+            def tensor(name: str) -> Tensor:
+                return torch.as_tensor(arrays[f"{key}.{name}"], device=state.device)
+
+            torch.maximum(state.running_max, tensor("running_max"), out=state.running_max)
+            state.histogram += tensor("histogram")
+            state.pending.append({name: tensor(f"c.{name}") for name in CANDIDATE_FIELDS})
+            state.pending_vectors.append((tensor("vector_keys"), tensor("vectors")))
+            state.sequences.append((tensor("seq_ids"), tensor("seq_max"), tensor("seq_argmax")))
+            state.n_pending += len(arrays[f"{key}.c.unit"])
+            state.needs_dominance = True
+            if state.n_pending >= max(COMPACT_PENDING, len(state.candidates["unit"]) // 4):
+                self._compact(state)
 
     def compact(self) -> None:
         """Merge pending candidates and drop every one that can no longer be selected, and unused vectors."""
-        for key, state in self.states.items():
-            if not state.pending:
-                continue
-            merged = {name: np.concatenate([state.candidates[name]] + [c[name] for c in state.pending])
-                      for name in CANDIDATE_FIELDS}
-            state.pending.clear()
-            order = np.lexsort((merged["seq"], merged["unit"]))
-            merged = {name: values[order] for name, values in merged.items()}
-            alive = merged["act"] >= self.threshold * self._maxima(key)[merged["unit"]]
-            merged = {name: values[alive] for name, values in merged.items()}
-            if self.reference is not None:
-                keep = _rank_within_group(merged["unit"]) < self.max_examples
+        for state in self.states.values():
+            self._compact(state)
+
+    def _compact(self, state: SetState) -> None:
+        if not state.pending:
+            return
+        merged = {name: torch.cat([state.candidates[name]] + [c[name] for c in state.pending])
+                  for name in CANDIDATE_FIELDS}
+        state.pending.clear()
+        state.n_pending = 0
+        order = torch.argsort(merged["unit"].long() * _SEQ_SPAN + merged["seq"].long())
+        alive = merged["act"][order] >= self.threshold * self._maxima_t(state)[merged["unit"][order].long()]
+        merged = {name: values[order[alive]] for name, values in merged.items()}
+        if state.needs_dominance:
+            if state.reference is not None:
+                keep = _group_rank(merged["unit"]) < self.max_examples
             else:
                 keep = keep_first_needed(merged["unit"], merged["act"], self.max_examples)
-            state.candidates = {name: values[keep] for name, values in merged.items()}
-            all_keys = np.concatenate([state.vector_keys] + [k for k, _ in state.pending_vectors])
-            all_vectors = np.concatenate([state.vectors] + [v for _, v in state.pending_vectors])
-            state.pending_vectors.clear()
-            needed = np.unique(state.candidates["seq"].astype(np.int64) * self.context_length
-                               + state.candidates["pos"])
-            unique_keys, first = np.unique(all_keys, return_index=True)
-            take = first[np.isin(unique_keys, needed)]
-            state.vector_keys, state.vectors = all_keys[take], all_vectors[take]
+            merged = {name: values[keep] for name, values in merged.items()}
+            state.needs_dominance = False
+        state.candidates = merged
+        parts = [(state.vector_keys, state.vectors)] + state.pending_vectors
+        state.pending_vectors = []
+        state.vector_keys, state.vectors = _needed_vectors(
+            parts, merged["seq"].long() * self.context_length + merged["pos"])
 
     def finish(self, key: str) -> dict[str, np.ndarray]:
         """The set's final artefact arrays: examples grouped by unit in corpus order, and interval examples."""
         self.compact()
         state = self.states[key]
-        observed = state.running_max
+        state.fold_histogram()
+        observed = _host(state.running_max)
         maxima = self._maxima(key)
         thresholds = np.where(maxima > 0, self.threshold * maxima, np.inf).astype(np.float32)
-        c = state.candidates
+        c = {name: _host(values) for name, values in state.candidates.items()}
         chosen = select_examples(c["unit"], c["seq"], c["act"], thresholds, self.max_examples)
         counts = np.bincount(c["unit"][chosen], minlength=len(maxima))
         keys = c["seq"][chosen].astype(np.int64) * self.context_length + c["pos"][chosen]
         vector_keys, vector_index = np.unique(keys, return_inverse=True)
-        lookup = np.searchsorted(state.vector_keys, vector_keys)
+        lookup = torch.searchsorted(state.vector_keys, torch.as_tensor(vector_keys, device=state.device))
         limits = np.where(maxima > 0, self.threshold * maxima, 0).astype(np.float32)
         intervals = select_interval_examples(*state.sequence_table(), limits, self.interval_count,
                                              self.interval_examples)
@@ -315,8 +511,8 @@ class Collector:
             "vector_index": vector_index.astype(np.int32),
             "vector_seq": (vector_keys // self.context_length).astype(np.int32),
             "vector_pos": (vector_keys % self.context_length).astype(np.int32),
-            "vectors": state.vectors[lookup],
-            "histogram": state.histogram.astype(np.int32),
+            "vectors": _host(state.vectors[lookup]),
+            "histogram": _host(state.histogram).astype(np.int32),
             "histogram_edges": HISTOGRAM_EDGES,
             **intervals,
         }
@@ -326,14 +522,39 @@ class Collector:
         self.compact()
         arrays = {}
         for key, state in self.states.items():
-            arrays[f"{key}.running_max"] = state.running_max
-            arrays[f"{key}.histogram"] = state.histogram
-            arrays[f"{key}.vector_keys"] = state.vector_keys
-            arrays[f"{key}.vectors"] = state.vectors
+            state.fold_histogram()
+            # copies: the state updates these two in place
+            arrays[f"{key}.running_max"] = _host(state.running_max).copy()
+            arrays[f"{key}.histogram"] = _host(state.histogram).copy()
+            arrays[f"{key}.vector_keys"] = _host(state.vector_keys)
+            arrays[f"{key}.vectors"] = _host(state.vectors)
             arrays[f"{key}.seq_ids"], arrays[f"{key}.seq_max"], arrays[f"{key}.seq_argmax"] = state.sequence_table()
             for name in CANDIDATE_FIELDS:
-                arrays[f"{key}.c.{name}"] = state.candidates[name]
+                arrays[f"{key}.c.{name}"] = _host(state.candidates[name])
         return arrays
+
+
+def _needed_vectors(parts: list[tuple[Tensor, Tensor]], needed: Int[Tensor, " n"]
+                    ) -> tuple[Int[Tensor, " n_vectors"], Float[Tensor, "n_vectors d_input"]]:
+    """The vectors whose keys are `needed`, once each and sorted by key, from parts of (keys, vectors). Copied into
+    one new tensor part by part and in blocks, so the peak is the old parts plus the kept rows (not a concatenation
+    of everything first)."""
+    keys = torch.cat([k for k, _ in parts])
+    unique_keys, inverse = torch.unique(keys, return_inverse=True)
+    source = torch.empty(len(unique_keys), dtype=torch.long, device=keys.device).scatter_(
+        0, inverse, torch.arange(len(keys), device=keys.device))  # any copy of a key: they are equal
+    wanted = torch.isin(unique_keys, needed)
+    source, kept_keys = source[wanted], unique_keys[wanted]
+    vectors = parts[0][1]
+    out = torch.empty((len(source), vectors.shape[1]), dtype=vectors.dtype, device=vectors.device)
+    start = 0
+    for _, part in parts:
+        rows = torch.nonzero((source >= start) & (source < start + len(part))).flatten()
+        for begin in range(0, len(rows), COMPACT_PENDING):
+            block = rows[begin:begin + COMPACT_PENDING]
+            out[block] = part[source[block] - start]
+        start += len(part)
+    return kept_keys, out
 
 
 def forward_with_hooks(bridge, tokens: Tensor, sets: list[SubjectSet]) -> dict[str, Tensor]:
@@ -391,15 +612,58 @@ def load_reference_maxima(cfg: AtlasConfig, sets: list[SubjectSet], n_layers: in
     return {key: values.astype(np.float32) for key, values in maxima.items()}
 
 
-def build(run: StageRun) -> dict:
-    """The collect stage: tokenise once, run every sequence shard not yet done, merge the shards exactly."""
-    from builder.models import load_model, selected_layers
+class CollectShards:
+    """Collect's ShardWorker: the model and the packed tokens once, then each shard's batches fed to a fresh Collector
+    whose state is the shard's artefact. Pickled without the model (another process loads its own in `setup`)."""
+
+    stage = "collect"
+
+    def __init__(self, cfg: AtlasConfig, model=None):
+        self.cfg = cfg
+        self.model = model
+
+    def __getstate__(self) -> dict:
+        return {"cfg": self.cfg, "model": None}
+
+    def setup(self) -> None:
+        from builder.models import load_model
+
+        if self.model is None:
+            self.model = load_model(self.cfg)
+        self.sets = atlas_sets(self.cfg, self.model)
+        self.reference = load_reference_maxima(self.cfg, self.sets, self.model.n_layers)
+        self.tokens = TOKENS.read_npz(AtlasPaths.of(self.cfg).tokens)["tokens"]
+
+    def run(self, shard: range, bar) -> dict:
+        collector = Collector.for_config(self.sets, self.cfg, self.reference)
+        for first in range(shard.start, shard.stop, self.cfg.batch_size):
+            end = min(shard.stop, first + self.cfg.batch_size)
+            batch = torch.as_tensor(self.tokens[first:end], dtype=torch.long, device=self.model.device)
+            collect_batch(collector, self.model.bridge, batch, first)
+            bar.update(end - first)
+        COLLECT_SHARD.write_npz(AtlasPaths.of(self.cfg).shard("collect", shard.start, shard.stop),
+                                **collector.state_arrays())
+        return {"forwarded_sequences": len(shard)}
+
+
+def atlas_sets(cfg: AtlasConfig, model) -> list[SubjectSet]:
+    """The subject sets a config atlases on a loaded model: its selected MLP layers, then its SAEs."""
+    from builder.models import selected_layers
     from builder.subjects import model_subject_sets
+
+    layers = selected_layers(cfg, model.n_layers)
+    return model_subject_sets(model, layers if cfg.atlas_neurons else [], cfg.atlased_saes, cfg.model)
+
+
+def build(run: StageRun) -> dict:
+    """The collect stage: tokenise once, run every sequence shard not yet done (with the config's engine), merge the
+    shards exactly."""
+    from builder.models import load_model, selected_layers
 
     cfg, paths = run.cfg, run.paths
     model = load_model(cfg)
     layers = selected_layers(cfg, model.n_layers)
-    sets = model_subject_sets(model, layers if cfg.atlas_neurons else [], cfg.atlased_saes, cfg.model)
+    sets = atlas_sets(cfg, model)
     reference = load_reference_maxima(cfg, sets, model.n_layers)
     tokens, packing = _load_or_tokenise(run, model)
     shards = sequence_shards(len(tokens), cfg.shard_sequences)
@@ -407,18 +671,9 @@ def build(run: StageRun) -> dict:
     todo = [r for r in shards if not COLLECT_SHARD.is_readable(files[r])]
     if len(todo) < len(shards):
         log.info("collect: %d of %d shards already done", len(shards) - len(todo), len(shards))
-    forwarded = 0
     with progress(total=len(tokens), initial=len(tokens) - sum(len(r) for r in todo), desc="collect",
                   unit="seq") as bar:
-        for shard in todo:
-            collector = Collector.for_config(sets, cfg, reference)
-            for first in range(shard.start, shard.stop, cfg.batch_size):
-                end = min(shard.stop, first + cfg.batch_size)
-                batch = torch.as_tensor(tokens[first:end], dtype=torch.long, device=model.device)
-                collect_batch(collector, model.bridge, batch, first)
-                forwarded += end - first
-                bar.update(end - first)
-            COLLECT_SHARD.write_npz(files[shard], **collector.state_arrays())
+        counters = run_shards(cfg, CollectShards(cfg, model), todo, bar)
     merged = Collector.for_config(sets, cfg, reference)
     for shard in shards:
         merged.absorb(COLLECT_SHARD.read_npz(files[shard]))
@@ -433,7 +688,8 @@ def build(run: StageRun) -> dict:
             "interval_count": cfg.interval_count, "interval_examples": cfg.interval_examples,
             "reference_maxima": bool(cfg.reference_maxima), "window_before": cfg.window_before,
             "window_after": cfg.window_after, "n_shards": len(shards), "shards_run_last_run": len(todo),
-            "forwarded_sequences_last_run": forwarded, "build_date": packing["build_date"]}
+            "forwarded_sequences_last_run": sum(c["forwarded_sequences"] for c in counters),
+            "build_date": packing["build_date"]}
 
 
 def _load_or_tokenise(run: StageRun, model) -> tuple[np.ndarray, dict]:

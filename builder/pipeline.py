@@ -68,7 +68,7 @@ TRAIN_FIELDS = ("model", "model_revision", "dtype", "context_length", "prepend_b
 
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("train_sae", TRAIN_FIELDS, (), version=1, inputs=train_inputs, applies=lambda cfg: bool(cfg.train_sae)),
-    Stage("collect", COLLECT_FIELDS, ("train_sae",), version=3, inputs=collect_inputs),
+    Stage("collect", COLLECT_FIELDS, ("train_sae",), version=4, inputs=collect_inputs),  # 4: histogram edges
     Stage("embed", (), ("collect",), version=3),  # 3: SAE sets also write their dictionary tools
     Stage("cluster", ("cluster_threshold",), ("collect", "embed"), version=3),
     Stage("importance", ("importance_mode", "mask_token"), ("collect",), version=2),
@@ -77,6 +77,6 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("report", ("cluster_threshold",), ("collect", "cluster"), version=2),
     Stage("evaluate", ("evaluate_sequences",), ("collect",), version=1),
     Stage("render", ("name", "site_dir", "site_url", "author", "build_date", "seed"),
-          ("collect", "embed", "cluster", "importance", "neighbours", "report", "evaluate", "train_sae"), version=2,
+          ("collect", "embed", "cluster", "importance", "neighbours", "report", "evaluate", "train_sae"), version=3,
           inputs=render_inputs),
 )}

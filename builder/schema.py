@@ -107,8 +107,13 @@ METRIC_NAMES = ("n_examples", "n_clusters", "max_distance", "mean_distance", "in
                 "largest_share")
 COUNT_METRICS = ("n_examples", "n_clusters")
 
-# Histogram edges shared by every unit: 0 and ±0.01·2^(k/3) up to ±~650, so any activation scale reads well.
-_GEOMETRIC = 0.01 * 2.0 ** (np.arange(0, 48) / 3.0)
+# Histogram edges shared by every unit: 0 and ±0.01·2^(k/3) (three per octave up to ±512, so any activation scale
+# reads well), each rounded to the nearest float with 2 mantissa bits (within 7%). On such edges a float32's bin is a
+# function of its top 11 bits, which collect counts without a search (builder/collect.py, `count_histogram_keys`).
+# A value on an edge counts in the bin nearer zero and ±0 in the bin (−edge, 0]: bin b holds (edges[b − 1], edges[b]]
+# above zero and [edges[b − 1], edges[b]) below it.
+_MANTISSA, _EXPONENT = np.frexp(0.01 * 2.0 ** (np.arange(0, 48) / 3.0))
+_GEOMETRIC = np.ldexp(np.round(_MANTISSA * 8) / 8, _EXPONENT)
 HISTOGRAM_EDGES = np.concatenate([-_GEOMETRIC[::-1], [0.0], _GEOMETRIC]).astype(np.float32)
 
 

@@ -165,6 +165,7 @@
     var bytes = await unpack(doc, ref, "u1");
     return JSON.parse(new TextDecoder().decode(bytes));
   }
+  Atlas.unpackJson = unpackJson;
 
   /* A neuron sidecar decoded; `common` is the atlas's common vocabulary (data/common.json) that its own `vocab`
    * (the rarer tokens it shows) continues. */

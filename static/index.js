@@ -16,29 +16,50 @@
   var COLUMNS = ["max_activation", "density", "n_examples", "n_clusters", "n_multi", "largest_share", "mean_distance",
                  "intra_distance", "inter_distance"];
 
+  /* The unit table (docs/sidecar-schema.md, neurons.json): a manifest and one shard per subject set, loaded when a
+   * view shows that set, so no view downloads more than the manifest's budget. Every set at once only when `all`. */
   async function initModel() {
     var tbody = document.querySelector("#neurons tbody");
     if (!tbody) return;
     var table = await loadData("neurons", "data/neurons.json");
-    var cols = table.columns, index = new SubjectIndex(table.sets);
-    var total = index.total;
+    var index = new SubjectIndex(table.sets), total = index.total;
+    var shards = new Map(table.shards.map(function (s) { return [s.set, s]; }));
+    var cols = {}, loaded = new Map();  // cols[name][row] for the rows of the sets loaded so far
     var state = { col: "row", dir: 1, page: 0 };
     var filters = { set: document.getElementById("f-set"), ex: document.getElementById("f-ex"),
                     k: document.getElementById("f-k"), share: document.getElementById("f-share") };
-    var defaults = { set: "", ex: "0", k: "0", share: "1" };
+    var every = filters.set.querySelector('option[value=""]');
+    if (every && !table.all) every.remove();
+    var defaults = { set: filters.set.options.length ? filters.set.options[0].value : "", ex: "0", k: "0", share: "1" };
+    function shown() { return filters.set.value ? [index.byKey.get(filters.set.value)] : index.sets; }
+    function loadSet(set) {
+      if (!loaded.has(set.key)) {
+        loaded.set(set.key, loadData("neurons-" + set.key, "data/" + shards.get(set.key).file).then(function (doc) {
+          return Promise.all(Object.keys(doc.columns).map(async function (name) {
+            var field = doc.columns[name];
+            var values = field.dtype === "json" ? await Atlas.unpackJson(doc, field.data) :
+              await Atlas.unpack(doc, field.data, field.dtype);
+            var column = cols[name] || (cols[name] = []);
+            for (var u = 0; u < set.size; u++) column[set.offset + u] = Number.isNaN(values[u]) ? null : values[u];
+          }));
+        }));
+      }
+      return loaded.get(set.key);
+    }
     function value(row, col) { return col === "row" ? row : cols[col][row]; }
     function rows() {
-      var set = filters.set.value ? index.byKey.get(filters.set.value) : null, minEx = Number(filters.ex.value) || 0, minK = Number(filters.k.value) || 0;
+      var minEx = Number(filters.ex.value) || 0, minK = Number(filters.k.value) || 0;
       var maxShare = filters.share.value === "" ? 1 : Number(filters.share.value);
       var out = [];
-      for (var r = 0; r < total; r++) {
-        if (set && (r < set.offset || r >= set.offset + set.size)) continue;
-        if (cols.n_examples[r] < minEx || cols.n_clusters[r] < minK) continue;
-        if (cols.n_examples[r] === 0 && index.unit(r).set.kind === "sae") continue;  // inactive latents: no page
-        var share = cols.largest_share[r];
-        if (share !== null && share > maxShare + 1e-12) continue;
-        out.push(r);
-      }
+      shown().forEach(function (set) {
+        for (var r = set.offset; r < set.offset + set.size; r++) {
+          if (cols.n_examples[r] < minEx || cols.n_clusters[r] < minK) continue;
+          if (cols.n_examples[r] === 0 && set.kind === "sae") continue;  // inactive latents: no page
+          var share = cols.largest_share[r];
+          if (share !== null && share > maxShare + 1e-12) continue;
+          out.push(r);
+        }
+      });
       out.sort(function (a, b) {
         var x = value(a, state.col), y = value(b, state.col);
         if (x === null && y === null) return a - b;
@@ -71,13 +92,22 @@
       Object.keys(filters).forEach(function (key) {
         filters[key].value = params.has(key) ? params.get(key) : defaults[key];
       });
+      if (filters.set.selectedIndex < 0) filters.set.value = defaults.set;  // a set this atlas lacks, or "all"
       document.querySelectorAll("#neurons th").forEach(function (th) {
         var button = th.querySelector("button");
         th.setAttribute("aria-sort", button && button.dataset.col === state.col ?
           (state.dir > 0 ? "ascending" : "descending") : "none");
       });
     }
-    function draw() {
+    var drawing = 0;
+    function draw() {  // once the shown sets' shards are loaded; a later draw supersedes one still loading
+      var ticket = ++drawing;
+      return Promise.all(shown().map(loadSet)).then(function () { if (ticket === drawing) paint(); }, function (error) {
+        document.getElementById("page-info").textContent = "The unit table could not be loaded (" + error.message +
+          ").";
+      });
+    }
+    function paint() {
       var list = rows();
       var pages = Math.max(1, Math.ceil(list.length / PAGE));
       state.page = Math.min(state.page, pages - 1);
@@ -119,7 +149,7 @@
     document.getElementById("page-next").addEventListener("click", function () { state.page++; draw(); });
     window.addEventListener("popstate", function () { readState(); draw(); });
     readState();
-    draw();
+    await draw();
   }
 
   Atlas.initModel = initModel;
@@ -141,13 +171,15 @@
   async function wordSearch(query, results) {
     results.textContent = "Searching\u2026";
     var words = Array.from(new Set(wordsOf(query))).slice(0, 8);
-    var postings;
+    var postings, cut = [];
     try {
       var manifest = await loadData("atlas", modelRoot() + "data/atlas.json");
       var shards = manifest.search.shards;
       postings = await Promise.all(words.map(function (w) {
         var shard = wordShard(w, shards);
         return loadData("search" + shard, modelRoot() + "data/search/" + shard + ".json").then(function (doc) {
+          if (doc.cut && doc.cut[w]) cut.push(JSON.stringify(w) + " is listed for " + doc.cut[w] + " features; the " +
+            doc.words[w].length + " with the most examples peaking on it are indexed");
           return doc.words[w] || [];
         });
       }));
@@ -178,6 +210,7 @@
     }
     results.appendChild(el("p", null, hits.length + " feature" + (hits.length === 1 ? "" : "s") + " for " +
       JSON.stringify(query) + ", most examples peaking on it first:"));
+    if (cut.length) results.appendChild(el("p", { class: "caption" }, cut.join("; ") + "."));
     var list = el("ol", { class: "hits" });
     var shown = 0;
     function more() {

@@ -107,8 +107,8 @@ def write_artefacts(cfg: AtlasConfig, seed: int = 0) -> None:
                   pre_linear=np.zeros(n_ex, np.float32), window=np.array(windows, np.float32).reshape(n_ex, -1),
                   vector_index=np.arange(n_ex, dtype=np.int32), vector_seq=np.array(seqs, np.int32),
                   vector_pos=np.array(poss, np.int32), vectors=vectors,
-                  histogram=histograms(rng), histogram_edges=HISTOGRAM_EDGES,
-                  **interval_examples(cfg, maxima))
+                  histogram=histograms(rng, D_MLP), histogram_edges=HISTOGRAM_EDGES,
+                  **interval_examples(cfg, maxima, N_SEQ, CONTEXT))
         top = rng.integers(1, RANDOM_VOCAB, size=(D_MLP, 10)).astype(np.int32)
         top[0, :5] = [HOSTILE_ID[name] for name in ("script", "img", "newline", "template", "entity")]
         bottom = rng.integers(1, RANDOM_VOCAB, size=(D_MLP, 10)).astype(np.int32)
@@ -144,36 +144,42 @@ def write_artefacts(cfg: AtlasConfig, seed: int = 0) -> None:
                          for name in METRIC_NAMES})
     write_neighbours(paths, all_clusters, rng)
     write_report(paths)
-    STAGES["collect"].meta_type.write_json(paths.meta("collect"), {
-        "subject_sets": [mlp_layer(layer, D_MLP, D_MODEL, False).describe() for layer in LAYERS],
-        "code_version": "0.1.0", "model": "synthetic/\"quoted\" <model>", "model_revision": "rev-1", "n_layers": 3,
-        "d_model": D_MODEL, "d_mlp": D_MLP, "gated": False, "layers": list(LAYERS), "dataset": ["corpus.jsonl"],
-        "n_sequences": N_SEQ, "n_tokens": N_SEQ * CONTEXT, "context_length": CONTEXT,
+    write_collect_meta(cfg, "synthetic/\"quoted\" <model>", LAYERS, 3, D_MLP, D_MODEL, N_SEQ, CONTEXT)
+
+
+def write_collect_meta(cfg: AtlasConfig, model: str, layers, n_layers: int, d_mlp: int, d_model: int, n_seq: int,
+                       context: int) -> None:
+    """Collect's meta for MLP `layers` of a model of that shape, over n_seq sequences of `context` tokens."""
+    STAGES["collect"].meta_type.write_json(AtlasPaths.of(cfg).meta("collect"), {
+        "subject_sets": [mlp_layer(layer, d_mlp, d_model, False).describe() for layer in layers],
+        "code_version": "0.1.0", "model": model, "model_revision": "rev-1", "n_layers": n_layers,
+        "d_model": d_model, "d_mlp": d_mlp, "gated": False, "layers": list(layers), "dataset": ["corpus.jsonl"],
+        "n_sequences": n_seq, "n_tokens": n_seq * context, "context_length": context,
         "packing": {"bos_token_id": 0, "build_date": "2024-01-01"}, "threshold": cfg.threshold,
-        "max_examples": cfg.max_examples, "reference_maxima": False, "window_before": wb, "window_after": wa,
-        "forwarded_sequences_last_run": N_SEQ, "build_date": "2024-01-01"})
+        "max_examples": cfg.max_examples, "reference_maxima": False, "window_before": cfg.window_before,
+        "window_after": cfg.window_after, "forwarded_sequences_last_run": n_seq, "build_date": "2024-01-01"})
 
 
-def interval_examples(cfg: AtlasConfig, maxima: list[float]) -> dict[str, np.ndarray]:
+def interval_examples(cfg: AtlasConfig, maxima: list[float], n_seq: int, context: int) -> dict[str, np.ndarray]:
     """Collect's interval-example arrays: for a live unit, one sequence in the middle of each interval (the second
     slot left empty), none for a dead unit."""
-    shape = (D_MLP, cfg.interval_count, cfg.interval_examples)
+    shape = (len(maxima), cfg.interval_count, cfg.interval_examples)
     seq, pos = np.full(shape, -1, np.int32), np.full(shape, -1, np.int32)
     act = np.full(shape, np.nan, np.float32)
     for unit, peak in enumerate(maxima):
         if peak <= 0 or cfg.interval_examples == 0:
             continue
         for i in range(cfg.interval_count):
-            seq[unit, i, 0], pos[unit, i, 0] = (3 * i + unit + 2) % N_SEQ, 2 + (i + unit) % (CONTEXT - 2)
+            seq[unit, i, 0], pos[unit, i, 0] = (3 * i + unit + 2) % n_seq, 2 + (i + unit) % (context - 2)
             act[unit, i, 0] = (i + 0.5) / cfg.interval_count * cfg.threshold * peak
     return {"interval_seq": seq, "interval_pos": pos, "interval_act": act}
 
 
-def histograms(rng) -> np.ndarray:
+def histograms(rng, n_units: int) -> np.ndarray:
     n_bins = len(HISTOGRAM_EDGES) + 1
     centre = n_bins // 2
-    counts = np.zeros((D_MLP, n_bins), np.int32)
-    for neuron in range(D_MLP):
+    counts = np.zeros((n_units, n_bins), np.int32)
+    for neuron in range(n_units):
         spread = np.arange(centre - 20, centre + 25)
         counts[neuron, spread] = rng.integers(0, 2000, size=len(spread)) // (1 + np.abs(spread - centre))
     return counts

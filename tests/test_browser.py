@@ -8,9 +8,11 @@ neuron page is saved to test-artifacts/neuron.png.
 from __future__ import annotations
 
 import functools
+import json
 import http.server
 import re
 import threading
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -556,5 +558,59 @@ def test_the_browser_splits_and_shards_words_as_the_builder_does(site, tab):
     for text in (" Ahab's café, naïve ÜNÏCODE 42x — ok?", "日本語のテキスト と 123", "tab\tnew\nline __init__"):
         words = page.evaluate("t => Atlas.wordsOf(t)", text)
         assert words == words_of(text), text
-        assert page.evaluate("ws => ws.map(w => Atlas.wordShard(w, 64))", words) == [word_shard(w) for w in words]
+        for shards in (64, 4096):  # the shard count grows with the index
+            assert page.evaluate("a => a[0].map(w => Atlas.wordShard(w, a[1]))", [words, shards]) == \
+                [word_shard(w, shards) for w in words]
+    assert tab.errors == []
+
+
+@pytest.fixture(scope="module")
+def sharded_site(tmp_path_factory):
+    """The synthetic site rendered with budgets so small that the index shows one set at a time, the search index
+    needs more than the minimum shard count and the commonest words' postings are cut: how a 7B-sized atlas is
+    published (builder/scale/index.py measures that scale)."""
+    from builder.render import sidecars
+
+    folder = tmp_path_factory.mktemp("sharded")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sidecars, "TABLE_BUDGET", 1)
+        patch.setattr(sidecars, "SEARCH_SHARD_BUDGET", 320)
+        patch.setattr(sidecars, "SEARCH_WORD_BUDGET", 20)
+        cfg = fx.build_site(folder)
+    server, url = serve(Path(cfg.site_dir))
+    yield {"dir": Path(cfg.site_dir), "url": url}
+    server.shutdown()
+
+
+def test_a_sharded_index_shows_one_set_at_a_time_and_keeps_deep_links(sharded_site, tab):
+    data = sharded_site["dir"] / MODEL / "data"
+    table = json.loads((data / "neurons.json").read_text())
+    manifest = json.loads((data / "atlas.json").read_text())
+    assert not table["all"] and manifest["search"]["shards"] > 64
+    cut = {w: n for i in range(manifest["search"]["shards"])
+           for w, n in json.loads((data / "search" / f"{i}.json").read_text())["cut"].items()}
+    common = max(cut, key=lambda w: (cut[w], w))  # the word listed for most features, its postings cut
+    rows = lambda page: page.eval_on_selector_all("#neurons tbody tr td:first-child",  # noqa: E731
+                                                  "ts => ts.map(t => t.textContent)")
+    for base in (sharded_site["url"] + f"{MODEL}/index.html", (sharded_site["dir"] / MODEL / "index.html").as_uri()):
+        page = tab.open(base)
+        page.wait_for_selector("#neurons tbody tr")
+        assert page.eval_on_selector_all("#f-set option", "os => os.map(o => o.value)") == ["L0", "L2"]
+        assert rows(page) == [f"L0 N{n}" for n in range(5)]
+        page.click("th button[data-col=n_examples]")
+        page.select_option("#f-set", "L2")
+        page.wait_for_function("() => document.querySelector('#neurons tbody td').textContent.startsWith('L2')")
+        counts = page.eval_on_selector_all("#neurons tbody tr td:nth-child(4)", "ts => ts.map(t => +t.textContent)")
+        assert counts == sorted(counts, reverse=True) and len(counts) == 5
+        assert "set=L2" in page.url and "sort=n_examples%3Adesc" in page.url
+        page.goto("about:blank")  # a fresh load, not a hash change
+        # A shared link restores the view and runs its search.
+        page = tab.open(base + "#set=L2&sort=max_activation:desc&q=" + urllib.parse.quote(common))
+        page.wait_for_selector("#results ol.hits li")
+        assert page.input_value("#f-set") == "L2" and all(r.startswith("L2 ") for r in rows(page))
+        assert f"is listed for {cut[common]} features" in page.text_content("#results")
+        page.goto("about:blank")
+        page = tab.open(base + "#set=L9")  # a set this atlas lacks falls back to the first
+        page.wait_for_selector("#neurons tbody tr")
+        assert page.input_value("#f-set") == "L0"
     assert tab.errors == []

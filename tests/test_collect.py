@@ -72,12 +72,22 @@ def naive_examples(post: np.ndarray, pre: np.ndarray, pre_linear: np.ndarray | N
     return result
 
 
+def naive_bin(value: float) -> int:
+    """The stored edges' convention, literally: above zero bin i holds (edge[i-1], edge[i]], below zero
+    [edge[i-1], edge[i]) (a value on an edge counts in the bin nearer zero), ±0 the bin ending at 0."""
+    side = "left" if value >= 0 else "right"
+    return int(np.searchsorted(HISTOGRAM_EDGES, value, side=side))
+
+
 def naive_histogram(post: np.ndarray) -> np.ndarray:
-    """Per neuron, counts of activations in (edge[i-1], edge[i]] (bin 0: ≤ first edge; last bin: > last edge)."""
+    """Per neuron, counts of activations per bin, one value at a time."""
     d_mlp = post.shape[-1]
     flat = post.reshape(-1, d_mlp)
-    return np.stack([np.bincount(np.searchsorted(HISTOGRAM_EDGES, flat[:, n], side="left"),
-                                 minlength=len(HISTOGRAM_EDGES) + 1) for n in range(d_mlp)])
+    counts = np.zeros((d_mlp, len(HISTOGRAM_EDGES) + 1), np.int64)
+    for n in range(d_mlp):
+        for value in flat[:, n]:
+            counts[n, naive_bin(value)] += 1
+    return counts
 
 
 def assert_matches_naive(result: dict, expected: dict, post: np.ndarray, normalized: np.ndarray,
@@ -440,7 +450,8 @@ def test_keep_first_needed_drops_exactly_candidates_dominated_by_max_examples_ea
     neuron = rng.integers(0, 4, size=n).astype(np.int32)
     act = rng.integers(0, 12, size=n).astype(np.float32)  # many exact ties
     for max_examples in (1, 3, 10):
-        np.testing.assert_array_equal(keep_first_needed(neuron, act, max_examples),
+        np.testing.assert_array_equal(keep_first_needed(torch.from_numpy(neuron), torch.from_numpy(act),
+                                                        max_examples).numpy(),
                                       brute_keep_first_needed(neuron, act, max_examples))
 
 
@@ -449,7 +460,7 @@ def test_keep_first_needed_handles_groups_longer_than_its_block_size():
     n = 5000
     neuron = np.zeros(n, np.int32)
     act = rng.standard_normal(n).astype(np.float32)
-    keep = keep_first_needed(neuron, act, 3)
+    keep = keep_first_needed(torch.from_numpy(neuron), torch.from_numpy(act), 3).numpy()
     # Brute force in O(n log n): dominating count = number of earlier values ≥ this one.
     counts = np.array([(act[:i] >= act[i]).sum() for i in range(n)])
     np.testing.assert_array_equal(keep, counts < 3)
@@ -624,6 +635,142 @@ def test_zero_interval_examples_records_nothing_and_gives_empty_arrays():
     result = collector.finish("L0")
     assert result["interval_seq"].shape == result["interval_act"].shape == (stream[0].shape[-1], 4, 0)
     assert_matches_naive(result, expected_for(stream, cfg), stream[0], stream[3])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The histogram, the first maximum, insertion-time pruning and device discipline
+
+
+def edge_case_values() -> np.ndarray:
+    """Every edge, the floats just beside each, ±0, subnormals, the extremes and heavy-tailed random values."""
+    edges = HISTOGRAM_EDGES
+    special = np.array([0.0, -0.0, 1e-45, -1e-45, 1e-39, -1e-39, 1.2e-38, -1.2e-38, np.inf, -np.inf,
+                        np.finfo(np.float32).max, -np.finfo(np.float32).max, 1e6, -1e6], np.float32)
+    beside = np.concatenate([np.nextafter(edges, np.float32(np.inf)), np.nextafter(edges, np.float32(-np.inf))])
+    rng = np.random.default_rng(0)
+    heavy = (rng.standard_t(2, size=2000) * np.exp(rng.normal(0, 2, size=2000))).astype(np.float32)
+    return np.concatenate([edges, beside, special, heavy]).astype(np.float32)
+
+
+@pytest.mark.parametrize("variant", ["plain", "folding every batch", "int64 keys"])
+def test_histogram_matches_a_literal_per_value_reference(monkeypatch, variant):
+    if variant == "folding every batch":
+        monkeypatch.setattr(collect, "FOLD_EVERY", CTX)  # int32 counters folded before every batch
+    if variant == "int64 keys":
+        monkeypatch.setattr(collect, "_INT32_MAX", 1000)  # int64 indices and counters, as for > 1M units
+    values = edge_case_values()
+    d_mlp = 7
+    n_seq = -(-len(values) // (CTX * d_mlp))
+    post = np.resize(values, (n_seq, CTX, d_mlp)).astype(np.float32)
+    post[0, 0, :] = 1.0  # every unit has a positive maximum: the histogram must not depend on that
+    stream = (post, np.zeros_like(post), None, np.zeros((n_seq, CTX, D_MODEL), np.float32))
+    result = collect_stream(stream, make_config(), sizes=(1, 2))
+    np.testing.assert_array_equal(result["histogram"], naive_histogram(post))
+    assert result["histogram"].sum() == post.size
+    np.testing.assert_array_equal(result["histogram_edges"], HISTOGRAM_EDGES)
+
+
+def test_histogram_key_bins_need_edges_on_key_boundaries():
+    assert np.array_equal(collect.histogram_key_bins(HISTOGRAM_EDGES), collect.KEY_BINS)
+    with pytest.raises(ValueError, match="2 mantissa bits"):
+        collect.histogram_key_bins(np.array([-0.01, 0.0, 0.01], np.float32))
+
+
+@pytest.mark.parametrize("context", [8, 37, 64, 96])
+def test_sequence_maxima_give_the_first_position_of_the_maximum(context):
+    rng = np.random.default_rng(context)
+    post = rng.integers(0, 4, size=(5, context, 6)).astype(np.float32)  # many ties, across position blocks too
+    post[1, :, 2] = 3.0
+    post[2, [0, context - 1], 3] = 9.0
+    seq_max, argmax = collect.sequence_maxima(torch.from_numpy(post))
+    np.testing.assert_array_equal(seq_max.numpy(), post.max(axis=1))
+    np.testing.assert_array_equal(argmax.numpy(), post.argmax(axis=1))  # numpy: the first maximal position
+
+
+@pytest.mark.parametrize("reference", [False, True])
+def test_batches_out_of_corpus_order_give_the_two_pass_result(reference):
+    """Batches fed out of order cannot be pruned against earlier ones when they arrive: compaction applies the rule
+    (and must still give the two-pass definition, intervals included)."""
+    stream = late_maximum_stream(3)
+    ref = (stream[0].max(axis=(0, 1)) * 0.8).astype(np.float32) if reference else None
+    cfg = make_config(threshold=0.5, max_examples=3)
+    collector = stream_collector(stream, cfg, reference=ref)
+    bounds = list(batch_bounds(len(stream[0]), [5, 3, 7]))
+    for start, stop in [bounds[i] for i in np.random.default_rng(0).permutation(len(bounds))]:
+        collector.update("L0", start, readout(stream, start, stop))
+    result = collector.finish("L0")
+    assert_matches_naive(result, expected_for(stream, cfg, ref), stream[0], stream[3], reference=ref)
+    assert_intervals_match_naive(result, stream, cfg, ref)
+    assert_equal_arrays(result, collect_stream(stream, cfg, reference=ref))
+
+
+def test_compaction_inside_update_and_absorb_does_not_change_the_result(monkeypatch):
+    stream = late_maximum_stream(5)
+    cfg = make_config(threshold=0.5, max_examples=2)
+    expected = collect_stream(stream, cfg)
+    monkeypatch.setattr(collect, "COMPACT_PENDING", 1)  # compact after every batch and every absorbed shard
+    assert_equal_arrays(collect_stream(stream, cfg), expected)
+    assert_equal_arrays(sharded_result(stream, cfg, SPLITS[3], reverse=True), expected)
+
+
+def test_insertion_pruning_stores_only_candidates_that_compaction_would_keep():
+    """The dominance rule applied as batches arrive leaves nothing for compaction to drop but what a rising maximum
+    prunes: the kept candidates equal those of pruning everything at the end."""
+    stream = random_stream(9, n_seq=60)
+    cfg = make_config(threshold=0.3, max_examples=2)
+    collector = stream_collector(stream, cfg)
+    feed(collector, 0, stream)
+    state = collector.states["L0"]
+    stored = sum(len(c["unit"]) for c in state.pending)
+    collector.compact()
+    kept = collector.state_arrays()
+    unit, seq = kept["L0.c.unit"], kept["L0.c.seq"]
+    post = stream[0]
+    maxima = post.max(axis=(0, 1))
+    seq_max = post.max(axis=1)  # [seq, unit]
+    alive = (seq_max >= np.float32(cfg.threshold) * maxima) & (maxima > 0)
+    earlier_dominating = np.array([[(seq_max[:s, u] >= seq_max[s, u]).sum() for u in range(post.shape[-1])]
+                                   for s in range(len(post))])
+    expected = np.argwhere((alive & (earlier_dominating < cfg.max_examples)).T)  # (unit, seq), sorted
+    np.testing.assert_array_equal(np.stack([unit, seq], axis=1), expected)
+    assert stored < len(post) * post.shape[-1] // 2  # most pairs never stored
+
+
+TRANSFERS = ("cpu", "numpy", "item", "tolist", "__bool__", "__int__", "__float__", "__index__", "__array__")
+
+
+def transfers_per_update(monkeypatch, d_mlp: int) -> tuple[list[int], int]:
+    """Device-to-host transfers (every Tensor method that yields host data) during each `update`, and during
+    `state_arrays`, for a stream with d_mlp units."""
+    stream = random_stream(4, n_seq=40, d_mlp=d_mlp)
+    collector = stream_collector(stream, make_config(threshold=0.5, max_examples=3))
+    calls = [0]
+    with monkeypatch.context() as patch:
+        for name in TRANSFERS:
+            original = getattr(torch.Tensor, name)
+
+            def counted(self, *args, _original=original, **kwargs):
+                calls[0] += 1
+                return _original(self, *args, **kwargs)
+            patch.setattr(torch.Tensor, name, counted)
+        per_batch = []
+        for start, stop in batch_bounds(len(stream[0]), [4, 1, 7, 3]):
+            batch = readout(stream, start, stop)
+            calls[0] = 0
+            collector.update("L0", start, batch)
+            per_batch.append(calls[0])
+        calls[0] = 0
+        collector.state_arrays()
+        at_end = calls[0]
+    return per_batch, at_end
+
+
+def test_update_makes_a_constant_number_of_host_transfers_independent_of_the_number_of_units(monkeypatch):
+    few, few_end = transfers_per_update(monkeypatch, 8)
+    many, many_end = transfers_per_update(monkeypatch, 96)
+    assert few == many and len(set(few)) == 1 and few[0] <= 2, (few, many)
+    # The counter sees real transfers: taking the state moves it to the host, a constant number of times.
+    assert few_end == many_end > 0
 
 
 TWO_LAYERS = [mlp_layer(0, 7, D_MODEL, False), mlp_layer(1, 7, D_MODEL, False)]

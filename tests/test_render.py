@@ -22,6 +22,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pytest
 
 import render_fixtures as fx
@@ -31,8 +32,10 @@ from builder.paths import AtlasPaths
 from builder.render import codec, inputs, publish, sidecars, text
 from builder.render.pages import citation_key
 from builder.render.publish import render_site
-from builder.schema import read_clusters, read_examples, read_importance, read_neighbours, read_tokens
+from builder.schema import (read_clusters, read_examples, read_importance, read_metrics_table, read_neighbours,
+                            read_tokens)
 from builder.stage import run_stage
+from builder.subjects import SubjectIndex, mlp_layer
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden" / "site"
@@ -378,11 +381,17 @@ def test_model_index_states_coverage_and_the_method_page_shows_the_report(built)
 def test_neuron_table_and_search_index_cover_every_neuron_and_feature(built):
     cfg, site = built
     paths = AtlasPaths.of(cfg)
-    table = json.loads((site / MODEL / "data" / "neurons.json").read_text())
-    assert table["schema_version"] == 3
+    table, columns = codec.read_unit_table(site / MODEL / "data")
+    assert table["schema_version"] == 4 and table["all"]
     assert [(s["key"], s["layer"], s["size"], s["offset"]) for s in table["sets"]] == \
         [(f"L{layer}", layer, fx.D_MLP, i * fx.D_MLP) for i, layer in enumerate(fx.LAYERS)]
-    assert table["columns"]["n_examples"] == [c for layer in fx.LAYERS for c in fx.EXAMPLE_COUNTS[layer]]
+    assert [s["file"] for s in table["shards"]] == [f"neurons/L{layer}.json" for layer in fx.LAYERS]
+    assert columns["n_examples"] == [c for layer in fx.LAYERS for c in fx.EXAMPLE_COUNTS[layer]]
+    metrics = read_metrics_table(paths)
+    for name, digits in (("max_activation", 4), ("mean_distance", 3), ("largest_share", 3)):
+        # Literal reference: the value to `digits` significant digits, stored as float32; None where undefined.
+        expected = [float(np.float32(float(f"{v:.{digits}g}"))) if np.isfinite(v) else None for v in metrics[name]]
+        assert columns[name] == expected, name
     manifest = json.loads((site / MODEL / "data" / "atlas.json").read_text())
     shards = manifest["search"]["shards"]
     words = {}
@@ -401,8 +410,8 @@ def test_neuron_table_and_search_index_cover_every_neuron_and_feature(built):
             part = examples.unit_slice(neuron)
             labels = clusters["labels"][part]
             sizes = np.bincount(labels) if len(labels) else np.zeros(0, int)
-            assert table["columns"]["n_multi"][row] == int((sizes >= 2).sum())
-            assert (table["columns"]["summary"][row] != "") == (len(labels) > 0)
+            assert columns["n_multi"][row] == int((sizes >= 2).sum())
+            assert (columns["summary"][row] != "") == (len(labels) > 0)
             for k in range(len(sizes)):
                 # Literal reference: the word spanning each member's max token, counted.
                 expected = {}
@@ -701,3 +710,101 @@ def test_the_404_page_links_absolutely_from_the_site_url_path_and_offers_search(
     assert 'src="/atlas/static/atlas.js"' in page and 'href="/atlas/static/atlas.css"' in page
     assert 'data-model="/atlas/tiny-atlas/"' in page and 'href="/atlas/tiny-atlas/index.html"' in page
     assert 'data-kind="404"' in page  # atlas.js adds the search box to every page's header
+
+
+def test_search_shards_cut_long_words_and_grow_in_number_until_each_fits_its_budget(monkeypatch):
+    monkeypatch.setattr(sidecars, "SEARCH_SHARD_BUDGET", 1_200)
+    monkeypatch.setattr(sidecars, "SEARCH_WORD_BUDGET", 300)
+    rng = np.random.default_rng(3)
+    index = SubjectIndex([mlp_layer(0, 700, 4, False), mlp_layer(1, 700, 4, False)])
+    words = [f"w{i}" for i in range(400)] + ["é\"", "the"]
+    postings = [(words[min(int(rng.zipf(1.3)) - 1, len(words) - 1)], int(rng.integers(0, 1400)),
+                 int(rng.integers(0, 12)), int(rng.integers(0, 30))) for _ in range(6000)]
+    postings = list({(w, r, k): (w, r, k, c) for w, r, k, c in postings}.values())  # one posting per feature and word
+    docs, cut = sidecars.search_shards("m", index, sidecars.Postings.of(postings))
+    shards = docs[0]["shards"]
+    assert shards > sidecars.MIN_SEARCH_SHARDS and cut
+    for word in {p[0] for p in postings}:
+        # Literal reference: most peaking first, then row, feature; the longest prefix whose postings, each
+        # written "[row,feature,peaks],", take at most the word budget.
+        ranked = sorted(([r, k, c] for w, r, k, c in postings if w == word), key=lambda p: (-p[2], p[0], p[1]))
+        kept, spent = [], 0
+        for posting in ranked:
+            spent += len(orjson.dumps(posting)) + 1
+            if spent > sidecars.SEARCH_WORD_BUDGET:
+                break
+            kept.append(posting)
+        doc = docs[sidecars.word_shard(word, shards)]
+        assert doc["words"][word] == kept, word
+        assert doc["cut"].get(word) == (len(ranked) if len(kept) < len(ranked) else None) == cut.get(word)
+    sizes = [len(codec.dumps(doc)) + 1 for doc in docs]
+    assert max(sizes) <= sidecars.SEARCH_SHARD_BUDGET
+    # Half as many shards would not do: some shard would overflow (to within the estimate's few bytes).
+    half = [{**docs[0], "shard": i, "shards": shards // 2, "words": {}, "cut": {}} for i in range(shards // 2)]
+    for doc in docs:
+        for word, listed in doc["words"].items():
+            target = half[sidecars.word_shard(word, shards // 2)]
+            target["words"][word] = listed
+            if word in doc["cut"]:
+                target["cut"][word] = doc["cut"][word]
+    assert max(len(codec.dumps(doc)) + 1 for doc in half) > sidecars.SEARCH_SHARD_BUDGET - 4
+
+
+def test_the_largest_index_download_counts_the_biggest_view_and_search(tmp_path):
+    cfg = fx.render_config(tmp_path)
+    fx.write_artefacts(cfg)
+    stats = render_site(cfg, vocabulary=fx.VOCAB)["index_downloads"]
+    data = Path(cfg.site_dir) / MODEL / "data"
+    size = lambda name: (data / name).stat().st_size  # noqa: E731
+    table = json.loads((data / "neurons.json").read_text())
+    shard_bytes = [size(s["file"]) + size(s["file"].replace(".json", ".bin")) for s in table["shards"]]
+    assert [s["bytes"] for s in table["shards"]] == shard_bytes and table["all"]
+    search = sorted((size(f"search/{i}.json") for i in range(stats["search_shards"])), reverse=True)
+    fixed = size("neurons.json") + size("atlas.json")
+    assert stats["table_view"] == fixed + sum(shard_bytes)
+    assert stats["search"] == fixed + sum(search[:sidecars.MAX_QUERY_WORDS])
+    assert stats["page"] == stats["table_view"] + sum(search[:sidecars.MAX_QUERY_WORDS])
+
+
+def test_the_simulated_index_follows_the_render_rules_for_sizes_and_postings():
+    from builder.scale import index as scale_index
+
+    rng = np.random.default_rng(5)
+    counts, sizes = scale_index.feature_sizes(rng, 40, 30, 6)
+    owner = np.repeat(np.arange(40), counts)
+    assert (sizes >= 1).all() and np.bincount(owner, weights=sizes).tolist() == [30.0] * 40
+    words = ["a", "b", "c", "d", "e", "f"]
+    postings = scale_index.simulated_postings(rng, counts, sizes, words, np.full(6, 1 / 6))
+    first = np.r_[0, np.cumsum(counts)[:-1]]
+    listed: dict[tuple[int, int], dict[int, int]] = {}
+    for w, row, k, peaks in zip(*postings[1:]):
+        assert (int(row), int(k)) not in listed or int(w) not in listed[int(row), int(k)]  # one posting per word
+        listed.setdefault((int(row), int(k)), {})[int(w)] = int(peaks)
+    for feature, size in enumerate(sizes.tolist()):
+        row = int(owner[feature])
+        peaks = listed[row, feature - int(first[row])]
+        # Literal reference: every example peaks on one word, so a feature's peak counts add up to its size, and
+        # words near its central example only appear (with 0) where no example peaks on them.
+        assert sum(peaks.values()) == size and len([p for p in peaks.values() if p > 0]) <= size
+
+
+def test_the_reference_scale_site_renders_real_text_with_the_features_asked_for(tmp_path):
+    from builder.scale import site as scale_site
+
+    tokens, vocabulary = scale_site.corpus_tokens(scale_site.CONTEXT, 120)
+    cfg = scale_site.synthetic_config(tmp_path, 1, len(tokens))
+    scale_site.write_atlas(cfg, tokens, len(vocabulary), 6, 5)
+    stats = render_site(cfg, vocabulary=vocabulary)
+    assert stats["neurons"] == 6 and stats["mean_examples"] == 100 and stats["mean_clusters"] == 5
+    corpus = "".join(vocabulary[t] for t in tokens.reshape(-1).tolist())
+    clusters = read_clusters(AtlasPaths.of(cfg), "L0")
+    examples = read_examples(AtlasPaths.of(cfg), "L0")
+    for neuron in range(6):
+        # The central example of each feature, as the feature page prints it, is a passage of the corpus.
+        central = int(clusters["cluster_central"][int(clusters["cluster_offsets"][neuron])])
+        seq, pos = int(examples.seq[central]), int(examples.pos[central])
+        page = (Path(cfg.site_dir) / cfg.name / "L0" / f"N{neuron}" / "F0" / "index.html").read_text()
+        shown = html.unescape(re.search(r'<p class="ex-static" dir="ltr">(.*?)</p>', page).group(1))
+        shown = re.sub(r"</?(mark|bdi)>", "", shown)
+        window = "".join(vocabulary[t] for t in tokens[seq, max(0, pos - cfg.window_before):pos + cfg.window_after + 1])
+        assert shown == text.display_token(window) and window in corpus

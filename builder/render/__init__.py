@@ -12,7 +12,9 @@ Layout (all links relative, always to an explicit `index.html` so file:// works;
     {model}/{set}/N{unit}/index.html         unit page
     {model}/{set}/N{unit}/neuron.json        the unit's sidecar: the public data API (docs/sidecar-schema.md)
     {model}/{set}/N{unit}/F{k}/index.html    feature (cluster) page: thin; its examples come from neuron.json
-    {model}/data/{vocab,neurons,tokens}.json shared vocabulary, unit table, token -> units index
+    {model}/data/{vocab,common}.json         shared vocabulary, what every unit page shares
+    {model}/data/neurons.json                the unit table's manifest; neurons/{slug}.json (+ .bin): one set's rows
+    {model}/data/search/{i}.json             the word search index, in as many shards as keep each under budget
     {model}/data/atlas.json                  model-level manifest (provenance, layers, histogram edges)
 
 Every data file X.json has a twin X.json.js, `(window.ATLAS_DATA=...)["key"]=<the same JSON>;`, because Chromium

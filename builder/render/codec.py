@@ -11,7 +11,8 @@ import numpy as np
 import orjson
 
 # Each JSON file kind has its own schema version (docs/sidecar-schema.md); bump a kind only when its format changes.
-SCHEMA_VERSIONS = {"neuron": 3, "similar": 2, "common": 2, "atlas": 2, "vocab": 1, "neuron-table": 3, "search": 1}
+SCHEMA_VERSIONS = {"neuron": 3, "similar": 2, "common": 2, "atlas": 2, "vocab": 1, "neuron-table": 4,
+                   "neuron-shard": 1, "search": 2}
 
 MISSING_U8 = 255  # quantised activation/importance: outside the sequence / not scored
 QUANT_LEVELS = 254  # uint8 codes 0..254 span the range
@@ -144,3 +145,18 @@ def write_data_file(path: Path, key: str, document: dict, blob: Blob | None = No
     twin = js_wrapper(key, dumps(twin_document))
     path.with_name(path.name + ".js").write_bytes(twin)
     return published + len(payload) + 1, len(twin)
+
+
+def read_unit_table(data_dir: Path) -> tuple[dict, dict[str, list]]:
+    """The unit table as static/index.js reads it: `neurons.json` (the manifest) and every column over all rows,
+    from each set's shard (floats as Python floats, None where undefined; counts as ints; descriptions)."""
+    manifest = orjson.loads((data_dir / "neurons.json").read_bytes())
+    columns: dict[str, list] = {}
+    for shard in manifest["shards"]:
+        document, blob = read_data_file(data_dir / shard["file"])
+        for name, field in document["columns"].items():
+            values = (unpack_json(blob, field["data"]) if field["dtype"] == "json" else
+                      [None if isinstance(v, float) and math.isnan(v) else v
+                       for v in unpack(blob, field["data"], field["dtype"]).tolist()])
+            columns.setdefault(name, []).extend(values)
+    return manifest, columns

@@ -19,9 +19,9 @@ from builder.render.codec import FILE_COPY_SUFFIX, write_data_file
 from builder.render.inputs import Atlas, load_atlas, load_set
 from builder.render.mnist import mnist_available, method_context, render_mnist
 from builder.render.pages import METRIC_DEFINITIONS, REPO, Site, model_pages, render_unit
-from builder.render.sidecars import (atlas_manifest, common_file, provenance, search_postings, search_shards,
-                                     unit_table, vocab_file)
-from builder.shards import LocalExecutor, unit_ranges
+from builder.render.sidecars import (Postings, atlas_manifest, common_file, largest_downloads, provenance,
+                                     search_postings, unit_columns, vocab_file, write_search_index, write_unit_table)
+from builder.shards import unit_executor, unit_ranges
 from builder.stage import progress, worker_count
 
 log = logging.getLogger(__name__)
@@ -146,12 +146,11 @@ def render_site(cfg: AtlasConfig, vocabulary: list[str] | None = None) -> dict:
         data_dir.mkdir(parents=True)
         write_data_file(data_dir / "vocab.json", "vocab", vocab_file(atlas))
         write_data_file(data_dir / "common.json", "common", common_file(atlas, METRIC_DEFINITIONS, prov))
-        write_data_file(data_dir / "atlas.json", "atlas", atlas_manifest(atlas, prov))
-        write_data_file(data_dir / "neurons.json", "neurons", unit_table(atlas))
+        table = write_unit_table(data_dir, cfg.name, atlas.index, *unit_columns(atlas))
         model_pages(site, model_dir, tmp, mnist=method_context(cfg.mnist_dir))
-        tasks = [RenderTask(s.key, units, str(model_dir / s.slug))
+        tasks = [RenderTask(s.key, units, str((model_dir / s.slug).resolve()))
                  for s in atlas.sets for units in unit_ranges(s.size, workers, MAX_UNITS_PER_TASK)]
-        executor = LocalExecutor(workers, initializer=functools.partial(start_worker, atlas))
+        executor = unit_executor(cfg, workers, initializer=functools.partial(start_worker, atlas))
         try:
             with progress(total=atlas.n_units, desc="render", unit="unit") as bar:
                 for task_sizes, task_postings in executor.map(render_units, tasks):
@@ -160,11 +159,11 @@ def render_site(cfg: AtlasConfig, vocabulary: list[str] | None = None) -> dict:
                     bar.update(len(task_sizes))
         finally:
             _worker.clear()
-        (data_dir / "search").mkdir()
-        search_bytes = 0
-        for shard in search_shards(atlas, postings):
-            search_bytes += write_data_file(data_dir / "search" / f"{shard['shard']}.json", f"search{shard['shard']}",
-                                            shard)[0]
+        search_index = write_search_index(data_dir, cfg.name, atlas.index, Postings.of(postings))
+        search_bytes = sum(search_index["bytes"])
+        write_data_file(data_dir / "atlas.json", "atlas", atlas_manifest(atlas, prov, search_index["shards"]))
+        index_downloads = largest_downloads(table, search_index, sum(
+            (data_dir / name).stat().st_size for name in ("neurons.json", "atlas.json")))
         published, twins = site_bytes(tmp)
         if mnist_available(cfg.mnist_dir):  # the MNIST reproduction's atlas (builder/render/mnist.py), not counted
             render_mnist(site, cfg.mnist_dir, tmp)  # in the language model's bytes per unit
@@ -181,6 +180,7 @@ def render_site(cfg: AtlasConfig, vocabulary: list[str] | None = None) -> dict:
              "mean_examples": round(float(per_unit[:, 0].mean()), 2) if n else 0.0,
              "mean_clusters": round(float(per_unit[:, 1].mean()), 2) if n else 0.0,
              "search_bytes_per_feature": round(search_bytes / max(1, int(per_unit[:, 1].sum())), 1),
+             "index_downloads": index_downloads, "search_words_cut": len(search_index["cut"]),
              "projected_bytes_per_neuron_at_100_examples": size_projection(per_unit, search, shared),
              "seconds": round(seconds, 3), "neurons_per_second": round(n / seconds, 1) if seconds > 0 else 0.0}
     log.info("render: %d units in %.1f s (%.0f units/s); %.1f KB per unit published (%.1f KB with the file:// "

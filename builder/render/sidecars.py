@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import orjson
 
 from builder import __version__
-from builder.render.codec import (SCHEMA_VERSIONS, SIMILARITY_SCALE, Blob, activation_range, quantise_activations,
-                                  quantise_importance, token_dtype)
+from builder.render.codec import (SCHEMA_VERSIONS, SIMILARITY_SCALE, Blob, activation_range, dumps,
+                                  quantise_activations, quantise_importance, token_dtype, write_data_file)
 from builder.render.inputs import SNIPPET_BEFORE, Atlas, SetData
 from builder.render.text import clean_text, display_token, fmt, has_bidi, number
 from builder.schema import COUNT_METRICS, METRIC_NAMES
-from builder.subjects import SubjectSet, UnitId
+from builder.subjects import SubjectIndex, SubjectSet, UnitId
 
 LOGIT_DIGITS = 4  # significant digits of a direct logit effect in the sidecar
 HISTOGRAM_DIGITS = 4  # and of a histogram edge
@@ -240,29 +242,82 @@ def static_example(atlas: Atlas, data: SetData, index: int) -> dict:
             "pos": int(data.pos[index])}
 
 
-def set_descriptions(atlas: Atlas) -> list[dict]:
+def set_descriptions(index: SubjectIndex) -> list[dict]:
     """The subject sets as the model-wide files list them: rows offset … offset + size − 1 belong to a set."""
     return [{"key": s.key, "slug": s.slug, "kind": s.kind, "layer": s.layer, "size": s.size,
-             "offset": int(atlas.index.offsets[i])} for i, s in enumerate(atlas.sets)]
+             "offset": int(index.offsets[i])} for i, s in enumerate(index.sets)]
 
 
-def unit_table(atlas: Atlas) -> dict:
-    """`neurons.json`: compact columnar table of every unit; row r is unit r − offset of the set whose rows hold r."""
+# What one page may download of index data (the unit table and the search index): 1 MB. The model index page loads
+# the table's manifest and the shards of the sets it shows (the table budget), and a search up to MAX_QUERY_WORDS
+# search shards (the rest).
+INDEX_BUDGET = 1_000_000
+TABLE_BUDGET = 500_000  # the unit table shards one view shows: all sets together only when they fit
+MAX_QUERY_WORDS = 8  # static/index.js searches for the first 8 distinct words of a query
+SEARCH_SHARD_BUDGET = 56_000  # 8 shards ≈ 450 KB, beside the table's 500 KB and the manifests
+SEARCH_WORD_BUDGET = 14_000  # a word's postings past this many bytes (most peaking first, ≈ 1,000) are left out
+MIN_SEARCH_SHARDS, MAX_SEARCH_SHARDS = 64, 1 << 20
+FLOAT_DIGITS = {"max_activation": 4, "density": 3}  # significant digits of the unit table's floats (others: 3)
+
+
+def unit_columns(atlas: Atlas) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Every unit's row of the index table: metric columns (floats rounded for display, NaN where undefined;
+    counts), and its description (`summary`)."""
     table = atlas.metrics
-    columns = {"max_activation": [number(v, 4) for v in table["max_activation"]],
-               "density": [number(v, 3) for v in table["density"]]}
-    for name in METRIC_NAMES:
-        columns[name] = ([int(v) for v in table[name]] if name in COUNT_METRICS
-                         else [number(v, 3) for v in table[name]])
+    columns = {"max_activation": table["max_activation"], "density": table["density"],
+               **{name: table[name] for name in METRIC_NAMES}}
     owner = atlas.index.rows_of(atlas.neighbours["feature_set"], atlas.neighbours["feature_unit"])
     digest = atlas.digest
-    columns["n_multi"] = np.bincount(owner[digest["size"] >= 2], minlength=atlas.n_units).astype(int).tolist()
+    columns["n_multi"] = np.bincount(owner[digest["size"] >= 2], minlength=atlas.n_units)
     largest = np.full(atlas.n_units, -1, np.int64)
     first_feature = atlas.neighbours["feature_cluster"] == 0
     largest[owner[first_feature]] = np.flatnonzero(first_feature)
-    columns["summary"] = [unit_description(atlas, int(f)) if f >= 0 else "" for f in largest]
-    return {"schema_version": SCHEMA_VERSIONS["neuron-table"], "kind": "neuron-table", "model": atlas.cfg.name,
-            "sets": set_descriptions(atlas), "columns": columns}
+    return columns, [unit_description(atlas, int(f)) if f >= 0 else "" for f in largest]
+
+
+def table_shard(model: str, index: SubjectIndex, position: int, columns: dict[str, np.ndarray],
+                summaries: list[str]) -> tuple[dict, Blob]:
+    """`neurons/{slug}.json` (+ .bin): one subject set's rows of the unit table, each column packed (`u4` counts,
+    `f4` floats rounded to 3–4 significant digits, NaN where undefined) and the descriptions as packed JSON."""
+    rows = index.rows(index.sets[position].key)
+    blob = Blob()
+    packed = {}
+    for name, values in columns.items():
+        if name in COUNT_METRICS or name == "n_multi":
+            packed[name] = {"dtype": "u4", "data": blob.pack(np.asarray(values[rows]), "u4")}
+        else:
+            digits = FLOAT_DIGITS.get(name, 3)
+            rounded = np.array([np.nan if v is None else v for v in (number(x, digits) for x in values[rows])],
+                               np.float32)
+            packed[name] = {"dtype": "f4", "data": blob.pack(rounded, "f4")}
+    packed["summary"] = {"dtype": "json", "data": blob.pack_json(summaries[rows])}
+    return {"schema_version": SCHEMA_VERSIONS["neuron-shard"], "kind": "neuron-shard", "model": model,
+            "set": index.sets[position].key, "offset": int(index.offsets[position]), "size": rows.stop - rows.start,
+            "columns": packed}, blob
+
+
+def table_manifest(model: str, index: SubjectIndex, shard_bytes: list[int]) -> dict:
+    """`neurons.json`: the subject sets and, per set, its shard of the unit table and that shard's bytes; `all`
+    says whether the model index may show every set at once (all shards within TABLE_BUDGET)."""
+    return {"schema_version": SCHEMA_VERSIONS["neuron-table"], "kind": "neuron-table", "model": model,
+            "sets": set_descriptions(index),
+            "shards": [{"set": s.key, "file": f"neurons/{s.slug}.json", "bytes": int(n)}
+                       for s, n in zip(index.sets, shard_bytes)],
+            "all": bool(sum(shard_bytes) <= TABLE_BUDGET), "budget": TABLE_BUDGET}
+
+
+def write_unit_table(data_dir: Path, model: str, index: SubjectIndex, columns: dict[str, np.ndarray],
+                     summaries: list[str]) -> dict:
+    """Write the unit table's shards and manifest into `data_dir`; returns the manifest."""
+    (data_dir / "neurons").mkdir()
+    shard_bytes = []
+    for position, subject in enumerate(index.sets):
+        document, blob = table_shard(model, index, position, columns, summaries)
+        shard_bytes.append(write_data_file(data_dir / "neurons" / f"{subject.slug}.json", f"neurons-{subject.key}",
+                                           document, blob)[0])
+    manifest = table_manifest(model, index, shard_bytes)
+    write_data_file(data_dir / "neurons.json", "neurons", manifest)
+    return manifest
 
 
 def unit_description(atlas: Atlas, feature: int) -> str:
@@ -275,23 +330,27 @@ def unit_description(atlas: Atlas, feature: int) -> str:
 
 # Search: words (letters/digits runs, or single other non-space characters), lower-cased, so a multi-token word such
 # as " Ahab" is one word. A feature is indexed by the word at its examples' max token (with how many examples peak
-# on it) and by the words within SEARCH_CONTEXT tokens of its central example's max token. Postings live in
-# SEARCH_SHARDS files chosen by a hash of the word (static/atlas.js computes the same hash).
+# on it) and by the words within SEARCH_CONTEXT tokens of its central example's max token. Postings live in shards
+# chosen by a hash of the word (static/index.js computes the same hash); the shard count (a power of two, at least
+# MIN_SEARCH_SHARDS) grows with the index so that every shard stays within SEARCH_SHARD_BUDGET.
 WORD = re.compile(r"\w+|[^\w\s]")
 SEARCH_CONTEXT = 3
-SEARCH_SHARDS = 64
 
 
 def words_of(text: str) -> list[str]:
     return [m.group(0).lower() for m in WORD.finditer(text)]
 
 
-def word_shard(word: str, shards: int = SEARCH_SHARDS) -> int:
-    """FNV-1a (32-bit) of the word's UTF-8 bytes, modulo the shard count."""
+def fnv1a(word: str) -> int:
+    """FNV-1a (32-bit) of the word's UTF-8 bytes."""
     h = 0x811C9DC5
     for byte in word.encode("utf-8"):
         h = ((h ^ byte) * 0x01000193) & 0xFFFFFFFF
-    return h % shards
+    return h
+
+
+def word_shard(word: str, shards: int) -> int:
+    return fnv1a(word) % shards
 
 
 def peak_word(pieces: list[str], at: int) -> str | None:
@@ -337,28 +396,102 @@ def search_postings(atlas: Atlas, data: SetData, units: range) -> list[tuple[str
     return postings
 
 
-def search_shards(atlas: Atlas, postings: list[tuple[str, int, int, int]]) -> list[dict]:
-    """`search/{i}.json`: per word, its postings [unit row, feature, peak count], most peaking examples first."""
-    by_word: dict[str, list[list[int]]] = {}
-    for word, row, k, count in postings:
-        by_word.setdefault(word, []).append([row, k, count])
-    shards = [{} for _ in range(SEARCH_SHARDS)]
-    for word in sorted(by_word):
-        shards[word_shard(word)][word] = sorted(by_word[word], key=lambda p: (-p[2], p[0], p[1]))
-    return [{"schema_version": SCHEMA_VERSIONS["search"], "kind": "search", "model": atlas.cfg.name,
-             "sets": set_descriptions(atlas), "shard": i, "shards": SEARCH_SHARDS, "words": shard}
-            for i, shard in enumerate(shards)]
+class Postings(NamedTuple):
+    """The search index's postings as arrays: posting i says feature `feature[i]` of unit row `row[i]` is listed
+    under word `words[word[i]]`, with `peaks[i]` of its examples peaking on it (0: only near its central example)."""
+
+    words: list[str]
+    word: np.ndarray
+    row: np.ndarray
+    feature: np.ndarray
+    peaks: np.ndarray
+
+    @classmethod
+    def of(cls, postings: list[tuple[str, int, int, int]]) -> "Postings":
+        words = sorted({p[0] for p in postings})
+        number_of = {w: i for i, w in enumerate(words)}
+        columns = np.array([(number_of[w], row, k, count) for w, row, k, count in postings], np.int64).reshape(-1, 4)
+        return cls(words, *columns.T)
 
 
-def atlas_manifest(atlas: Atlas, prov: dict) -> dict:
-    """`atlas.json`: the model, its layers, sizes, window, histogram edges and provenance."""
+def digits(values: np.ndarray) -> np.ndarray:
+    """Decimal digits of non-negative integers (their JSON length)."""
+    return np.floor(np.log10(np.maximum(values, 1))).astype(np.int64) + 1
+
+
+def search_shards(model: str, index: SubjectIndex, postings: Postings) -> tuple[list[dict], dict[str, int]]:
+    """`search/{i}.json`: per word, its postings [unit row, feature, peaks], most peaking first (then by row and
+    feature), at most SEARCH_WORD_BUDGET bytes of them; in as many shards as keep each within SEARCH_SHARD_BUDGET.
+    Returns the shards and, for each word whose postings were cut, how many it has."""
+    order = np.lexsort((postings.feature, postings.row, -postings.peaks, postings.word))
+    word, row, feature, peaks = (a[order] for a in postings[1:])
+    cost = digits(row) + digits(feature) + digits(peaks) + 5  # "[row,feature,peaks],"
+    starts = np.searchsorted(word, np.arange(len(postings.words) + 1))
+    # Each word keeps its postings up to SEARCH_WORD_BUDGET bytes (they are sorted most peaking first).
+    spent = np.cumsum(cost) - np.repeat(np.r_[0, np.cumsum(cost)][starts[:-1]], np.diff(starts))
+    kept = spent <= SEARCH_WORD_BUDGET
+    n_kept = np.bincount(word[kept], minlength=len(postings.words))
+    totals = np.diff(starts)
+    # Each word's bytes in its shard: "word":[…], and, when cut, "word":total, in the cut table.
+    names = np.array([len(orjson.dumps(w)) for w in postings.words], np.int64)
+    listed = np.bincount(word[kept], weights=cost[kept], minlength=len(postings.words)).astype(np.int64)
+    word_bytes = names + 3 + listed + (n_kept == 0) + np.where(n_kept < totals, names + 2 + digits(totals), 0)
+    hashes = np.array([fnv1a(w) for w in postings.words], np.int64)
+    sets = set_descriptions(index)
+
+    def header(shards: int) -> int:  # an empty shard's bytes, at most
+        return len(dumps({"schema_version": SCHEMA_VERSIONS["search"], "kind": "search", "model": model, "sets": sets,
+                          "shard": shards - 1, "shards": shards, "words": {}, "cut": {}})) + 1
+
+    shards = MIN_SEARCH_SHARDS
+    while len(hashes) and (np.bincount(hashes % shards, weights=word_bytes, minlength=shards).max() + header(shards)
+                           > SEARCH_SHARD_BUDGET) and shards < MAX_SEARCH_SHARDS:
+        shards *= 2
+    docs = [{"schema_version": SCHEMA_VERSIONS["search"], "kind": "search", "model": model, "sets": sets, "shard": i,
+             "shards": shards, "words": {}, "cut": {}} for i in range(shards)]
+    table = np.stack([row, feature, peaks], axis=1)
+    cut = {}
+    for w, text in enumerate(postings.words):
+        part = slice(int(starts[w]), int(starts[w + 1]))
+        keep = int(kept[part].sum())
+        doc = docs[int(hashes[w] % shards)]
+        doc["words"][text] = table[part.start:part.start + keep].tolist()
+        if keep < part.stop - part.start:
+            doc["cut"][text] = cut[text] = part.stop - part.start
+    return docs, cut
+
+
+def write_search_index(data_dir: Path, model: str, index: SubjectIndex, postings: Postings) -> dict:
+    """Write the search shards into `data_dir/search`; returns {"shards": S, "bytes": [published bytes per
+    shard], "cut": {word: postings} for the words whose postings were cut}."""
+    (data_dir / "search").mkdir()
+    docs, cut = search_shards(model, index, postings)
+    sizes = [write_data_file(data_dir / "search" / f"{doc['shard']}.json", f"search{doc['shard']}", doc)[0]
+             for doc in docs]
+    return {"shards": len(docs), "bytes": sizes, "cut": cut}
+
+
+def largest_downloads(manifest: dict, search: dict, fixed: int) -> dict:
+    """The most index data one page view downloads (published bytes): the model index page's table (the shards
+    of its largest view: every set when `all`, else the largest set) plus a search of MAX_QUERY_WORDS words that
+    land in the largest search shards, each beside `fixed` (the bytes of neurons.json and atlas.json)."""
+    shard_bytes = [s["bytes"] for s in manifest["shards"]]
+    table = sum(shard_bytes) if manifest["all"] else max(shard_bytes, default=0)
+    words = sum(sorted(search["bytes"], reverse=True)[:MAX_QUERY_WORDS])
+    return {"table_view": fixed + table, "search": fixed + words, "page": fixed + table + words,
+            "largest_table_shard": max(shard_bytes, default=0), "largest_search_shard": max(search["bytes"]),
+            "search_shards": search["shards"], "budget": INDEX_BUDGET}
+
+
+def atlas_manifest(atlas: Atlas, prov: dict, search_shards: int) -> dict:
+    """`atlas.json`: the model, its layers, sizes, window, search shard count, histogram edges and provenance."""
     return {"schema_version": SCHEMA_VERSIONS["atlas"], "kind": "atlas", "model": atlas.cfg.name,
             "layers": [s.layer for s in atlas.sets], "n_layers": atlas.meta.get("n_layers"),
             "d_mlp": atlas.meta.get("d_mlp"), "vocab_size": len(atlas.vocab),
             "token_dtype": token_dtype(len(atlas.vocab)),
             "window": {"before": atlas.cfg.window_before, "after": atlas.cfg.window_after},
             "cluster_threshold": atlas.cfg.cluster_threshold, "max_examples": atlas.meta.get("max_examples"),
-            "search": {"shards": SEARCH_SHARDS, "context": SEARCH_CONTEXT}, "site_url": atlas.cfg.site_url,
+            "search": {"shards": search_shards, "context": SEARCH_CONTEXT}, "site_url": atlas.cfg.site_url,
             "histogram_edges": [number(e, 6) for e in atlas.histogram_edges], "provenance": prov}
 
 
