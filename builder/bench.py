@@ -318,6 +318,23 @@ def bench_train_sae(cfg: AtlasConfig) -> None:
     line("train_sae: L_N on active pairs / dense products (fwd+bwd)", f"{sparse / dense:.2f}×")
 
 
+def bench_collector_scale() -> None:
+    """The collector's own work on a synthetic GPT-2-small-sized layer (3,072 neurons, d_model 768, batches of
+    16 × 1,024 tokens): today's collector against the pre-issue-14 one, kept as the baseline in
+    builder/scale/collector.py; same stream, same run."""
+    from builder.scale.collector import compare_speed
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the per-core cost; both collectors alike
+    try:
+        result = compare_speed(8)
+    finally:
+        torch.set_num_threads(threads)
+    line("collect: collector µs per token per layer, before → after", f"{result['before_us_per_token']['value']:.1f} → "
+         f"{result['after_us_per_token']['value']:.1f} µs")
+    line(f"collect: collector speed-up (target ≥ {result['speedup']['target']}×)", f"{result['speedup']['value']}×")
+
+
 def _toml(cfg: AtlasConfig, **overrides) -> str:
     """A config as TOML (its [[sae]] and [[train_sae]] tables last), with `overrides`."""
     import dataclasses
@@ -382,6 +399,7 @@ def main(config: str) -> None:
     cfg = load_config(config)
     click.echo(f"Neuron Atlas bench — {cfg.model}, {os.cpu_count()} cores, torch {torch.__version__}")
     bench_collect(cfg)
+    bench_collector_scale()
     bench_cluster(os.cpu_count() or 1)
     bench_importance(cfg)
     bench_neighbours(cfg)
