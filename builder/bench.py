@@ -118,7 +118,7 @@ def bench_cluster(workers: int) -> None:
 
 
 def bench_importance(cfg: AtlasConfig) -> None:
-    from builder.importance import BLOCK, SharedMasker, examples_by_sequence, mask_token_id
+    from builder.importance import SharedMasker, examples_by_sequence, mask_token_id
     from builder.models import load_model
     from builder.schema import collect_sets, read_collect_meta, read_examples, read_tokens
 
@@ -159,8 +159,8 @@ def bench_importance(cfg: AtlasConfig) -> None:
          f"{stats['naive_forward_tokens']:,} / {stats['forward_tokens']:,} = "
          f"{stats['naive_forward_tokens'] / stats['forward_tokens']:.0f}×")
     # Reference projection: every position of every sequence is needed once neurons are many; each masked position
-    # costs BLOCK + window tokens on the shared path, and (mean prefix) per example and position on the naive path.
-    shared = GPT2_SEQUENCES * (GPT2_CONTEXT + GPT2_CONTEXT * (BLOCK + window))
+    # costs at most window + 1 tokens on the shared path, and (mean prefix) per example and position on the naive path.
+    shared = GPT2_SEQUENCES * (GPT2_CONTEXT + GPT2_CONTEXT * (window + 1))
     naive = GPT2_NEURONS * GPT2_EXAMPLES * (window + 2) * (GPT2_CONTEXT / 2)
     line("importance: projected reference forward tokens, naive / shared", f"{naive:.2e} / {shared:.2e} = "
          f"{naive / shared:.0f}×")

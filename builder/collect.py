@@ -75,6 +75,9 @@ HISTOGRAM_BLOCK = 1 << 22
 POSITION_BLOCK = 32
 # Sequences of a batch checked against each other at once by the dominance rule (a rows² × units comparison).
 DOMINANCE_ROWS = 16
+# Vectors copied at once by compaction (`_needed_vectors`): a temporary of VECTOR_BLOCK × d_input floats, small
+# enough for the allocator to reuse it (fresh pages cost more than the copy).
+VECTOR_BLOCK = 1 << 12
 # Pending candidates that make `update`/`absorb` compact (or a quarter of those kept, if more): bounds the pending
 # vectors while keeping compactions rare (their cost grows with the candidates kept).
 COMPACT_PENDING = 1 << 16
@@ -196,8 +199,10 @@ class SetState:
         if self.counted == 0:
             return
         n_units = len(self.running_max)
-        self.histogram.index_add_(1, torch.as_tensor(KEY_BINS, device=self.device),
-                                  self.key_counts.view(N_KEYS, n_units).T.long())
+        # Whole rows of keys into rows of bins, in the counters' dtype: a unit's counts sum to at most `counted`.
+        by_bin = torch.zeros((self.histogram.shape[1], n_units), dtype=self.key_counts.dtype, device=self.device)
+        by_bin.index_add_(0, torch.as_tensor(KEY_BINS, device=self.device), self.key_counts.view(N_KEYS, n_units))
+        self.histogram += by_bin.T
         self.key_counts.zero_()
         self.counted = 0
 
@@ -550,9 +555,10 @@ def _needed_vectors(parts: list[tuple[Tensor, Tensor]], needed: Int[Tensor, " n"
     start = 0
     for _, part in parts:
         rows = torch.nonzero((source >= start) & (source < start + len(part))).flatten()
-        for begin in range(0, len(rows), COMPACT_PENDING):
-            block = rows[begin:begin + COMPACT_PENDING]
-            out[block] = part[source[block] - start]
+        for begin in range(0, len(rows), VECTOR_BLOCK):
+            block = rows[begin:begin + VECTOR_BLOCK]
+            # whole-row copies: index_select/index_copy_ beat `out[block] = part[…]` (index_put_) on a CPU
+            out.index_copy_(0, block, part.index_select(0, source[block] - start))
         start += len(part)
     return kept_keys, out
 

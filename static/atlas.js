@@ -69,7 +69,7 @@
 
   /* The index of this page's atlas, from <body data-sets="key:slug:layer:size:kind,..."> or common.json. */
   function pageIndex() {
-    // Unit and feature pages leave the list out (it would repeat on every one): it comes with common.json.
+    // Unit pages leave the list out (it would repeat on every one): it comes with common.json.
     var sets = body().sets ? body().sets.split(",") : (Atlas.common ? Atlas.common.sets : []);
     return new SubjectIndex(sets.filter(function (s) { return s !== ""; })
       .map(function (entry) {
@@ -79,9 +79,15 @@
       }));
   }
 
+  /* A unit's page, or one of its features: a section of that page (#F<k>), which works from file:// too. */
   function unitHref(set, unit, feature) {
-    return modelRoot() + set.slug + "/N" + unit + "/" + (feature === undefined ? "" : "F" + feature + "/") +
-      "index.html";
+    return modelRoot() + set.slug + "/N" + unit + "/index.html" + (feature === undefined ? "" : "#F" + feature);
+  }
+
+  /* The feature this page's address names (#F<k>), or null. */
+  function featureFromLocation() {
+    var m = /^#F(\d+)$/.exec(window.location.hash);
+    return m ? Number(m[1]) : null;
   }
 
   /* The same mapping as builder.render.display_token: newline ↵, tab ⇥, other controls as control pictures. */
@@ -483,9 +489,9 @@
 
   /* The unit's similar features (similar.json), loaded the first time a reader opens a list of them. */
   var similarLoad = null;
-  function loadSimilar(featurePage) {
+  function loadSimilar() {
     if (!similarLoad) {
-      similarLoad = loadData("similar", featurePage ? "../similar.json" : "similar.json").then(async function (doc) {
+      similarLoad = loadData("similar", "similar.json").then(async function (doc) {
         return { rows: await unpack(doc, doc.rows, "i4"), text: await unpackJson(doc, doc.text) };
       });
     }
@@ -514,11 +520,11 @@
     details.appendChild(list);
   }
 
-  function renderSimilar(section, N, k, featurePage) {
+  function renderSimilar(section, N, k) {
     var count = N.raw.clusters[k].similar;
     var box = el("div", { class: "similar" });
     section.appendChild(box);
-    var details = el("details", featurePage ? { open: "" } : {});
+    var details = el("details");
     details.appendChild(el("summary", null, "Similar features (" + count + ")"));
     box.appendChild(details);
     if (!count) {
@@ -532,7 +538,7 @@
     var fill = function () {
       if (filled || !details.open) return;
       filled = true;
-      loadSimilar(featurePage).then(function (S) { fillSimilar(details, S, k); }, function (error) {
+      loadSimilar().then(function (S) { fillSimilar(details, S, k); }, function (error) {
         details.appendChild(el("p", { class: "error" }, "Could not load the similar features: " + error.message));
       });
     };
@@ -547,7 +553,7 @@
     box.textContent = "";
     contents.textContent = "";
     var table = el("table", { class: "data contents" }), head = el("tr");
-    ["Cluster", "Size", "Share", "Summary: max tokens \u00b7 token before \u00b7 activation", "Mean act."]
+    ["Cluster", "Size", "Share", "Summary: max tokens \u00b7 token before \u00b7 activation"]
       .forEach(function (h) { head.appendChild(el("th", { scope: "col" }, h)); });
     table.appendChild(el("thead")).appendChild(head);
     var tbody = table.appendChild(el("tbody"));
@@ -573,7 +579,6 @@
       tr.appendChild(el("td", null, String(g.members.length)));
       tr.appendChild(el("td", null, fmt(100 * g.members.length / N.n, 3) + "%"));
       tr.appendChild(el("td", { class: "summary" }, summaryText(N, g.summary)));
-      tr.appendChild(el("td", null, fmt(g.summary.mean, 4)));
       tbody.appendChild(tr);
       box.appendChild(makeSection(g));
     });
@@ -585,7 +590,6 @@
       tr.appendChild(el("td", null, fmt(100 * singles.length / N.n, 3) + "%"));
       tr.appendChild(el("td", { class: "summary" }, singles.length + " unclustered single example" +
         (singles.length === 1 ? "" : "s")));
-      tr.appendChild(el("td", null, "\u2013"));
       tbody.appendChild(tr);
       var details = el("details", { class: "unclustered", id: "unclustered-recut" });
       details.appendChild(el("summary", null, "Unclustered examples (" + singles.length + ")"));
@@ -595,14 +599,48 @@
     contents.appendChild(table);
   }
 
-  function renderStatic(N, featureId) {
+  /* The features at the configured cut: each section (id "F<k>") gets its examples and its similar features. */
+  function renderStatic(N) {
     var groups = groupsOf(N, N.labels, true);
-    document.querySelectorAll("#features-static .feature, body[data-kind=feature] section.feature")
-      .forEach(function (section) {
-        var k = featureId !== undefined ? Number(featureId) : Number(section.id.slice(1));  // id "F<k>"
-        fillExamples(section, N, groups[k], featureId === undefined ? EXAMPLES_SHOWN : Infinity);
-        if (!section.querySelector(".similar")) renderSimilar(section, N, k, featureId !== undefined);
-      });
+    document.querySelectorAll("#features-static .feature").forEach(function (section) {
+      var k = Number(section.id.slice(1));
+      fillExamples(section, N, groups[k], EXAMPLES_SHOWN);
+      if (!section.querySelector(".similar")) renderSimilar(section, N, k);
+    });
+  }
+
+  /* Each feature section's heading gets its size and summary from the contents table (the page prints them once),
+   * and its citation line a BibTeX block: the unit's citation (the footer's line) for feature k. */
+  function finishSections(prov) {
+    document.querySelectorAll("#features-static section.feature").forEach(function (section) {
+      var row = document.querySelector('#contents-static a[href="#' + section.id + '"]'), cells = row && row.closest("tr").cells;
+      if (!cells) return;
+      var size = Number(cells[1].textContent);
+      section.querySelector("h3").appendChild(el("small", null, " " + size + " example" + (size === 1 ? "" : "s") +
+        " (" + cells[2].textContent + ") \u00b7 " + cells[3].textContent));
+    });
+    var part = function (name) { var node = document.querySelector("footer .cite-line ." + name); return node ? node.textContent : ""; };
+    document.querySelectorAll("#features-static .feature").forEach(function (feature) {
+      var line = feature.querySelector(":scope > .cite-line"), k = feature.id.slice(1);
+      if (!line) return;
+      var details = el("details", { class: "bibtex" });
+      details.appendChild(el("summary", null, "BibTeX"));
+      details.appendChild(el("pre", { class: "cite" }, bibtex({
+        key: citationKey(Atlas.neuron.raw.path + "F" + k + "/"), author: part("cite-author"),
+        title: part("cite-title") + " feature " + k, url: part("cite-url") + "#F" + k }, prov)));
+      line.after(details);
+    });
+  }
+
+  /* The feature the address names (#F<k>, what a feature's own page once showed): its similar features open, and
+   * back in view once the examples above it are drawn. */
+  function revealFeature() {
+    var k = featureFromLocation(), section = k === null ? null : document.getElementById("F" + k);
+    if (!section) return;
+    var group = section.closest("details"), similar = section.querySelector(".similar details");
+    if (group) group.open = true;
+    if (similar) similar.open = true;
+    section.scrollIntoView({ block: "start" });
   }
 
   /* Show the list for a cut: the static sections at the configured cut, a regrouped list at any other. */
@@ -622,8 +660,9 @@
     var reset = document.getElementById("cut-reset");
     if (reset) reset.hidden = configured;
     try {
-      window.history.replaceState(null, "", configured ? window.location.pathname + window.location.search
-        : "#cut=" + fmt(t, 4));
+      var feature = featureFromLocation();
+      window.history.replaceState(null, "", configured ? window.location.pathname + window.location.search +
+        (feature === null ? "" : "#F" + feature) : "#cut=" + fmt(t, 4));
     } catch (e) { /* file:// in some browsers */ }
   }
 
@@ -667,6 +706,9 @@
     if (!box) return;
     var iv = N.intervals, count = iv.interval.length;
     var n = iv.bounds.length - 1;
+    box.before(el("p", { class: "caption" }, "Sequences whose highest activation falls under the example threshold, " +
+      "in equal intervals of [0, " + Atlas.common.provenance.threshold + " \u00d7 max): the first ones in corpus " +
+      "order of each interval. The max token is underlined."));
     if (!count) { box.appendChild(el("p", null, "No sequence fell below the threshold (or the neuron is dead).")); return; }
     for (var i = n - 1; i >= 0; i--) {
       var block = el("div", { class: "interval" });
@@ -941,7 +983,6 @@
       "  date = {" + bibtexEscape(prov.build_date) + "}\n}\n";
   }
 
-  /* Unit and feature pages print the citation line; the BibTeX is built from it and the sidecar's provenance. */
   /* The unit's direct logit effects: the tokens its output direction promotes and suppresses most. */
   function renderLogits(N) {
     var box = document.getElementById("logits");
@@ -967,7 +1008,7 @@
   }
   Atlas.citationKey = citationKey;
 
-  /* A unit or feature page's BibTeX, from its citation line, its path and the atlas's provenance. */
+  /* A unit page's BibTeX, from its citation line, its path and the atlas's provenance. */
   function fillCitation(prov, path) {
     var cite = document.getElementById("cite");
     if (!cite || cite.textContent || !document.querySelector(".cite-line .cite-url")) return;
@@ -997,6 +1038,8 @@
       var reset = cut.appendChild(el("button", { type: "button", id: "cut-reset" }, "Back to " + threshold));
       reset.hidden = true;
       box.after(cut);
+      cut.after(el("p", { class: "caption" }, "Leaves are examples (click or focus one to jump to it); the dashed " +
+        "line is the cut (configured: " + threshold + "). Colours: the " + COLOURED + " largest clusters; grey: the rest."));
     }
     if (legend) {
       var tools = el("div", { class: "tools" });
@@ -1018,12 +1061,11 @@
   }
 
   async function initNeuron() {
-    var featureId = body().feature;
-    var loaded = await Promise.all([loadData("neuron", featureId === undefined ? "neuron.json" : "../neuron.json"),
+    var loaded = await Promise.all([loadData("neuron", "neuron.json"),
                                     loadData("common", modelRoot() + "data/common.json")]);
     var raw = loaded[0], common = loaded[1];
     Atlas.common = common;
-    fillCitation(common.provenance, raw.path + (featureId === undefined ? "" : "F" + featureId + "/"));
+    fillCitation(common.provenance, raw.path);
     // Each metric's definition as its tooltip; the metric is named by its link to the method page (#m-<metric>).
     document.querySelectorAll("dl.metrics a[href*='#m-']").forEach(function (link) {
       var text = (common.metrics || {})[link.hash.slice(3)];
@@ -1034,7 +1076,8 @@
     view.labels = N.labels;
     drawHistogram(document.getElementById("hist"), histogramOf(raw.histogram, loaded[1].histogram_edges),
                   raw.max_activation, common.provenance.threshold);
-    renderStatic(N, featureId);
+    renderStatic(N);
+    finishSections(common.provenance);
     renderIntervals(N);
     renderLogits(N);
     renderLegend();
@@ -1045,7 +1088,7 @@
       var tree = new Dendrogram(box, N, function (labels, k, t) {
         out.textContent = fmt(t, 3);
         kOut.textContent = k + (k === 1 ? " cluster" : " clusters") + (Math.abs(t - N.threshold) < 1e-9 ? "" :
-          " (re-cut; feature pages use " + fmt(N.threshold, 3) + ")");
+          " (re-cut; the features F0\u2026 are at " + fmt(N.threshold, 3) + ")");
         showCut(N, labels, t);
       });
       view.tree = tree;
@@ -1079,11 +1122,19 @@
     if (orderSelect) {
       orderSelect.addEventListener("change", function () {
         view.order = orderSelect.value;
-        renderStatic(N, featureId);
+        renderStatic(N);
         if (view.cut !== null && Math.abs(view.cut - N.threshold) > 1e-9) renderRecut(N, groupsOf(N, view.labels, false));
       });
     }
+    window.addEventListener("hashchange", revealFeature);
+    revealFeature();
     document.body.classList.add("ready");
+  }
+
+  /* The 404 page: a feature's former address (…/N<unit>/F<k>/) goes to its section of the unit's page. */
+  function redirectFeature() {
+    var m = /^(.*\/N\d+\/)F(\d+)\/(?:index\.html)?$/.exec(window.location.pathname);
+    if (m) window.location.replace(m[1] + "#F" + m[2]);
   }
 
   /* The page's hash as parameters (#q=…&sort=…). */
@@ -1150,8 +1201,8 @@
     try { return decodeURIComponent(search[1].replace(/\+/g, " ")); } catch (e) { return null; }
   }
 
-  var KEYS = [["/", "focus the search box"], ["j / n", "next neuron (on a feature page: next feature)"],
-              ["k / p", "previous neuron (on a feature page: previous feature)"], ["r", "a random neuron"],
+  var KEYS = [["/", "focus the search box"], ["j / n", "next neuron"],
+              ["k / p", "previous neuron"], ["r", "a random neuron"],
               ["?", "show or hide this list"], ["Esc", "leave the search box, close this list"]];
 
   function toggleKeys() {
@@ -1265,10 +1316,11 @@
   });
 
   async function init() {
-    initChrome();
     var kind = body().kind;
+    if (kind === "404") redirectFeature();
+    initChrome();
     try {
-      if (kind === "neuron" || kind === "feature") await initNeuron();
+      if (kind === "neuron") await initNeuron();
       if (kind === "model") {
         if (Atlas.initModel) await Atlas.initModel();
         var query = queryFromLocation();

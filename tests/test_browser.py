@@ -32,8 +32,22 @@ NEURON = f"{MODEL}/L0/N0/index.html"
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    """A static host as GitHub Pages is one: a missing path gets the site's 404.html (status 404), when it has one."""
+
     def log_message(self, format, *args):  # noqa: A002 - the base class's name
         pass
+
+    def send_error(self, code, message=None, explain=None):
+        page = Path(self.directory) / "404.html"
+        if code != 404 or not page.is_file():
+            return super().send_error(code, message, explain)
+        body = page.read_bytes()
+        self.send_response(404)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
 
 def serve(directory: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
@@ -344,18 +358,44 @@ def test_examples_can_be_ordered_by_activation_and_interval_examples_show(site, 
     assert tab.errors == []
 
 
-def test_a_feature_page_shows_its_cluster_from_the_neuron_sidecar(site, tab):
-    import json
-
+def test_a_feature_address_shows_its_section_with_examples_from_the_neuron_sidecar(site, tab):
     doc = json.loads((site["dir"] / MODEL / "L0" / "N0" / "neuron.json").read_text())
-    page = tab.open(site["url"] + f"{MODEL}/L0/N0/F1/index.html")
-    assert page.locator(".example").count() == doc["clusters"][1]["size"]
-    assert page.locator(".ex-static").first.is_hidden()  # replaced by the coloured version
-    links = page.eval_on_selector_all(".similar a", "as => as.map(a => a.getAttribute('href'))")
+    page = tab.open(site["url"] + f"{MODEL}/L0/N0/index.html#F1")
+    section = page.locator("section#F1")
+    assert section.locator(".example").count() == doc["clusters"][1]["size"]
+    assert section.locator(".ex-static").first.is_hidden()  # replaced by the coloured version
+    assert f"{doc['clusters'][1]['size']} examples" in section.locator("h3").text_content()  # from the table
+    assert section.locator(".similar details").get_attribute("open") is not None  # the named feature's list opens
+    section.locator(".similar li a").first.wait_for()
+    links = page.eval_on_selector_all("section#F1 .similar a", "as => as.map(a => a.getAttribute('href'))")
+    assert links
     for href in links:
-        assert re.fullmatch(r"(\.\./)+L\d/N\d/F\d/index\.html", href)
-    assert page.locator(".crumbs a", has_text="Neuron 0").get_attribute("href") == "../index.html"
+        assert re.fullmatch(r"(\.\./)+L\d/N\d/index\.html#F\d", href)
+    assert page.url.endswith("/L0/N0/index.html#F1")  # drawing the configured cut keeps the address
+    box = section.bounding_box()
+    assert 0 <= box["y"] < page.viewport_size["height"]  # still in view once the examples above it are drawn
     assert tab.errors == []
+
+
+def test_a_feature_reads_without_javascript(site, browser):
+    plain = Tab(browser, java_script_enabled=False)
+    try:
+        plain.page.goto(site["url"] + f"{MODEL}/L0/N0/index.html#F1")
+        section = plain.page.locator("section#F1")
+        assert section.locator("h3").text_content() == "Feature F1"
+        assert section.locator(".ex-static mark").count() == 1 and section.locator(".ex-static").is_visible()
+        assert "Neuron Atlas: tiny-atlas layer 0 neuron 0 feature 1. tiny-atlas/L0/N0/#F1" in \
+            section.locator(".cite-line").text_content()
+    finally:
+        plain.close()
+
+
+def test_a_former_feature_address_leads_to_its_section_through_the_404_page(site, tab):
+    page = tab.page
+    page.goto(site["url"] + f"{MODEL}/L0/N0/F1/")
+    page.wait_for_url("**/tiny-atlas/L0/N0/#F1")
+    page.wait_for_selector("html[data-ready=true] body[data-kind=neuron]")
+    assert page.locator("section#F1 .example").count() >= 1
 
 
 def test_the_index_table_sorts_filters_and_search_finds_neurons_and_words(site, tab):
@@ -412,7 +452,7 @@ def test_search_finds_a_multi_token_word_ranked_and_says_when_a_word_is_absent(s
     page.press("#q", "Enter")
     page.wait_for_selector("#results ol.hits li")
     first = page.locator("#results ol.hits li a").first
-    assert first.get_attribute("href") == "L2/N0/F" + first.text_content().split(" F")[1] + "/index.html"
+    assert first.get_attribute("href") == "L2/N0/index.html#F" + first.text_content().split(" F")[1]
     assert "peaks on ahab" in page.text_content("#results ol.hits li >> nth=0")
     assert "q=" in page.url
     page.fill("#q", "zeppelin")
@@ -428,24 +468,29 @@ def test_the_404_page_offers_search_and_the_question_mark_shows_the_keys(site, t
     assert page.locator("#keys-help").is_visible() and "j / n" in page.text_content("#keys-help")
     page.keyboard.press("Escape")
     assert page.locator("#keys-help").count() == 0
-    feature = tab.open(site["url"] + f"{MODEL}/L0/N0/F0/index.html")
-    feature.keyboard.press("j")
-    feature.wait_for_url("**/L0/N0/F1/index.html")
-    feature.wait_for_selector("html[data-ready=true]")
-    feature.keyboard.press("k")
-    feature.wait_for_url("**/L0/N0/F0/index.html")
+    unit = tab.open(site["url"] + f"{MODEL}/L0/N0/index.html#F1")
+    unit.keyboard.press("j")
+    unit.wait_for_url("**/L0/N1/index.html")
+    unit.wait_for_selector("html[data-ready=true]")
+    unit.keyboard.press("k")
+    unit.wait_for_url("**/L0/N0/index.html")
     assert tab.errors == []
 
 
-def test_the_bibtex_a_feature_page_writes_is_the_one_the_builder_would_print(site, tab):
+def test_the_bibtex_a_unit_page_writes_for_it_and_its_features_is_the_one_the_builder_would_print(site, tab):
     from builder.render.inputs import load_atlas
-    from builder.render.pages import bibtex
+    from builder.render.pages import bibtex, feature_key_path, feature_path
     from builder.render.sidecars import provenance
 
     atlas = load_atlas(site["cfg"], fx.VOCAB)
-    page = tab.open(site["url"] + f"{MODEL}/L0/N0/F1/index.html")
-    expected = bibtex(atlas, provenance(atlas), f"{MODEL}/L0/N0/F1/", f"{MODEL} layer 0 neuron 0 feature 1")
-    assert page.text_content("#cite") == expected
+    prov = provenance(atlas)
+    page = tab.open(site["url"] + f"{MODEL}/L0/N0/index.html#F1")
+    assert page.text_content("#cite") == bibtex(atlas, prov, f"{MODEL}/L0/N0/", f"{MODEL} layer 0 neuron 0")
+    unit = f"{MODEL}/L0/N0/"
+    for k in (0, 1):
+        expected = bibtex(atlas, prov, feature_path(unit, k), f"{MODEL} layer 0 neuron 0 feature {k}",
+                          key_path=feature_key_path(unit, k))
+        assert page.text_content(f"section#F{k} details.bibtex pre.cite") == expected
     assert tab.errors == []
 
 
@@ -492,7 +537,7 @@ def test_focus_is_visible_on_links_and_tokens(site, tab):
 def test_pages_fit_a_phone_screen(site, browser):
     phone = Tab(browser, viewport={"width": 375, "height": 740}, device_scale_factor=2, is_mobile=True)
     try:
-        for path in (NEURON, f"{MODEL}/index.html", f"{MODEL}/L0/N0/F0/index.html"):
+        for path in (NEURON, f"{MODEL}/index.html", f"{MODEL}/L0/N0/index.html#F1"):
             page = phone.open(site["url"] + path)
             overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
             assert overflow <= 1, f"{path} is {overflow}px wider than a phone"
@@ -516,8 +561,12 @@ def test_the_site_works_from_a_sub_path(site, tab):
 def test_the_site_works_over_file_urls(site, tab):
     page = tab.open((site["dir"] / MODEL / "L0" / "N0" / "index.html").as_uri())
     assert page.locator(".example").count() == 8 and page.locator("#dendro svg").count() == 1
-    page = tab.open((site["dir"] / MODEL / "L0" / "N0" / "F0" / "index.html").as_uri())
-    assert page.locator(".example").count() >= 1
+    page = tab.open((site["dir"] / MODEL / "L0" / "N0" / "index.html").as_uri() + "#F1")
+    assert page.locator("section#F1 .example").count() >= 1
+    page.locator("section#F1 .similar li a").first.click()  # a similar feature: a section of another unit's page
+    page.wait_for_url(re.compile(r"^file:.*/L\d/N\d/index\.html#F\d$"))
+    page.wait_for_selector("html[data-ready=true]")
+    assert page.locator(f"#F{page.url.rsplit('#F', 1)[1]} .example").count() >= 1  # a section or a single
     page = tab.open((site["dir"] / MODEL / "index.html").as_uri())
     assert page.locator("#neurons tbody tr").count() == 10
     page.fill("#q", "ahab")

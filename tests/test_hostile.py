@@ -64,7 +64,7 @@ def test_hostile_corpus_renders_literally_and_runs_nothing(hostile_site, share_e
             browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
             tab = Tab(browser)
             for neuron in neurons:
-                for page_path in (f"hostile/L0/N{neuron}/index.html", f"hostile/L0/N{neuron}/F0/index.html"):
+                for page_path in (f"hostile/L0/N{neuron}/index.html", f"hostile/L0/N{neuron}/index.html#F0"):
                     page = tab.open(url + page_path)
                     page.evaluate("document.querySelectorAll('details').forEach(d => d.open = true)")
                     shown += page.eval_on_selector_all(".tok", "ts => ts.map(t => t.textContent).join('')")

@@ -11,7 +11,7 @@ from builder.errors import AtlasError
 from builder.importance import naive_token_count, normalised_importance
 from builder.models import load_model
 from builder.paths import AtlasPaths
-from builder.schema import read_examples, read_importance, read_tokens
+from builder.schema import collect_sets, read_collect_meta, read_examples, read_importance, read_tokens
 from builder.stage import run_stage
 from conftest import expect_error, stage_meta
 
@@ -74,6 +74,50 @@ def test_shared_importance_equals_naive_reference_on_tiny_models(family, mode, t
             checked += 1
     assert checked >= 12
     assert deletion_differs == (mode == "delete")  # deleting is not masking under another name
+
+
+@pytest.mark.parametrize("family, mode", [("gpt2", "mask"), ("llama", "delete")])
+def test_rows_per_forward_grow_with_the_memory_budget_and_the_results_stay_within_float_noise(family, mode,
+                                                                                             tiny_models,
+                                                                                             make_config):
+    """Three budgets: below the least forward (clean forwards of one token, entries of window + 1 tokens),
+    between, and ample. Rows per forward must grow and forwards shrink, every value stay within 1e-6 (absolute and
+    relative: a few float32 ulps) of the ample budget's, not bitwise (a row's attention sums over differently packed
+    keys, its clean prefix ran in other chunks), and no forward copy any cached prefix: the cache bytes written are
+    at most one key and one value per forward token and layer."""
+    cfg = make_config(tiny_models[family], max_examples=4, max_sequences=24, importance_mode=mode)
+    run_stage("collect", cfg)
+    paths = AtlasPaths.of(cfg)
+    meta = read_collect_meta(paths)
+    sets = collect_sets(meta)
+    grouped = importance.examples_by_sequence([read_examples(paths, s.key) for s in sets])
+    tokens = read_tokens(paths)
+    model = load_model(cfg)
+    mask_id = importance.mask_token_id(cfg, model.tokenizer)
+    first_maskable = 1 if meta["packing"]["bos_token_id"] is not None else 0
+    shape = importance.ForwardShape.of(model.bridge)
+    runs = []
+    for budget in (200_000, 1_500_000, 64 << 20):
+        masker = importance.SharedMasker(model.bridge, sets, cfg.window_before, mask_id, first_maskable, mode,
+                                         memory_bytes=budget)
+        arrays = importance.importance_shard(masker, tokens, grouped, sets, range(len(tokens)), model.device)
+        runs.append(arrays)
+        assert int(arrays["cache_bytes_copied"]) <= masker.forward_tokens * model.n_layers * 2 * shape.kv_width * 4
+    rows_per_call = [int(a["masked_rows"]) / int(a["masked_forward_calls"]) for a in runs]
+    assert rows_per_call[0] < rows_per_call[1] < rows_per_call[2], rows_per_call
+    assert int(runs[0]["masked_rows"]) == int(runs[2]["masked_rows"])  # the same rows, differently batched
+    calls = [int(a["forward_calls"]) for a in runs]
+    assert calls[0] > calls[1] > calls[2], calls
+    groups = len(importance.sequence_groups(sorted(grouped), range(len(tokens))))
+    assert calls[0] - int(runs[0]["masked_forward_calls"]) > groups  # the clean prefixes ran in chunks
+    for name in runs[2]:
+        if name.endswith((".clean", ".masked")):
+            for run in runs[:2]:
+                np.testing.assert_allclose(run[name], runs[2][name], rtol=1e-6, atol=1e-6, equal_nan=True,
+                                           err_msg=name)
+        elif name.endswith(".row"):
+            for run in runs[:2]:
+                np.testing.assert_array_equal(run[name], runs[2][name])
 
 
 def test_importance_normalises_by_the_max_token_drop_and_clips():
@@ -178,17 +222,17 @@ def test_a_key_value_cache_that_the_model_ignores_stops_importance_with_one_line
 
     cfg = make_config(tiny_models["gpt2"], subdir=fault.replace(" ", "-"), max_sequences=16)
     run_stage("collect", cfg)
-    real_run, real_prefix = importance.SharedMasker._run, importance.prefix_cache
+    real_run, real_update = importance.SharedMasker._run, importance.SharedPrefixCache.update
     if fault == "ignored cache":
-        monkeypatch.setattr(importance.SharedMasker, "_run",
-                            lambda self, tokens, sets, cache: real_run(self, tokens, sets, None))
+        monkeypatch.setattr(importance.SharedMasker, "_run", lambda self, tokens, positions, mask, sets, layers,
+                            cache: real_run(self, tokens, positions, mask, sets, layers, None))
     else:
-        def zeroed(cache, select, p0, n_layers, config):
-            block = real_prefix(cache, select, p0, n_layers, config)
-            for layer in block.layers:
-                layer.keys.zero_()
-            return block
-        monkeypatch.setattr(importance, "prefix_cache", zeroed)
+        def zeroed(self, keys, values, layer):  # the cached prefix reads as zeros, the new tokens are right
+            cached_keys, cached_values = real_update(self, keys, values, layer)
+            cached_keys = cached_keys.clone()
+            cached_keys[:, :, :self.write_at] = 0
+            return cached_keys, cached_values
+        monkeypatch.setattr(importance.SharedPrefixCache, "update", zeroed)
     expect_error(AtlasError, lambda: run_stage("importance", cfg), "key/value cache",
                  f"transformers {transformers.__version__}", "transformers==5.20.2")
     assert not AtlasPaths.of(cfg).meta("importance").exists()

@@ -30,7 +30,7 @@ from builder.config import AtlasConfig
 from builder.errors import ArtefactError
 from builder.paths import AtlasPaths
 from builder.render import codec, inputs, publish, sidecars, text
-from builder.render.pages import citation_key
+from builder.render.pages import citation_key, feature_key_path
 from builder.render.publish import render_site
 from builder.schema import (read_clusters, read_examples, read_importance, read_metrics_table, read_neighbours,
                             read_tokens)
@@ -55,6 +55,14 @@ def built(tmp_path_factory) -> tuple[AtlasConfig, Path]:
     folder = tmp_path_factory.mktemp("render")
     cfg = fx.build_site(folder)
     return cfg, Path(cfg.site_dir)
+
+
+def feature_html(page: str, k: int) -> str:
+    """Feature F{k}'s part of a unit page: its section (or, for a single example, its list item)."""
+    start = re.search(rf'<(section|li) class="feature[^"]*" id="F{k}">', page)
+    assert start, f"no feature F{k}"
+    end = page.index(f"</{start.group(1)}>", start.end())
+    return page[start.start():end]
 
 
 def sidecar(site: Path, layer: int, neuron: int) -> dict:
@@ -274,7 +282,7 @@ def test_sidecar_has_the_documented_schema(built):
         assert f"`{key}`" in schema_doc, f"{key} is not documented in docs/sidecar-schema.md"
 
 
-def test_neighbours_in_the_sidecar_point_at_existing_feature_pages(built):
+def test_neighbours_in_the_sidecar_point_at_existing_features(built):
     cfg, site = built
     table = read_neighbours(AtlasPaths.of(cfg))
     found = 0
@@ -289,7 +297,7 @@ def test_neighbours_in_the_sidecar_point_at_existing_feature_pages(built):
         for (source, position, neuron, cluster, similarity), shown in zip(rows, texts):
             assert 0 <= source < len(doc["clusters"])
             layer = fx.LAYERS[position]
-            assert (site / MODEL / f"L{layer}" / f"N{neuron}" / f"F{cluster}" / "index.html").is_file()
+            feature_html((site / MODEL / f"L{layer}" / f"N{neuron}" / "index.html").read_text(), cluster)
             assert len(shown) == 6 and shown[4] >= 1 and shown[5] >= shown[4]
             assert 5000 <= similarity <= 10000  # fixture similarities are in [0.5, 1]
             found += 1
@@ -324,8 +332,11 @@ def test_urls_follow_the_documented_layout(built):
             folder = site / MODEL / f"L{layer}" / f"N{neuron}"
             for name in ("index.html", "neuron.json", "neuron.json.js", "similar.json", "similar.json.js"):
                 assert (folder / name).is_file()
-            features = sorted(p.name for p in folder.glob("F*"))
-            assert features == sorted(f"F{k}" for k in range(int(offsets[neuron + 1] - offsets[neuron])))
+            # Features are sections of the unit's page (#F<k>), numbered as the clusters are; no page of their own.
+            page = (folder / "index.html").read_text()
+            assert not list(folder.glob("F*"))
+            assert re.findall(r'class="feature[^"]*" id="F(\d+)"', page) == \
+                [str(k) for k in range(int(offsets[neuron + 1] - offsets[neuron]))]
 
 
 def test_every_relative_link_and_resource_resolves_to_a_file(built):
@@ -356,18 +367,20 @@ def test_neuron_pages_link_to_their_neighbours_across_layers(built):
 
 def test_citations_name_the_exact_page_and_its_provenance(tmp_path):
     cfg = fx.build_site(tmp_path, site_url="https://example.org/atlas/")
-    page = (Path(cfg.site_dir) / MODEL / "L0" / "N0" / "F1" / "index.html").read_text()
-    # Feature and neuron pages: atlas.js writes the BibTeX from these and the sidecar's provenance (the browser
-    # test compares it with pages.bibtex); the method page prints it.
-    assert '<span class="cite-url">https://example.org/atlas/tiny-atlas/L0/N0/F1/</span>' in page
+    page = (Path(cfg.site_dir) / MODEL / "L0" / "N0" / "index.html").read_text()
+    # Unit pages and their features: atlas.js writes the BibTeX from these lines and the sidecar's provenance (the
+    # browser test compares it with pages.bibtex); the method page prints it.
+    assert '<span class="cite-url">https://example.org/atlas/tiny-atlas/L0/N0/</span>' in page
+    assert ('<p class="cite-line">Neuron Atlas (2024). Neuron Atlas: tiny-atlas layer 0 neuron 0 feature 1. '
+            'https://example.org/atlas/tiny-atlas/L0/N0/#F1</p>') in feature_html(page, 1)
     method = (Path(cfg.site_dir) / MODEL / "method" / "index.html").read_text()
     assert r"\url{https://example.org/atlas/tiny-atlas/method/}" in method
     for fact in ("revision rev-1", "corpus.jsonl", "24 sequences", "384 tokens", "threshold 0.75", "code 0.1.0",
                  f"config {cfg.config_hash()}", "date = {2024-01-01}"):
         assert fact in method, fact
     relative = fx.build_site(tmp_path / "relative")
-    assert '<span class="cite-url">tiny-atlas/L0/N0/F1/</span>' in (Path(relative.site_dir) / MODEL / "L0" / "N0" /
-                                                                   "F1" / "index.html").read_text()
+    assert "tiny-atlas layer 0 neuron 0 feature 1. tiny-atlas/L0/N0/#F1</p>" in feature_html(
+        (Path(relative.site_dir) / MODEL / "L0" / "N0" / "index.html").read_text(), 1)
 
 
 def test_model_index_states_coverage_and_the_method_page_shows_the_report(built):
@@ -519,10 +532,10 @@ def test_stats_report_bytes_per_neuron_and_throughput(tmp_path):
 def test_size_projection_recovers_linear_costs_of_examples_and_features():
     rng = np.random.default_rng(5)
     examples, clusters = rng.integers(2, 60, 40), rng.integers(1, 12, 40)
-    sidecar, page, features = 1000 + 100 * examples + 50 * clusters, 1500 + 60 * clusters, 500 + 240 * clusters
+    sidecar, page = 1000 + 100 * examples + 50 * clusters, 2000 + 300 * clusters
     search = 10 + 2 * examples + 40 * clusters
-    sizes = np.stack([examples, clusters, sidecar, page, features, np.zeros(40, np.int64)], axis=1)
-    sizes = np.concatenate([sizes, [[1, 1, 99_999, 99_999, 99_999, 0]]])  # one-example units stay out of the fit
+    sizes = np.stack([examples, clusters, sidecar, page, np.zeros(40, np.int64)], axis=1)
+    sizes = np.concatenate([sizes, [[1, 1, 99_999, 99_999, 0]]])  # one-example units stay out of the fit
     projection = publish.size_projection(sizes, np.append(search, 99_999.0), shared=500.0)
     at = {k: 1000 + 100 * 100 + 50 * k + 2000 + 300 * k + 10 + 2 * 100 + 40 * k + 500 for k in (3, 5, 10)}
     assert projection == {str(k): v for k, v in at.items()}
@@ -620,10 +633,10 @@ def test_the_method_page_explains_a_threshold_other_than_the_papers(tmp_path, bu
     assert "reaching 0.75 × a neuron&#39;s maximum, chosen for GPT-2 small; this atlas uses 0.5." in method
 
 
-def test_feature_pages_number_features_as_their_urls_do_and_the_landing_page_says_how_examples_are_chosen(built):
+def test_features_are_numbered_as_their_urls_are_and_the_landing_page_says_how_examples_are_chosen(built):
     _, site = built
-    page = (site / MODEL / "L0" / "N0" / "F1" / "index.html").read_text()
-    assert "Feature F1 <small>of F0–F1</small>" in page and "cluster 2 of" not in page
+    page = (site / MODEL / "L0" / "N0" / "index.html").read_text()
+    assert '<h3><a href="#F1">Feature F1</a></h3>' in feature_html(page, 1) and "cluster 2 of" not in page
     home = (site / "index.html").read_text()
     assert "first examples in corpus order" in home and "strongest examples" not in home
 
@@ -668,7 +681,7 @@ def test_feature_summaries_count_max_tokens_and_the_token_before_as_a_literal_lo
             f" \u00d7{count}" in page
 
 
-def test_single_example_features_fold_into_one_unclustered_group_and_keep_their_pages(tmp_path):
+def test_single_example_features_fold_into_one_unclustered_group_and_keep_their_text(tmp_path):
     cfg = fx.build_site(tmp_path, cluster_threshold=0.01)  # a low cut: many features of one example
     paths = AtlasPaths.of(cfg)
     clusters = read_clusters(paths, "L0")
@@ -681,7 +694,8 @@ def test_single_example_features_fold_into_one_unclustered_group_and_keep_their_
     assert f"Unclustered examples ({len(singles)}:" in group
     for k in range(len(sizes)):
         assert (f'id="F{k}"' in group) == (k in singles)
-        assert (Path(cfg.site_dir) / MODEL / "L0" / "N0" / f"F{k}" / "index.html").is_file()
+        # Every feature, single or not, prints its central example and its citation for readers without JavaScript.
+        assert 'class="ex-static"' in feature_html(page, k) and f"#F{k}</p>" in feature_html(page, k)
 
 
 def test_citations_are_absolute_with_the_configured_author_and_a_unique_key_per_page(tmp_path):
@@ -692,16 +706,21 @@ def test_citations_are_absolute_with_the_configured_author_and_a_unique_key_per_
         body = page.read_text()
         if 'id="cite"' not in body:
             continue
-        # Unit and feature pages get their BibTeX from atlas.js, keyed by the page's path (the browser test compares
-        # it with pages.bibtex); the other pages print theirs.
+        # Unit pages (and their features) get their BibTeX from atlas.js, keyed by the page's path (the browser test
+        # compares it with pages.bibtex); the other pages print theirs.
         found = re.search(r"@misc\{([^,]+),", body)
-        keys.append(found.group(1) if found else citation_key(page.parent.relative_to(site).as_posix() + "/"))
+        path = page.parent.relative_to(site).as_posix() + "/"
+        keys.append(found.group(1) if found else citation_key(path))
+        keys += [citation_key(feature_key_path(path, int(k)))
+                 for k in re.findall(r'class="feature[^"]*" id="F(\d+)"', body)]
         plain = re.sub(r"<[^>]+>", "", body)
         assert "author = {Interp Lab}" in body or '<span class="cite-author">Interp Lab</span>' in body
         assert "Interp Lab (2024). Neuron Atlas:" in plain and "https://example.org/atlas/" in body
     assert len(keys) == len(set(keys)) > 20
-    feature = (site / MODEL / "L0" / "N0" / "F0" / "index.html").read_text()
-    assert 'class="prov"' in feature and f"config {cfg.config_hash()}" in feature
+    unit = (site / MODEL / "L0" / "N0" / "index.html").read_text()
+    assert 'class="prov"' in unit and f"config {cfg.config_hash()}" in unit
+    assert "Interp Lab (2024). Neuron Atlas: tiny-atlas layer 0 neuron 0 feature 0. " \
+           "https://example.org/atlas/tiny-atlas/L0/N0/#F0</p>" in feature_html(unit, 0)
 
 
 def test_the_404_page_links_absolutely_from_the_site_url_path_and_offers_search(tmp_path):
@@ -800,10 +819,10 @@ def test_the_reference_scale_site_renders_real_text_with_the_features_asked_for(
     clusters = read_clusters(AtlasPaths.of(cfg), "L0")
     examples = read_examples(AtlasPaths.of(cfg), "L0")
     for neuron in range(6):
-        # The central example of each feature, as the feature page prints it, is a passage of the corpus.
+        # The central example of each feature, as the feature's section prints it, is a passage of the corpus.
         central = int(clusters["cluster_central"][int(clusters["cluster_offsets"][neuron])])
         seq, pos = int(examples.seq[central]), int(examples.pos[central])
-        page = (Path(cfg.site_dir) / cfg.name / "L0" / f"N{neuron}" / "F0" / "index.html").read_text()
+        page = feature_html((Path(cfg.site_dir) / cfg.name / "L0" / f"N{neuron}" / "index.html").read_text(), 0)
         shown = html.unescape(re.search(r'<p class="ex-static" dir="ltr">(.*?)</p>', page).group(1))
         shown = re.sub(r"</?(mark|bdi)>", "", shown)
         window = "".join(vocabulary[t] for t in tokens[seq, max(0, pos - cfg.window_before):pos + cfg.window_after + 1])

@@ -9,9 +9,9 @@ Layout (all links relative, always to an explicit `index.html` so file:// works;
     {model}/index.html                       coverage, sortable/filterable table of units, search
     {model}/method/index.html                method and the embedding-comparison report
     {model}/{set}/index.html                 static table of the set's units (browsable without JavaScript)
-    {model}/{set}/N{unit}/index.html         unit page
+    {model}/{set}/N{unit}/index.html         unit page; feature (cluster) k is its section #F{k}, which prints the
+                                             central example and the citation (the rest comes from neuron.json)
     {model}/{set}/N{unit}/neuron.json        the unit's sidecar: the public data API (docs/sidecar-schema.md)
-    {model}/{set}/N{unit}/F{k}/index.html    feature (cluster) page: thin; its examples come from neuron.json
     {model}/data/{vocab,common}.json         shared vocabulary, what every unit page shares
     {model}/data/neurons.json                the unit table's manifest; neurons/{slug}.json (+ .bin): one set's rows
     {model}/data/search/{i}.json             the word search index, in as many shards as keep each under budget

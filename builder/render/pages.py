@@ -49,8 +49,19 @@ def citation_key(path: str) -> str:
     return "neuronatlas:" + (re.sub(r"[^A-Za-z0-9:.-]", "-", path.strip("/").replace("/", ":")) or "index")
 
 
-def bibtex(atlas: Atlas, prov: dict, path: str, title: str) -> str:
-    """BibTeX for the page at `path` (absolute when site_url is set, else the relative path)."""
+def feature_path(unit_page: str, k: int) -> str:
+    """A feature's address: its section of the unit's page (`{model}/{slug}/N{unit}/#F{k}`)."""
+    return f"{unit_page}#F{k}"
+
+
+def feature_key_path(unit_page: str, k: int) -> str:
+    """The path a feature's BibTeX key is made of (`…/N{unit}/F{k}/`, the key its own page once had)."""
+    return f"{unit_page}F{k}/"
+
+
+def bibtex(atlas: Atlas, prov: dict, path: str, title: str, key_path: str | None = None) -> str:
+    """BibTeX for the page at `path` (absolute when site_url is set, else the relative path); its key from
+    `key_path` when given (a feature: `feature_key_path`), else from `path`."""
     from builder.render.text import bibtex_escape
 
     url = page_url(atlas, path)
@@ -58,7 +69,7 @@ def bibtex(atlas: Atlas, prov: dict, path: str, title: str) -> str:
             f"{prov['n_sequences']} sequences, {prov['n_tokens']} tokens; threshold {prov['threshold']}; "
             f"code {prov['code_version']}; config {prov['config_hash']}")
     year = prov["build_date"][:4]
-    return (f"@misc{{{citation_key(path)},\n  author = {{{bibtex_escape(author(atlas))}}},\n"
+    return (f"@misc{{{citation_key(key_path or path)},\n  author = {{{bibtex_escape(author(atlas))}}},\n"
             f"  title = {{{{Neuron Atlas}}: {bibtex_escape(title)}}},\n"
             f"  howpublished = {{\\url{{{url.replace('%', '%25').replace('#', '%23')}}}}},\n"
             f"  note = {{{bibtex_escape(note)}}},\n  year = {{{bibtex_escape(year)}}},\n"
@@ -92,10 +103,10 @@ class Site:
     def page(self, depth: int, path: str, title: str, cite_title: str, kind: str, **context) -> dict:
         """Context of a page `depth` folders below the site root (the model index is at depth 1). Unit and feature
         pages leave their BibTeX to static/atlas.js, which builds the same text from the provenance in the sidecar
-        they load anyway (`cite_data`): written out, it would be a third of every feature page."""
+        they load anyway (`cite_data`), as it does for each feature section's citation line."""
         root = "../" * depth
         model_root = "../" * (depth - 1) if depth >= 1 else self.model + "/"
-        from_sidecar = kind in ("neuron", "feature")
+        from_sidecar = kind == "neuron"
         return {**self.common, "root": root, "model_root": model_root, "path": path, "title": title,
                 "cite": "" if from_sidecar else bibtex(self.atlas, self.prov, path, cite_title),
                 "cite_data": {"author": author(self.atlas), "title": cite_title,
@@ -307,13 +318,15 @@ def colour_class(k: int) -> str:
 
 
 def render_unit(site: Site, data: SetData, unit: int, folder: Path) -> tuple[int, ...]:
-    """Write one unit's sidecar (and its file:// twin), its page and its feature pages into `folder`.
+    """Write one unit's sidecar (and its file:// twin) and its page into `folder`. Its features are sections of that
+    page (`#F{k}`): each prints its central example as text and its citation, so a feature's address reads without
+    JavaScript; a page per feature would be most of the site's bytes.
 
-    Returns (examples, clusters, sidecar bytes, unit page bytes, feature pages bytes, file:// twin bytes)."""
+    Returns (examples, clusters, sidecar bytes, unit page bytes, file:// twin bytes)."""
     atlas = site.atlas
     subject = data.subject
     if not site.published[atlas.index.row(UnitId(subject.key, unit))]:
-        return 0, 0, 0, 0, 0, 0
+        return 0, 0, 0, 0, 0
     env = environment()
     files = unit_sidecar(atlas, data, unit)
     sidecar = files.neuron
@@ -324,12 +337,14 @@ def render_unit(site: Site, data: SetData, unit: int, folder: Path) -> tuple[int
     sidecar_bytes, twin_bytes = sidecar_bytes + similar_bytes, twin_bytes + similar_twin
     start = int(data.offsets[unit])
     count = sidecar["examples"]["count"]
+    path = unit_path(site.model, subject, unit)
+    cite_title = f"{site.model} {subject.label} {subject.unit_noun} {unit}"
     features = []
     for k, (cluster, summary) in enumerate(zip(sidecar["clusters"], files.summaries)):
         features.append({"k": k, "size": cluster["size"], "share": fmt(100.0 * cluster["size"] / count, 3) + "%",
                          "central": static_example(atlas, data, start + cluster["central"]),
-                         "mean_act": fmt(summary["mean"], 4), "summary": summary_text(summary, atlas.vocab),
-                         "colour": colour_class(k)})
+                         "summary": summary_text(summary, atlas.vocab), "colour": colour_class(k),
+                         "cite": {"title": f"{cite_title} feature {k}", "url": page_url(atlas, feature_path(path, k))}})
     clustered = [f for f in features if f["size"] > 1]
     singles = [f for f in features if f["size"] == 1]
     metrics = sidecar["metrics"]
@@ -347,32 +362,14 @@ def render_unit(site: Site, data: SetData, unit: int, folder: Path) -> tuple[int
 
     name = f"{subject.slug} N{unit}"
     unit_id = UnitId(subject.key, unit)
-    context = site.page(3, unit_path(site.model, subject, unit), f"{name} · {site.model}",
-                        f"{site.model} {subject.label} {subject.unit_noun} {unit}", "neuron", layer=subject.layer,
+    context = site.page(3, path, f"{name} · {site.model}", cite_title, "neuron", layer=subject.layer,
                         neuron=unit, set_title=subject.title, noun=subject.unit_noun, slug=subject.slug,
-                        features=features, clustered=clustered, singles=singles, metric_rows=metric_rows,
-                        count=count, dictionary=site.dictionary_lists(subject, unit),
-                        threshold=atlas.cfg.cluster_threshold, nav=site.nav(unit_id, 1),
+                        clustered=clustered, singles=singles, metric_rows=metric_rows,
+                        count=count, dictionary=site.dictionary_lists(subject, unit), nav=site.nav(unit_id, 1),
                         window_before=atlas.cfg.window_before, window_after=atlas.cfg.window_after)
     page = env.get_template("neuron.html").render(context).encode()
     (folder / "index.html").write_bytes(page)
-    feature_template = env.get_template("feature.html")
-    feature_bytes = 0
-    for feature in features:
-        k = feature["k"]
-        nav = {"prev": {"href": f"../F{k - 1}/index.html", "label": f"F{k - 1}"} if k > 0 else None,
-               "next": ({"href": f"../F{k + 1}/index.html", "label": f"F{k + 1}"} if k + 1 < len(features)
-                        else None)}
-        context = site.page(4, unit_path(site.model, subject, unit, k), f"{name} F{k} · {site.model}",
-                            f"{site.model} {subject.label} {subject.unit_noun} {unit} feature {k}", "feature",
-                            layer=subject.layer, neuron=unit, feature=feature, count=count, set_title=subject.title,
-                            noun=subject.unit_noun, slug=subject.slug,
-                            n_clusters=len(features), max_activation=fmt(sidecar["max_activation"], 4), nav=nav)
-        html = feature_template.render(context).encode()
-        (folder / f"F{k}").mkdir()
-        (folder / f"F{k}" / "index.html").write_bytes(html)
-        feature_bytes += len(html)
-    return count, len(features), sidecar_bytes, len(page), feature_bytes, twin_bytes
+    return count, len(features), sidecar_bytes, len(page), twin_bytes
 
 
 METRIC_LABELS = {"n_clusters": "Feature clusters", "largest_share": "Largest share", "mean_distance": "Mean distance",

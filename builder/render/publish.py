@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 STATIC = REPO / "static"
 POOL_MIN_UNITS = 64  # atlases with fewer units render in-process (starting workers costs more than it saves)
 MAX_UNITS_PER_TASK = 64
-SIZE_FIELDS = 6  # render_unit's tuple: examples, clusters, sidecar, page, feature pages, file:// twin bytes
+SIZE_FIELDS = 5  # render_unit's tuple: examples, clusters, sidecar, page, file:// twin bytes
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ def size_projection(sizes: np.ndarray, search: np.ndarray, shared: float, exampl
     design = np.stack([np.ones(rich.sum()), sizes[rich, 0], sizes[rich, 1]], axis=1).astype(np.float64)
     sidecar = np.linalg.lstsq(design, sizes[rich, 2].astype(np.float64), rcond=None)[0]
     words = np.linalg.lstsq(design, search[rich].astype(np.float64), rcond=None)[0]
-    pages = np.linalg.lstsq(design[:, [0, 2]], (sizes[rich, 3] + sizes[rich, 4]).astype(np.float64), rcond=None)[0]
+    pages = np.linalg.lstsq(design[:, [0, 2]], sizes[rich, 3].astype(np.float64), rcond=None)[0]
     return {str(k): round(float((sidecar + words) @ [1, examples, k] + pages @ [1, k] + shared)) for k in clusters}
 
 
@@ -174,7 +174,7 @@ def render_site(cfg: AtlasConfig, vocabulary: list[str] | None = None) -> dict:
     # order of `sizes`: tasks go set by set, units ascending).
     search = np.bincount(np.array([row for _, row, _, _ in postings], np.int64), minlength=n) * (
         search_bytes / max(1, len(postings)))
-    shared = (published - per_unit[:, 2:5].sum() - search_bytes) / n if n else 0.0
+    shared = (published - per_unit[:, 2:4].sum() - search_bytes) / n if n else 0.0
     stats = {"neurons": n, "total_bytes": published, "bytes_per_neuron": round(published / n, 1) if n else 0.0,
              "local_bytes_per_neuron": round((published + twins) / n, 1) if n else 0.0,
              "mean_examples": round(float(per_unit[:, 0].mean()), 2) if n else 0.0,

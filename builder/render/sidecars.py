@@ -21,9 +21,10 @@ LOGIT_DIGITS = 4  # significant digits of a direct logit effect in the sidecar
 HISTOGRAM_DIGITS = 4  # and of a histogram edge
 
 
-def unit_path(model: str, subject: SubjectSet, unit: int, feature: int | None = None) -> str:
-    """The page of a unit (or one of its features) relative to the site root: `{model}/{slug}/N{unit}/[F{k}/]`."""
-    return f"{model}/{subject.slug}/N{unit}/" + ("" if feature is None else f"F{feature}/")
+def unit_path(model: str, subject: SubjectSet, unit: int) -> str:
+    """The page of a unit relative to the site root, `{model}/{slug}/N{unit}/` (its features are sections of it:
+    `pages.feature_path`)."""
+    return f"{model}/{subject.slug}/N{unit}/"
 
 
 def provenance(atlas: Atlas) -> dict:
@@ -91,7 +92,7 @@ class UnitFiles(NamedTuple):
 
 
 def unit_sidecar(atlas: Atlas, data: SetData, unit: int) -> UnitFiles:
-    """`neuron.json` (one unit, everything its page and its feature pages show) and `similar.json`."""
+    """`neuron.json` (one unit, everything its page and its features' sections show) and `similar.json`."""
     cfg = atlas.cfg
     part = slice(int(data.offsets[unit]), int(data.offsets[unit + 1]))
     window = data.window[part]

@@ -181,8 +181,8 @@ def write_atlas(cfg: AtlasConfig, tokens: np.ndarray, vocab_size: int, d_mlp: in
                                 REFERENCE_LAYERS, d_mlp, D_MODEL, len(tokens), tokens.shape[1])
 
 
-FILE_KINDS = (("feature pages", re.compile(r"/N\d+/F\d+/index\.html$")),
-              ("unit pages", re.compile(r"/N\d+/index\.html$")),
+# Features are sections of their unit's page (builder/render/pages.py), so unit pages carry them.
+FILE_KINDS = (("unit pages", re.compile(r"/N\d+/index\.html$")),
               ("neuron sidecars", re.compile(r"/N\d+/neuron\.(json|bin)$")),
               ("similar sidecars", re.compile(r"/N\d+/similar\.(json|bin)$")),
               ("search index", re.compile(r"/data/search/")), ("unit table", re.compile(r"/data/neurons")))
