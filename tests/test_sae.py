@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from builder.paths import AtlasPaths
+from builder.render.codec import read_unit_table
 from builder.sae import SaeError, cached_sae, read_sae, write_sae
 from builder.schema import read_collect_meta, read_examples, read_neighbours, read_tokens
 
@@ -300,7 +301,7 @@ def test_an_sae_that_does_not_fit_the_model_stops_with_one_line_and_writes_nothi
 def test_latent_pages_sit_at_their_sets_slug_and_inactive_latents_are_listed_without_pages(sae_runs):
     cfg, model = sae_runs["gpt2"]
     site = Path(cfg.site_dir) / cfg.name
-    table = json.loads((site / "data" / "neurons.json").read_text())
+    table, columns = read_unit_table(site / "data")  # the manifest and every set's shard, as the index page reads
     sets = {s["key"]: s for s in table["sets"]}
     for architecture, hook, _ in SAE_SITES:
         slug = f"sae-{architecture}"
@@ -327,7 +328,8 @@ def test_latent_pages_sit_at_their_sets_slug_and_inactive_latents_are_listed_wit
             _, cache = model.bridge.run_with_cache(torch.as_tensor(tokens, dtype=torch.long))
         fresh = (maths.encode(cache[hook].float()) > 0).float().mean(dim=(0, 1)).numpy()
         rows = slice(sets[slug]["offset"], sets[slug]["offset"] + TINY_D_SAE)
-        np.testing.assert_allclose(table["columns"]["density"][rows], fresh, rtol=5e-3, atol=1e-6)
+        density = np.array(columns["density"][rows], np.float64)
+        np.testing.assert_allclose(density, fresh, rtol=5e-3, atol=1e-6)
         assert sorted(np.flatnonzero(fresh == 0)) == inactive  # exactly the latents that never fire
 
 
