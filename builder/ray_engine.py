@@ -174,7 +174,7 @@ def run_shards_on_ray(cfg: AtlasConfig, worker: ShardWorker, todo: list[range], 
     except AtlasError:
         raise
     except Exception as error:  # noqa: BLE001 - Ray's own failure (a lost node, an unschedulable actor)
-        raise one_line(error, f"{worker.stage} on Ray") from None
+        raise ray_failure(error, f"{worker.stage} on Ray") from None
     return [counters[shard.start] for shard in todo]
 
 
@@ -219,23 +219,16 @@ class RayExecutor:
                 if isinstance(result, TaskFailure):
                     raise_failure(result.failure)
                 yield result
-        except AtlasError:
+        except Exception as error:  # noqa: BLE001 - the rest of the map is abandoned either way
             for ref in pending:
                 ray.cancel(ref)
-            raise
-        except Exception as error:  # noqa: BLE001 - Ray wraps the task's exception; the user gets its one line
-            for ref in pending:
-                ray.cancel(ref)
-            raise one_line(error, f"{getattr(function, '__name__', 'a task')} on Ray") from None
+            if isinstance(error, AtlasError):
+                raise
+            raise ray_failure(error, f"{getattr(function, '__name__', 'a task')} on Ray") from None
 
 
-def one_line(error: BaseException, what: str) -> AtlasError:
-    """The AtlasError inside a Ray error (the worker's own message), or one line naming what failed."""
-    seen: BaseException | None = error
-    while seen is not None:
-        inner = getattr(seen, "cause", None)  # Ray's wrappers keep the worker's exception here
-        if inner is None and isinstance(seen, AtlasError):
-            return seen
-        seen = inner if isinstance(inner, BaseException) else seen.__cause__
+def ray_failure(error: BaseException, what: str) -> WorkerError:
+    """Ray's own failure (a lost node, an actor that cannot be scheduled) as one line; the stage's own errors come
+    back as failure rows and results instead (`describe`)."""
     first = str(error).strip().splitlines()
     return WorkerError(f"{what} failed: {type(error).__name__}: {first[-1] if first else ''}")
