@@ -159,7 +159,12 @@ class AtlasConfig:
     # artefact, the unit of resume after a kill and of parallel work. A multiple of 16, importance's batch of
     # sequences, so every split batches the same sequences together and gives the same numbers.
     shard_sequences: int = 64
-    # Cut the average-linkage dendrogram at this cosine distance.
+    # How a unit's examples are clustered: "average" (average-linkage HAC, the paper) or "components" (the original
+    # feature-clusters app: connected components of the graph joining examples whose cosine similarity exceeds
+    # 1 − cluster_threshold, which is exactly single-linkage HAC cut at cluster_threshold, so every page keeps its
+    # dendrogram and re-cut).
+    cluster_method: str = "average"
+    # Cut the dendrogram at this cosine distance.
     cluster_threshold: float = 0.5
     # Worker processes for per-neuron stages (0 = all cores). With the Ray engine: the actors for collect and
     # importance (0 = one per GPU of the cluster, else one per CPU) and the tasks at once for cluster and render.
@@ -197,6 +202,13 @@ class AtlasConfig:
     mnist_dir: str = "build/mnist"
     # Absolute URL the site is published at, used in citations (empty: citations use the relative path).
     site_url: str = ""
+    # Where `atlas release` keeps every release it froze (manifest, CITATION.cff, bulk Parquet files and the archive
+    # {id}.tar.gz), outside the site so a rebuild never touches them. Relative to the working directory.
+    release_dir: str = "releases"
+    # Where a release's archive and bulk files are published, e.g. GitHub release assets
+    # (https://github.com/OWNER/REPO/releases/download/{release}); "{release}" becomes the release id. Empty: pages'
+    # reproduce scripts read the bulk data from the extracted archive in the working directory.
+    release_url: str = ""
     # Author or organisation named in every page's citation (empty: "Neuron Atlas").
     author: str = ""
     # Date printed in provenance and citations; empty = the date collection first ran (then recorded).
@@ -216,6 +228,8 @@ class AtlasConfig:
         _check(self.shard_sequences >= SHARD_MULTIPLE and self.shard_sequences % SHARD_MULTIPLE == 0,
                f"shard_sequences must be a positive multiple of {SHARD_MULTIPLE}", self.shard_sequences)
         _check(0 < self.cluster_threshold <= 2, "cluster_threshold must be in (0, 2]", self.cluster_threshold)
+        _check(self.cluster_method in ("average", "components"), "cluster_method must be average or components",
+               self.cluster_method)
         _check(self.workers >= 0, "workers must be 0 (all cores) or more", self.workers)
         _check(self.engine in ("local", "ray"), "engine must be local or ray", self.engine)
         _check(self.evaluate_sequences >= 0, "evaluate_sequences must be 0 (all) or more", self.evaluate_sequences)
@@ -261,7 +275,8 @@ class AtlasConfig:
 
 
 _NOT_CONTENT = {"out_dir", "site_dir", "mnist_dir", "site_url", "author", "build_date", "device", "workers",
-                "shard_sequences", "batch_size", "engine", "ray_address", "importance_memory_mb"}
+                "shard_sequences", "batch_size", "engine", "ray_address", "importance_memory_mb", "release_dir",
+                "release_url"}
 
 
 def trained_sae_folder(cfg: AtlasConfig, slug: str) -> Path:

@@ -652,8 +652,10 @@ def edge_case_values() -> np.ndarray:
     return np.concatenate([edges, beside, special, heavy]).astype(np.float32)
 
 
+@pytest.mark.parametrize("kernel", ["compiled", "torch"])
 @pytest.mark.parametrize("variant", ["plain", "folding every batch", "int64 keys"])
-def test_histogram_matches_a_literal_per_value_reference(monkeypatch, variant):
+def test_histogram_matches_a_literal_per_value_reference(monkeypatch, variant, kernel):
+    monkeypatch.setattr(collect, "HISTOGRAM_KERNEL", kernel)  # a CPU's compiled loop, and every other device's ops
     if variant == "folding every batch":
         monkeypatch.setattr(collect, "FOLD_EVERY", CTX)  # int32 counters folded before every batch
     if variant == "int64 keys":
@@ -766,6 +768,8 @@ def transfers_per_update(monkeypatch, d_mlp: int) -> tuple[list[int], int]:
 
 
 def test_update_makes_a_constant_number_of_host_transfers_independent_of_the_number_of_units(monkeypatch):
+    # The torch ops a GPU runs (a CPU's compiled histogram loop takes numpy views of CPU memory, which copy nothing).
+    monkeypatch.setattr(collect, "HISTOGRAM_KERNEL", "torch")
     few, few_end = transfers_per_update(monkeypatch, 8)
     many, many_end = transfers_per_update(monkeypatch, 96)
     assert few == many and len(set(few)) == 1 and few[0] <= 2, (few, many)
