@@ -1,8 +1,13 @@
 """Cluster: each unit's examples grouped into feature clusters by their neuron embeddings.
 
-Per unit: cosine distance between example embeddings, average-linkage agglomerative clustering (scipy), cut at
-`cluster_threshold`. Kept: the full linkage matrix (pages draw and re-cut the dendrogram), each example's cluster, each
-cluster's central example, and polysemanticity metrics.
+Per unit: cosine distance between example embeddings, agglomerative clustering (scipy), cut at `cluster_threshold`
+like `fcluster(criterion="distance")`. `cluster_method` picks the linkage: "average" (the paper's HAC) or
+"components", the original feature-clusters app's connected components of the graph joining two examples whose
+cosine similarity is at least 1 − cluster_threshold. Components are exactly single-linkage HAC cut at the same
+distance (a single-linkage merge height is the distance of the closest pair across, and fcluster joins at ≤ t, so a
+pair at exactly 1 − threshold joins), so they are computed as that: the linkage matrix, the dendrogram, the browser's
+re-cut and every page stay the same machinery. Kept: the full linkage matrix (pages draw and re-cut the dendrogram),
+each example's cluster, each cluster's central example, and polysemanticity metrics.
 
 Defined outcomes for the edge cases:
 - no examples (dead at this threshold): no clusters, n_clusters 0, every distance metric NaN;
@@ -40,6 +45,9 @@ log = logging.getLogger(__name__)
 
 # Most units one task clusters: small enough to balance a layer across workers, large enough to amortise a task.
 MAX_UNITS_PER_TASK = 256
+
+# scipy's linkage method for each `cluster_method`; see the module docstring for why components are single linkage.
+LINKAGE_METHODS = {"average": "average", "components": "single"}
 
 
 def cosine_distances(features: Float[np.ndarray, "n d"]) -> Float[np.ndarray, " n_pairs"]:
@@ -86,7 +94,8 @@ def central_examples(square: Float[np.ndarray, "n n"], labels: Int[np.ndarray, "
     return central
 
 
-def cluster_neuron(features: Float[np.ndarray, "n d"], threshold: float) -> NeuronClusters:
+def cluster_neuron(features: Float[np.ndarray, "n d"], threshold: float, method: str = "average") -> NeuronClusters:
+    """Cluster one unit's examples with `method` (a key of LINKAGE_METHODS), cut at cosine distance `threshold`."""
     n = len(features)
     if n == 0:
         metrics = dict.fromkeys(METRIC_NAMES, float("nan"))
@@ -99,7 +108,7 @@ def cluster_neuron(features: Float[np.ndarray, "n d"], threshold: float) -> Neur
         return NeuronClusters(np.zeros(1, np.int32), np.zeros((0, 4)), np.zeros(1, np.int32),
                               np.ones(1, np.int32), metrics)
     condensed = cosine_distances(features)
-    tree = linkage(condensed, method="average")
+    tree = linkage(condensed, method=LINKAGE_METHODS[method])
     labels = ranked_labels(fcluster(tree, t=threshold, criterion="distance"))
     k = int(labels.max()) + 1
     square = squareform(condensed)
@@ -145,6 +154,7 @@ class ClusterTask:
     units: range
     space: str  # "embedding" (neuron embeddings) or "pre_mlp" (the raw input vectors)
     threshold: float
+    method: str  # cluster_method
 
 
 @functools.lru_cache(maxsize=1)
@@ -168,7 +178,7 @@ def cluster_units(task: ClusterTask) -> list[NeuronClusters]:
     for unit in task.units:
         features = unit_features(examples, weights, unit, task.space)
         check_finite(features, task.set_key, unit)
-        results.append(cluster_neuron(features, task.threshold))
+        results.append(cluster_neuron(features, task.threshold, task.method))
     return results
 
 
@@ -176,8 +186,8 @@ def cluster_set(cfg: AtlasConfig, subject: SubjectSet, space: str, bar: progress
                 ) -> list[NeuronClusters]:
     """Cluster every unit of a set in `space`, as unit-range tasks across the config's workers (or Ray tasks)."""
     paths, workers = AtlasPaths.of(cfg), worker_count(cfg)
-    tasks = [ClusterTask(str(paths.root.resolve()), subject.key, units, space, cfg.cluster_threshold)
-             for units in unit_ranges(subject.size, workers, MAX_UNITS_PER_TASK)]
+    tasks = [ClusterTask(str(paths.root.resolve()), subject.key, units, space, cfg.cluster_threshold,
+                         cfg.cluster_method) for units in unit_ranges(subject.size, workers, MAX_UNITS_PER_TASK)]
     # Only workers of their own give up their BLAS threads (all of them on Ray).
     pooled = cfg.engine == "ray" or workers > 1 and len(tasks) > 1
     executor = unit_executor(cfg, workers, initializer=single_threaded_blas if pooled else None)
@@ -224,5 +234,5 @@ def build(run: StageRun) -> dict:
                   max_activation=np.concatenate([read_example_fields(paths, s.key, ("max_activation",))
                                                  ["max_activation"] for s in sets]),
                   **{name: np.concatenate([t[name] for t in tables]) for name in METRIC_NAMES})
-    return {"cluster_threshold": cfg.cluster_threshold, "sets": [s.key for s in sets],
-            "sets_clustered_last_run": [s.key for s in todo]}
+    return {"cluster_threshold": cfg.cluster_threshold, "cluster_method": cfg.cluster_method,
+            "sets": [s.key for s in sets], "sets_clustered_last_run": [s.key for s in todo]}

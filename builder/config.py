@@ -160,9 +160,9 @@ class AtlasConfig:
     # sequences, so every split batches the same sequences together and gives the same numbers.
     shard_sequences: int = 64
     # How a unit's examples are clustered: "average" (average-linkage HAC, the paper) or "components" (the original
-    # feature-clusters app: connected components of the graph joining examples whose cosine similarity exceeds
-    # 1 − cluster_threshold, which is exactly single-linkage HAC cut at cluster_threshold, so every page keeps its
-    # dendrogram and re-cut).
+    # feature-clusters app: connected components of the graph joining examples whose cosine similarity is at least
+    # 1 − cluster_threshold, a pair exactly there joining), which is exactly single-linkage HAC cut at
+    # cluster_threshold, so every page keeps its dendrogram and re-cut.
     cluster_method: str = "average"
     # Cut the dendrogram at this cosine distance.
     cluster_threshold: float = 0.5

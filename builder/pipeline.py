@@ -70,11 +70,11 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("train_sae", TRAIN_FIELDS, (), version=1, inputs=train_inputs, applies=lambda cfg: bool(cfg.train_sae)),
     Stage("collect", COLLECT_FIELDS, ("train_sae",), version=4, inputs=collect_inputs),  # 4: histogram edges
     Stage("embed", (), ("collect",), version=3),  # 3: SAE sets also write their dictionary tools
-    Stage("cluster", ("cluster_threshold",), ("collect", "embed"), version=3),
+    Stage("cluster", ("cluster_threshold", "cluster_method"), ("collect", "embed"), version=3),
     Stage("importance", ("importance_mode", "mask_token"), ("collect",), version=3),  # 3: shared prefix cache
     Stage("neighbours", ("neighbour_count", "neighbour_threshold", "neighbour_space", "seed"),
           ("collect", "embed", "cluster"), version=3),
-    Stage("report", ("cluster_threshold",), ("collect", "cluster"), version=2),
+    Stage("report", ("cluster_threshold", "cluster_method"), ("collect", "cluster"), version=2),
     Stage("evaluate", ("evaluate_sequences",), ("collect",), version=1),
     Stage("render", ("name", "site_dir", "site_url", "author", "build_date", "seed"),
           ("collect", "embed", "cluster", "importance", "neighbours", "report", "evaluate", "train_sae"), version=4,

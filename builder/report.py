@@ -1,5 +1,6 @@
 """The embedding comparison (the paper's Table 1): cluster the same examples on raw pre-MLP vectors instead of
-neuron embeddings and compare the median intra- and inter-cluster distances over all neurons.
+neuron embeddings (with the build's `cluster_method` and `cluster_threshold`, as cluster does) and compare the median
+intra- and inter-cluster distances over all neurons.
 
 Medians are over neurons where the metric is defined (intra needs a cluster with two members, inter two clusters).
 """
@@ -41,7 +42,7 @@ def build(run: StageRun) -> dict:
             results = cluster_set(cfg, s, "pre_mlp", bar)
             intra.extend(r.metrics["intra_distance"] for r in results)
             inter.extend(r.metrics["inter_distance"] for r in results)
-    report = {"cluster_threshold": cfg.cluster_threshold,
+    report = {"cluster_threshold": cfg.cluster_threshold, "cluster_method": cfg.cluster_method,
               "spaces": {"pre_mlp": summary(np.array(intra), np.array(inter)),
                          "embedding": summary(embedding["intra_distance"], embedding["inter_distance"])},
               "paper": PAPER}

@@ -378,3 +378,38 @@ def reference_site(tmp_path_factory, tiny_llama, corpus_file) -> Path:
     result = build(write_config(folder, tiny_llama, corpus_file))
     assert result.returncode == 0, result.stderr[-2000:]
     return folder
+
+
+# The tiny build of layer 1's neurons and one SAE's latents, every stage but render: what the bulk data and the
+# reproduce scripts read (tests/test_bulk.py, tests/test_reproduce.py).
+SAE_SLUG = "sae-resid"
+SAE_HOOK = "blocks.0.hook_resid_post"  # the residual stream: compatibility mode's centring matters for it
+
+
+def build_with_sae(folder: Path, model: Path, corpus: Path) -> AtlasConfig:
+    """Every stage up to render of conftest's tiny build (64 sequences) of layer 1's neurons and one random standard
+    SAE (16 latents, unit-norm encoder columns so most fire on some tokens) on the residual stream after block 0."""
+    from builder.pipeline import STAGES
+    from builder.sae import write_sae
+    from builder.stage import run_stage
+
+    rng = np.random.default_rng(15)
+    w_enc = rng.normal(size=(32, 16))
+    sae = write_sae(folder / "sae", {"architecture": "standard", "d_in": 32, "d_sae": 16, "apply_b_dec_to_input": True,
+                                     "normalize_activations": "none",
+                                     "metadata": {"hook_name": SAE_HOOK, "model_name": "tiny"}},
+                    {"W_enc": w_enc / np.linalg.norm(w_enc, axis=0), "b_enc": rng.normal(0, 0.05, 16),
+                     "W_dec": rng.normal(0, 0.2, (16, 32)), "b_dec": rng.normal(0, 0.05, 32)})
+    cfg = config_from_dict(tiny_config_dict(model, corpus, folder, max_sequences=64, workers=1,
+                                            neighbour_threshold=0.0, layers=[1],
+                                            sae=[{"path": str(sae), "slug": SAE_SLUG}]))
+    for stage in STAGES:
+        if stage != "render":  # the bulk data and the templates read the artefacts render reads
+            run_stage(stage, cfg)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def sae_build(tmp_path_factory, tiny_llama, corpus_file) -> AtlasConfig:
+    """`build_with_sae`, once per session; tests read it and write only into their own folders."""
+    return build_with_sae(tmp_path_factory.mktemp("sae-build") / "atlas", tiny_llama, corpus_file)

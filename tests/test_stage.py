@@ -79,9 +79,10 @@ def test_an_unchanged_config_or_other_machine_settings_re_run_nothing(base, mach
     ({"neighbour_count": 3}, {"neighbours", "render"}),
     ({"seed": 5}, {"neighbours", "render"}),
     ({"cluster_threshold": 0.3}, {"cluster", "neighbours", "report", "render"}),
+    ({"cluster_method": "components"}, {"cluster", "neighbours", "report", "render"}),
     ({"mask_token": "<|im_start|>"}, {"importance", "render"}),
     ({"site_url": "https://example.org/atlas/", "name": "renamed"}, {"render"}),
-], ids=["neighbour_count", "seed", "cluster_threshold", "mask_token", "display"])
+], ids=["neighbour_count", "seed", "cluster_threshold", "cluster_method", "mask_token", "display"])
 def test_a_changed_key_re_runs_only_the_stages_that_read_it_and_what_is_downstream(base, tmp_path, changes,
                                                                                    expected):
     assert rebuilt_stages(base, tmp_path, **changes) == expected

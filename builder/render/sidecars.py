@@ -13,6 +13,7 @@ from builder import __version__
 from builder.render.codec import (SCHEMA_VERSIONS, SIMILARITY_SCALE, Blob, activation_range, dumps,
                                   quantise_activations, quantise_importance, token_dtype, write_data_file)
 from builder.render.inputs import SNIPPET_BEFORE, Atlas, SetData
+from builder.render.reproduce import reproduce_templates
 from builder.render.text import clean_text, display_token, fmt, has_bidi, number
 from builder.schema import COUNT_METRICS, METRIC_NAMES
 from builder.subjects import SubjectIndex, SubjectSet, UnitId
@@ -74,11 +75,12 @@ def subject_sets(atlas: Atlas) -> list[str]:
 
 def common_file(atlas: Atlas, definitions: dict[str, str], prov: dict) -> dict:
     """`common.json`: what every unit page shares: the strings of the tokens its vocabulary starts with, the
-    metric definitions its tooltips show, the histogram edges, the subject sets and the provenance."""
+    metric definitions its tooltips show, the histogram edges, the subject sets, the provenance and each set's
+    reproduce-script template (one copy per atlas, not per page)."""
     return {"schema_version": SCHEMA_VERSIONS["common"], "kind": "common", "model": atlas.cfg.name,
             "tokens": [token_text(atlas, i) for i in atlas.common.tolist()], "metrics": definitions,
             "histogram_edges": [number(e, HISTOGRAM_DIGITS) for e in atlas.histogram_edges],
-            "sets": subject_sets(atlas), "provenance": prov}
+            "sets": subject_sets(atlas), "provenance": prov, "reproduce": reproduce_templates(atlas)}
 
 
 class UnitFiles(NamedTuple):
