@@ -65,8 +65,11 @@ bench-scale: $(STAMP) $(CORPUS)
 serve: $(STAMP)
 	$(ATLAS) serve --config $(CONFIG)
 
+# Publishes a release, never a working build: `atlas release` freezes the site (manifest, archive, stamps; needs
+# site_url in the config), then deploy.sh checks the stamp against the data and pushes.
 deploy: site
-	bash scripts/deploy.sh site
+	$(ATLAS) release --config $(CONFIG)
+	ATLAS=$(ATLAS) bash scripts/deploy.sh site
 
 clean:
 	rm -rf build site bench-out test-artifacts

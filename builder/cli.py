@@ -102,6 +102,24 @@ def repro(config: str, archive: str, seeds: int, limit: int) -> None:
 
 @main.command()
 @config_option
+@click.option("--verify", "verify", metavar="PATH", default=None,
+              help="Instead of releasing, check a release archive ({id}.tar.gz) or a released site folder against its "
+                   "manifest.")
+def release(config: str, verify: str | None) -> None:
+    """Freeze the rendered site as a citeable release (docs/releases.md): a manifest of every data file and bulk
+    file with its sha256, the release id, CITATION.cff, a deterministic archive in release_dir, and every page
+    stamped with the release."""
+    from builder.release import release as freeze, verify as check
+
+    if verify:
+        click.echo(check(Path(verify)))
+        return
+    made = freeze(_load(config))
+    click.echo(f"release {made.id}: {len(made.files)} files, archive {made.archive}")
+
+
+@main.command()
+@config_option
 @click.option("--port", default=8000, show_default=True)
 def serve(config: str, port: int) -> None:
     """Preview the built site at http://localhost:PORT/."""

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# Publish a rendered site folder to a gh-pages branch with plain git (what `make deploy` runs).
+# Publish a released site folder to a gh-pages branch with plain git (what `make deploy` runs after `atlas release`).
 #
 #   bash scripts/deploy.sh [SITE_DIR]            # default: site
+#
+# Only a release is published: the site must have been rendered with site_url (citations need absolute URLs) and
+# stamped by `atlas release` with a release whose manifest matches every data file it holds
+# (`atlas release --verify SITE_DIR`); otherwise deploy stops with one line saying what to run.
 #
 # The site becomes one new commit on the local gh-pages branch (parented on the previous one, so history is kept),
 # built from a temporary index: the working tree, the index and the checked-out branch are never touched. The
@@ -16,6 +20,7 @@
 #                         works for testing without network
 #   ATLAS_DEPLOY_BRANCH   branch (default gh-pages)
 #   ATLAS_DEPLOY_PUSH     0 to commit locally without pushing
+#   ATLAS                 the atlas command (default: this repository's .venv/bin/atlas, else atlas on PATH)
 #
 # Alternative: .github/workflows/pages.yml builds the site in GitHub Actions and deploys it with
 # actions/upload-pages-artifact + actions/deploy-pages (set the repository's Pages source to "GitHub Actions").
@@ -29,9 +34,13 @@ if [ ! -f "$site/index.html" ]; then
     echo "deploy: no rendered site at '$site' (missing $site/index.html); run \`make site\` first" >&2
     exit 2
 fi
-# Citations need absolute URLs: warn when the site was rendered without site_url.
-if grep -q '"site_url":""' "$site"/*/data/atlas.json 2>/dev/null; then
-    echo "deploy: warning: the site was built without site_url, so its citations use relative paths; set site_url in the config and rebuild before publishing" >&2
+# A release, not a working build: rendered with site_url, stamped, every data file as the release's manifest says.
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+atlas=${ATLAS:-$repo/.venv/bin/atlas}
+[ -x "$atlas" ] || atlas=atlas
+if ! problem=$("$atlas" release --verify "$site" 2>&1 >/dev/null); then
+    echo "deploy: ${problem#Error: }" >&2
+    exit 2
 fi
 git rev-parse --git-dir >/dev/null 2>&1 || { echo "deploy: not inside a git repository" >&2; exit 2; }
 site_abs=$(cd "$site" && pwd)

@@ -619,15 +619,15 @@
       section.querySelector("h3").appendChild(el("small", null, " " + size + " example" + (size === 1 ? "" : "s") +
         " (" + cells[2].textContent + ") \u00b7 " + cells[3].textContent));
     });
-    var part = function (name) { var node = document.querySelector("footer .cite-line ." + name); return node ? node.textContent : ""; };
+    var unit = unitCitation(Atlas.neuron.raw.path);
     document.querySelectorAll("#features-static .feature").forEach(function (feature) {
       var line = feature.querySelector(":scope > .cite-line"), k = feature.id.slice(1);
       if (!line) return;
       var details = el("details", { class: "bibtex" });
       details.appendChild(el("summary", null, "BibTeX"));
-      details.appendChild(el("pre", { class: "cite" }, bibtex({
-        key: citationKey(Atlas.neuron.raw.path + "F" + k + "/"), author: part("cite-author"),
-        title: part("cite-title") + " feature " + k, url: part("cite-url") + "#F" + k }, prov)));
+      details.appendChild(el("pre", { class: "cite" }, bibtex(Object.assign({}, unit, {
+        key: citationKey(Atlas.neuron.raw.path + "F" + k + "/"), title: unit.title + " feature " + k,
+        url: unit.url + "#F" + k }), prov)));
       line.after(details);
     });
   }
@@ -972,6 +972,7 @@
     });
   }
 
+  /* cite: {key, author, title, url, release, data (the cited file's path from the site root), sha256}. */
   function bibtex(cite, prov) {
     var note = "Model " + prov.model + " (revision " + prov.model_revision + "); dataset " + prov.dataset + ", " +
       prov.n_sequences + " sequences, " + prov.n_tokens + " tokens; threshold " + prov.threshold + "; code " +
@@ -979,8 +980,32 @@
     return "@misc{" + cite.key + ",\n  author = {" + bibtexEscape(cite.author) + "},\n" +
       "  title = {{Neuron Atlas}: " + bibtexEscape(cite.title) + "},\n" +
       "  howpublished = {\\url{" + cite.url.replace(/%/g, "%25").replace(/#/g, "%23") + "}},\n" +
-      "  note = {" + bibtexEscape(note) + "},\n  year = {" + bibtexEscape(prov.build_date.slice(0, 4)) + "},\n" +
+      "  note = {" + bibtexEscape(note) + "; release " + cite.release + "; data " + bibtexEscape(cite.data) +
+      " sha256 " + cite.sha256 + "},\n  year = {" + bibtexEscape(prov.build_date.slice(0, 4)) + "},\n" +
       "  date = {" + bibtexEscape(prov.build_date) + "}\n}\n";
+  }
+
+  var UNRELEASED = "unreleased";  // what the stamped regions say in a working build (builder.render.pages.UNSTAMPED)
+
+  /* The release this page belongs to: the text of its stamped region <!--atlas:release-->…<!--/atlas:release-->,
+   * which `atlas release` replaces by the release id (builder/release.py). */
+  function pageRelease() {
+    var walker = document.createTreeWalker(document.body, NodeFilter.SHOW_COMMENT);
+    for (var node = walker.nextNode(); node; node = walker.nextNode()) {
+      if (node.data === "atlas:release") return node.nextSibling ? node.nextSibling.textContent : UNRELEASED;
+    }
+    return UNRELEASED;
+  }
+  Atlas.pageRelease = pageRelease;
+
+  /* A unit page's citation from its footer line (author, title, URL and the sha256 of its neuron.json, as the
+   * builder printed them) and its release: what bibtex() needs besides the key. */
+  function unitCitation(path) {
+    var line = document.querySelector("footer .cite-line");
+    var part = function (name) { var node = line && line.querySelector("." + name); return node ? node.textContent : ""; };
+    var sha = /data sha256 ([0-9a-f]{64})/.exec(line ? line.textContent : "");
+    return { author: part("cite-author"), title: part("cite-title"), url: part("cite-url"), release: pageRelease(),
+             data: path + "neuron.json", sha256: sha ? sha[1] : "" };
   }
 
   /* The unit's direct logit effects: the tokens its output direction promotes and suppresses most. */
@@ -1012,9 +1037,7 @@
   function fillCitation(prov, path) {
     var cite = document.getElementById("cite");
     if (!cite || cite.textContent || !document.querySelector(".cite-line .cite-url")) return;
-    var part = function (name) { var node = document.querySelector(".cite-line ." + name); return node ? node.textContent : ""; };
-    cite.textContent = bibtex({ key: citationKey(path), author: part("cite-author"), title: part("cite-title"),
-                                url: part("cite-url") }, prov);
+    cite.textContent = bibtex(Object.assign({ key: citationKey(path) }, unitCitation(path)), prov);
   }
 
   /* The controls that only work with this script, added by it: the dendrogram's cut slider, the colour toggle and
@@ -1053,6 +1076,59 @@
     }
   }
 
+  // ------------------------------------------------------------------------------------------------ reproduce
+
+  /* The placeholders of a reproduce template (builder/render/reproduce.py PLACEHOLDERS) replaced literally. */
+  function fillTemplate(template, values) {
+    return Object.keys(values).reduce(function (text, name) { return text.split(name).join(values[name]); }, template);
+  }
+  Atlas.fillTemplate = fillTemplate;
+
+  /* "Reproduce this": the unit's set's script template (common.json `reproduce`) filled for the central example of
+   * its first feature (from the sidecar; its activation as the page prints it, the artefact's value), reading the
+   * bulk data of the page's release from where releases/index.json (written by `atlas release`) says it is. A
+   * working build has no bulk data, so there the block says that it comes with a release. */
+  function renderReproduce(N, common) {
+    var template = (common.reproduce || {})[N.raw.set], features = document.getElementById("features");
+    if (!template || !features) return;
+    var details = el("details", { id: "reproduce" }), release = pageRelease();
+    details.appendChild(el("summary", null, "Reproduce this"));
+    features.after(details);  // below the features, beside the example it recomputes
+    if (!N.raw.clusters.length) {
+      details.appendChild(el("p", null, "This unit has no examples, so there is no activation to recompute."));
+      return;
+    }
+    if (release === UNRELEASED) {
+      details.appendChild(el("p", null, "A script here recomputes this unit's activation on an example from the " +
+        "model and the example's whole sequence, which only the atlas's bulk data holds. The bulk data comes with a " +
+        "release (atlas release); this page is from a working build, not yet released."));
+      return;
+    }
+    var central = N.raw.clusters[0].central, meta = document.querySelector("#F0 > p.ex-meta");
+    var printed = meta && /^max (\S+)/.exec(meta.textContent);
+    var values = { __UNIT__: String(N.raw.neuron), __SEQUENCE__: String(N.seq[central]),
+                   __POSITION__: String(N.pos[central]),
+                   __ACTIVATION__: printed ? printed[1].replace(/,/g, "") : fmt(maxActivation(N, central), 4) };
+    details.appendChild(el("p", { class: "caption" }, "Recomputes the activation of feature F0's central example " +
+      "(sequence " + values.__SEQUENCE__ + ", position " + values.__POSITION__ + ") from the model and the bulk " +
+      "data of release " + release + ", and prints it beside the atlas's value."));
+    var pre = el("pre", { class: "script", id: "reproduce-script", tabindex: "0" });
+    details.appendChild(pre);
+    addCopyButton(pre, "Copy script");
+    var filling = null;
+    details.addEventListener("toggle", function () {
+      if (filling || !details.open) return;
+      filling = loadData("releases", modelRoot() + "../releases/index.json").then(function (index) {
+        var entry = index.releases.filter(function (r) { return r.id === release; })[0];
+        if (!entry) throw new Error("release " + release + " is not listed in releases/index.json");
+        values.__BULK__ = entry.bulk;
+        pre.textContent = fillTemplate(template, values);
+      }).catch(function (error) {
+        details.appendChild(el("p", { class: "error" }, "Could not fill the script: " + error.message));
+      });
+    });
+  }
+
   // ------------------------------------------------------------------------------------------------ pages
 
   function cutFromLocation() {
@@ -1078,6 +1154,7 @@
                   raw.max_activation, common.provenance.threshold);
     renderStatic(N);
     finishSections(common.provenance);
+    renderReproduce(N, common);
     renderIntervals(N);
     renderLogits(N);
     renderLegend();
@@ -1223,6 +1300,27 @@
 
   // ------------------------------------------------------------------------------------------------ chrome
 
+  /* A button after `pre` that copies its text: the clipboard API, else a selection and execCommand. */
+  function addCopyButton(pre, label) {
+    var copy = el("button", { type: "button", class: "copy" }, label);
+    copy.addEventListener("click", function () {
+      var done = function () { copy.textContent = "Copied"; setTimeout(function () { copy.textContent = label; }, 1500); };
+      var fallback = function () {
+        var range = document.createRange();
+        range.selectNodeContents(pre);
+        var selection = window.getSelection();
+        selection.removeAllRanges();
+        selection.addRange(range);
+        try { document.execCommand("copy"); done(); } catch (e) { copy.textContent = "Press Ctrl+C"; }
+      };
+      if (navigator.clipboard && navigator.clipboard.writeText) navigator.clipboard.writeText(pre.textContent).then(done, fallback);
+      else fallback();
+    });
+    pre.after(copy);
+    return copy;
+  }
+
+
   function effectiveTheme() {
     var set = document.documentElement.getAttribute("data-theme");
     if (set) return set;
@@ -1257,23 +1355,7 @@
       header.appendChild(button);
     }
     var cite = document.getElementById("cite");
-    if (cite) {
-      var copy = el("button", { type: "button", class: "copy" }, "Copy BibTeX");
-      copy.addEventListener("click", function () {
-        var done = function () { copy.textContent = "Copied"; setTimeout(function () { copy.textContent = "Copy BibTeX"; }, 1500); };
-        var fallback = function () {
-          var range = document.createRange();
-          range.selectNodeContents(cite);
-          var selection = window.getSelection();
-          selection.removeAllRanges();
-          selection.addRange(range);
-          try { document.execCommand("copy"); done(); } catch (e) { copy.textContent = "Press Ctrl+C"; }
-        };
-        if (navigator.clipboard && navigator.clipboard.writeText) navigator.clipboard.writeText(cite.textContent).then(done, fallback);
-        else fallback();
-      });
-      cite.after(copy);
-    }
+    if (cite) addCopyButton(cite, "Copy BibTeX");
     document.querySelectorAll("a.random").forEach(function (a) {
       a.addEventListener("click", function (e) { e.preventDefault(); randomNeuron(); });
     });

@@ -8,6 +8,7 @@ neuron page is saved to test-artifacts/neuron.png.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import http.server
 import re
@@ -20,7 +21,7 @@ import pytest
 
 import render_fixtures as fx
 from builder.cluster import ranked_labels
-from builder.schema import read_clusters
+from builder.schema import read_clusters, read_examples
 from builder.paths import AtlasPaths
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -477,20 +478,80 @@ def test_the_404_page_offers_search_and_the_question_mark_shows_the_keys(site, t
     assert tab.errors == []
 
 
-def test_the_bibtex_a_unit_page_writes_for_it_and_its_features_is_the_one_the_builder_would_print(site, tab):
+def unit_bibtex(site: dict, path: str, title: str, release: str, key_path: str | None = None) -> str:
+    """The BibTeX builder.render.pages.bibtex prints for a section of the unit page `{MODEL}/L0/N0/`, citing its
+    neuron.json (the sha256 hashed here) and `release`."""
     from builder.render.inputs import load_atlas
-    from builder.render.pages import bibtex, feature_key_path, feature_path
+    from builder.render.pages import Cited, bibtex, resolve
     from builder.render.sidecars import provenance
 
     atlas = load_atlas(site["cfg"], fx.VOCAB)
-    prov = provenance(atlas)
-    page = tab.open(site["url"] + f"{MODEL}/L0/N0/index.html#F1")
-    assert page.text_content("#cite") == bibtex(atlas, prov, f"{MODEL}/L0/N0/", f"{MODEL} layer 0 neuron 0")
     unit = f"{MODEL}/L0/N0/"
+    sha = hashlib.sha256((site["dir"] / unit / "neuron.json").read_bytes()).hexdigest()
+    return resolve(bibtex(atlas, provenance(atlas), path, title, Cited(f"{unit}neuron.json", sha), key_path=key_path),
+                   release=release)
+
+
+def test_the_bibtex_a_unit_page_writes_for_it_and_its_features_is_the_one_the_builder_would_print(site, tab):
+    from builder.render.pages import feature_key_path, feature_path
+
+    page = tab.open(site["url"] + f"{MODEL}/L0/N0/index.html#F1")
+    unit = f"{MODEL}/L0/N0/"
+    assert page.text_content("#cite") == unit_bibtex(site, unit, f"{MODEL} layer 0 neuron 0", "unreleased")
     for k in (0, 1):
-        expected = bibtex(atlas, prov, feature_path(unit, k), f"{MODEL} layer 0 neuron 0 feature {k}",
-                          key_path=feature_key_path(unit, k))
+        expected = unit_bibtex(site, feature_path(unit, k), f"{MODEL} layer 0 neuron 0 feature {k}", "unreleased",
+                               key_path=feature_key_path(unit, k))
         assert page.text_content(f"section#F{k} details.bibtex pre.cite") == expected
+    page.click("#reproduce > summary")
+    assert "comes with a release" in page.text_content("#reproduce") and page.locator("#reproduce pre").count() == 0
+    assert tab.errors == []
+
+
+@pytest.fixture(scope="module")
+def released_site(tmp_path_factory):
+    """The synthetic site, released. Its artefacts come without stage metas, so the check that the render is up to
+    date is left out: what is tested here is what a released page shows (tests/test_release.py tests the rest)."""
+    from builder import release
+
+    folder = tmp_path_factory.mktemp("released")
+    cfg = fx.build_site(folder, site_url="https://example.org/atlas/", release_dir=str(folder / "releases"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(release, "check_rendered", lambda cfg: {})
+        patch.setenv("SOURCE_DATE_EPOCH", "1714521600")
+        made = release.release(cfg)
+    server, url = serve(Path(cfg.site_dir))
+    yield {"cfg": cfg, "dir": Path(cfg.site_dir), "url": url, "release": made.id}
+    server.shutdown()
+
+
+def test_a_released_unit_page_names_its_release_and_sha256_in_the_bibtex_and_fills_the_reproduce_script(
+        released_site, tab):
+    site = released_site
+    page = tab.open(site["url"] + NEURON)
+    expected = unit_bibtex(site, f"{MODEL}/L0/N0/", f"{MODEL} layer 0 neuron 0", site["release"])
+    sha = hashlib.sha256((site["dir"] / MODEL / "L0" / "N0" / "neuron.json").read_bytes()).hexdigest()
+    assert f"release {site['release']}; data {MODEL}/L0/N0/neuron.json sha256 {sha}}}" in expected
+    assert page.text_content("#cite") == expected
+    assert f"release {site['release']}; data" in page.text_content("section#F0 details.bibtex pre.cite")
+    page.click("#reproduce > summary")
+    page.wait_for_function("() => document.getElementById('reproduce-script').textContent.length > 0")
+    # The set's template with the central example of feature F0, read here from the artefacts, and the bulk data
+    # of this release beside its extracted archive (no release_url).
+    paths = AtlasPaths.of(site["cfg"])
+    examples = read_examples(paths, "L0")
+    central = int(read_clusters(paths, "L0")["cluster_central"][0])  # unit 0 feature 0's, an index into the set
+    template = json.loads((site["dir"] / MODEL / "data" / "common.json").read_text())["reproduce"]["L0"]
+    script = (template.replace("__UNIT__", "0").replace("__SEQUENCE__", str(int(examples.seq[central])))
+              .replace("__POSITION__", str(int(examples.pos[central])))
+              .replace("__ACTIVATION__", f"{float(examples.act[central]):.4g}")
+              .replace("__BULK__", f"{site['release']}/bulk"))
+    assert page.text_content("#reproduce-script") == script
+    compile(script, "reproduce", "exec")
+    assert page.locator("#reproduce button.copy").count() == 1
+    local = tab.open((site["dir"] / NEURON).as_uri())  # over file://, releases/index.json comes from its twin
+    local.click("#reproduce > summary")
+    local.wait_for_function("() => document.getElementById('reproduce-script').textContent.length > 0")
+    assert local.text_content("#reproduce-script") == script
     assert tab.errors == []
 
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import html
 import json
 import os
 import re
 import shutil
-import subprocess
 import zlib
 from pathlib import Path
 
@@ -168,10 +168,13 @@ def test_packed_arrays_round_trip_exactly(dtype):
 def test_a_data_file_with_a_blob_writes_it_beside_the_json_and_inside_the_file_twin(tmp_path):
     blob = codec.Blob()
     ref = blob.pack_json(["a", "<b>"])
-    published, twin = codec.write_data_file(tmp_path / "x.json", "x", {"kind": "x", "text": ref}, blob)
+    published, twin, sha256 = codec.write_data_file(tmp_path / "x.json", "x", {"kind": "x", "text": ref}, blob)
     document, data = codec.read_data_file(tmp_path / "x.json")
     assert document["bin"] == "x.bin" and codec.unpack_json(data, document["text"]) == ["a", "<b>"]
     assert published == (tmp_path / "x.json").stat().st_size + (tmp_path / "x.bin").stat().st_size
+    # One hash pins both files: the .json's, returned for the page's citation, and the .bin's, inside the .json.
+    assert sha256 == hashlib.sha256((tmp_path / "x.json").read_bytes()).hexdigest()
+    assert document["bin_sha256"] == hashlib.sha256((tmp_path / "x.bin").read_bytes()).hexdigest()
     script = (tmp_path / "x.json.js").read_text()
     assert len(script) == twin
     inner = json.loads(script[script.index("=", script.index("]")) + 1:].rstrip(";\n"))
@@ -260,7 +263,8 @@ def test_sidecar_has_the_documented_schema(built):
     doc = sidecar(site, 0, 0)
     assert doc["schema_version"] == codec.SCHEMA_VERSIONS["neuron"] == 3
     assert doc["kind"] == "neuron" and doc["model"] == MODEL and (doc["layer"], doc["neuron"]) == (0, 0)
-    assert set(doc) - {"blob"} == {"schema_version", "kind", "model", "bin", "set", "layer", "neuron", "path",
+    assert set(doc) - {"blob"} == {"schema_version", "kind", "model", "bin", "bin_sha256", "set", "layer", "neuron",
+                                   "path",
                                    "max_activation", "metrics", "cluster_threshold", "window", "vocab", "examples",
                                    "clusters", "intervals", "linkage", "histogram", "logits"}
     assert set(doc["examples"]) == {"count", "token_dtype", "tokens", "activation_range", "activation",
@@ -268,11 +272,11 @@ def test_sidecar_has_the_documented_schema(built):
     assert set(doc["intervals"]) == {"bounds", "interval", "sequence", "position", "activation", "tokens"}
     assert set(doc["clusters"][0]) == {"size", "central", "similar"}
     similar = json.loads((site / MODEL / "L0" / "N0" / "similar.json").read_text())
-    assert set(similar) == {"schema_version", "kind", "model", "path", "rows", "text", "bin"}
+    assert set(similar) == {"schema_version", "kind", "model", "path", "rows", "text", "bin", "bin_sha256"}
     assert similar["kind"] == "similar" and similar["schema_version"] == codec.SCHEMA_VERSIONS["similar"]
     common = json.loads((site / MODEL / "data" / "common.json").read_text())
     assert set(common) == {"schema_version", "kind", "model", "tokens", "metrics", "histogram_edges", "sets",
-                           "provenance"}
+                           "provenance", "reproduce"}
     assert set(common["provenance"]) == {"model", "model_revision", "dataset", "n_sequences", "n_tokens",
                                          "threshold", "code_version", "config_hash", "build_date"}
     assert doc["path"] == f"{MODEL}/L0/N0/"
@@ -580,51 +584,6 @@ def test_golden_site_matches_expected_output(tmp_path, monkeypatch):
     assert site_files(Path(cfg.site_dir) / "static") == published
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Deploy
-
-
-def git(*args, cwd: Path) -> str:
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@example.org"}
-    return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout
-
-
-def test_deploy_publishes_the_site_to_a_gh_pages_branch_without_the_file_copies(built, tmp_path):
-    _, site = built
-    remote = tmp_path / "remote.git"
-    git("init", "--bare", "-q", str(remote), cwd=tmp_path)
-    work = tmp_path / "work"
-    work.mkdir()
-    git("init", "-q", cwd=work)
-    (work / "README").write_text("x")
-    git("add", "README", cwd=work)
-    git("commit", "-q", "-m", "init", cwd=work)
-    git("remote", "add", "origin", str(remote), cwd=work)
-    shutil.copytree(site, work / "site")
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@example.org"}
-
-    def deploy() -> subprocess.CompletedProcess:
-        return subprocess.run(["bash", str(ROOT / "scripts" / "deploy.sh"), "site"], cwd=work, env=env,
-                              capture_output=True, text=True, timeout=120)
-
-    result = deploy()
-    assert result.returncode == 0, result.stderr
-    published = set(git("ls-tree", "-r", "--name-only", "gh-pages", cwd=remote).split())
-    expected = {name for name in site_files(site) if not name.endswith(".json.js")}
-    assert published == expected
-    assert git("status", "--porcelain", cwd=work) == "?? site/\n"  # the working tree and index are untouched
-    assert git("rev-parse", "--abbrev-ref", "HEAD", cwd=work).strip() in ("master", "main")
-    head = git("rev-parse", "gh-pages", cwd=remote)
-    again = deploy()
-    assert again.returncode == 0 and "nothing to publish" in again.stderr
-    assert git("rev-parse", "gh-pages", cwd=remote) == head
-    missing = subprocess.run(["bash", str(ROOT / "scripts" / "deploy.sh"), "nowhere"], cwd=work, env=env,
-                             capture_output=True, text=True)
-    assert missing.returncode != 0 and "nowhere" in missing.stderr
-
-
 def test_the_method_page_explains_a_threshold_other_than_the_papers(tmp_path, built):
     _, site = built
     assert "this atlas uses" not in (site / MODEL / "method" / "index.html").read_text()  # 0.75: nothing to explain
@@ -696,6 +655,37 @@ def test_single_example_features_fold_into_one_unclustered_group_and_keep_their_
         assert (f'id="F{k}"' in group) == (k in singles)
         # Every feature, single or not, prints its central example and its citation for readers without JavaScript.
         assert 'class="ex-static"' in feature_html(page, k) and f"#F{k}</p>" in feature_html(page, k)
+
+
+def test_every_citation_names_the_release_and_the_sha256_of_the_data_its_page_shows(built):
+    _, site = built
+    unstamped = "<!--atlas:release-->unreleased<!--/atlas:release-->"
+    cited = 0
+    for page in html_pages(site):
+        footer = page.read_text(encoding="utf-8").split("<h2>Cite this page</h2>")[-1]
+        line, bib = re.search(r'<p class="cite-line">(.*?)</p>', footer).group(1), footer[footer.index("<pre"):]
+        assert f". Release {unstamped}; " in line, page
+        path = page.relative_to(site).as_posix()
+        if re.fullmatch(rf"{MODEL}/L\d+/N\d+/index.html", path):  # a unit page: its neuron.json (atlas.js: BibTeX)
+            sha = hashlib.sha256(page.with_name("neuron.json").read_bytes()).hexdigest()
+            assert line.endswith(f"; data sha256 {sha}.") and "@misc" not in bib
+        elif re.fullmatch(rf"{MODEL}/L\d+/index.html", path):  # a set page: its rows of the unit table
+            shard = f"{MODEL}/data/neurons/{page.parent.name}.json"
+            sha = hashlib.sha256((site / shard).read_bytes()).hexdigest()
+            assert line.endswith(f"; data sha256 {sha}.") and f"release {unstamped}; data {shard} sha256 {sha}}}" in bib
+        else:  # a page about the whole atlas: the release manifest, whose hash only the release knows
+            manifest = "<!--atlas:manifest-->unreleased<!--/atlas:manifest-->"
+            assert line.endswith(f"; manifest sha256 {manifest}.")
+            assert f"release {unstamped}; data release manifest sha256 {manifest}}}" in bib
+        cited += 1
+    assert cited == len(html_pages(site)) > 15
+    pinned = 0
+    for document in site.rglob("*.json"):  # every .json with a .bin companion pins it
+        data = json.loads(document.read_text())
+        if "bin" in data:
+            assert data["bin_sha256"] == hashlib.sha256(document.with_name(data["bin"]).read_bytes()).hexdigest()
+            pinned += 1
+    assert pinned == 2 * len(fx.LAYERS) * fx.D_MLP + len(fx.LAYERS)  # neuron.json, similar.json per unit; shards
 
 
 def test_citations_are_absolute_with_the_configured_author_and_a_unique_key_per_page(tmp_path):

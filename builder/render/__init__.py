@@ -46,6 +46,7 @@ from builder.stage import StageRun
 
 def build(run: StageRun) -> dict:
     stats = render_site(run.cfg)
-    run.record(Path(run.cfg.site_dir) / "index.html")
+    # The model's manifest, which `atlas release` never rewrites (it stamps every page, changing their sizes).
+    run.record(Path(run.cfg.site_dir) / run.cfg.name / "data" / "atlas.json")
     return stats
 

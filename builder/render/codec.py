@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import math
 import zlib
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import orjson
@@ -129,22 +131,31 @@ def js_wrapper(key: str, payload: bytes) -> bytes:
     return b'(window.ATLAS_DATA=window.ATLAS_DATA||{})["' + key.encode() + b'"]=' + payload + b";\n"
 
 
-def write_data_file(path: Path, key: str, document: dict, blob: Blob | None = None) -> tuple[int, int]:
-    """Write `path` (.json), its `.bin` companion when `blob` is given, and its file:// twin, which carries the
-    companion as base64 (`bin_base64`: a page on file:// can only load scripts); returns (published bytes, twin
-    bytes)."""
+class Written(NamedTuple):
+    """What `write_data_file` wrote: its published bytes (.json and .bin), its file:// twin's bytes, and the sha256
+    of the .json (which pins the .bin through `bin_sha256`): the hash a page's citation names."""
+
+    published: int
+    twin: int
+    sha256: str
+
+
+def write_data_file(path: Path, key: str, document: dict, blob: Blob | None = None) -> Written:
+    """Write `path` (.json), its `.bin` companion when `blob` is given (named by `bin`, pinned by its sha256 in
+    `bin_sha256`, so the one hash of the .json covers both), and its file:// twin, which carries the companion as
+    base64 (`bin_base64`: a page on file:// can only load scripts)."""
     published = 0
     if blob is not None:
         data = blob.getvalue()
-        document = {**document, "bin": path.with_suffix(".bin").name}
+        document = {**document, "bin": path.with_suffix(".bin").name, "bin_sha256": hashlib.sha256(data).hexdigest()}
         path.with_suffix(".bin").write_bytes(data)
         published += len(data)
-    payload = dumps(document)
-    path.write_bytes(payload + b"\n")
+    payload = dumps(document) + b"\n"
+    path.write_bytes(payload)
     twin_document = document if blob is None else {**document, "bin_base64": base64.b64encode(data).decode("ascii")}
     twin = js_wrapper(key, dumps(twin_document))
     path.with_name(path.name + ".js").write_bytes(twin)
-    return published + len(payload) + 1, len(twin)
+    return Written(published + len(payload), len(twin), hashlib.sha256(payload).hexdigest())
 
 
 def read_unit_table(data_dir: Path) -> tuple[dict, dict[str, list]]:

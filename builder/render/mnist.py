@@ -29,8 +29,8 @@ import numpy as np
 from builder.errors import ArtefactError
 from builder.mnist.schema import (ATLAS_FILE, METRIC_LABELS, MNIST_ATLAS, MNIST_TABLES, PAPER, TABLE2_METRICS,
                                   TABLE3_METRICS, TABLES_FILE)
-from builder.render.pages import citation_key, colour_class, environment, page_url
-from builder.render.text import bibtex_escape, clean_text
+from builder.render.pages import CITE_MANIFEST, citation, colour_class, environment
+from builder.render.text import clean_text
 from builder.schema import METRIC_NAMES
 
 log = logging.getLogger(__name__)
@@ -281,21 +281,14 @@ class MnistSite:
     def page(self, depth: int, path: str, title: str, cite_title: str, **context) -> dict:
         site = self.site
         root = "../" * depth
-        prov = site.prov
-        author = clean_text(site.atlas.cfg.author) or "Neuron Atlas"
-        url = page_url(site.atlas, path)
         note = (f"MNIST reproduction: MLP 784-64-10 and SAEs of 512 latents on its hidden layer, atlas seed "
-                f"{self.atlas.seed}, {self.prov['split']} digits of {self.prov['source']}; code {prov['code_version']}")
-        cite = (f"@misc{{{citation_key(path)},\n  author = {{{bibtex_escape(author)}}},\n"
-                f"  title = {{{{Neuron Atlas}}: {bibtex_escape(cite_title)}}},\n"
-                f"  howpublished = {{\\url{{{url.replace('%', '%25').replace('#', '%23')}}}}},\n"
-                f"  note = {{{bibtex_escape(note)}}},\n  year = {{{bibtex_escape(prov['build_date'][:4])}}},\n"
-                f"  date = {{{bibtex_escape(prov['build_date'])}}}\n}}\n")
+                f"{self.atlas.seed}, {self.prov['split']} digits of {self.prov['source']}; code "
+                f"{site.prov['code_version']}")
+        # The pages draw their figures from the reproduction's artefacts and images: they cite the release manifest.
         return {**site.common, "root": root, "model_root": f"{root}{site.model}/", "path": path, "title": title,
-                "cite": cite, "cite_data": None, "kind": "mnist", "mnist_prov": self.prov,
-                "method_href": f"{root}{site.model}/method/index.html#mnist",
-                "definitions_href": f"{root}{site.model}/method/index.html#mnist-definitions",
-                "cite_line": f"{author} ({prov['build_date'][:4]}). Neuron Atlas: {cite_title}. {url}", **context}
+                **citation(site.atlas, site.prov, path, cite_title, CITE_MANIFEST, note=note), "cite_data": None,
+                "kind": "mnist", "mnist_prov": self.prov, "method_href": f"{root}{site.model}/method/index.html#mnist",
+                "definitions_href": f"{root}{site.model}/method/index.html#mnist-definitions", **context}
 
     def write(self, relative: str, template: str, context: dict) -> None:
         path = self.folder / relative

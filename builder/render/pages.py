@@ -3,11 +3,14 @@ or through external JSON."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 import numpy as np
+from markupsafe import Markup, escape
 
 from builder.config import EMBEDDED_MODEL
 from builder.render.codec import write_data_file
@@ -59,30 +62,94 @@ def feature_key_path(unit_page: str, k: int) -> str:
     return f"{unit_page}F{k}/"
 
 
-def bibtex(atlas: Atlas, prov: dict, path: str, title: str, key_path: str | None = None) -> str:
-    """BibTeX for the page at `path` (absolute when site_url is set, else the relative path); its key from
-    `key_path` when given (a feature: `feature_key_path`), else from `path`."""
+class Region(NamedTuple):
+    """A stamped region of a page: `<!--atlas:{name}-->text<!--/atlas:{name}-->`, whose text `atlas release`
+    (builder/release.py) replaces by the release's value. An HTML comment cannot come from data (autoescape turns
+    every `<` of data into `&lt;`), so only the templates and `stamped` below make regions."""
+
+    name: str
+
+    @property
+    def markup(self) -> Markup:
+        return Markup(f"<!--atlas:{self.name}-->{UNSTAMPED[self.name]}<!--/atlas:{self.name}-->")
+
+
+RELEASE = Region("release")  # the release id, `{date}-{10 hex}`
+MANIFEST = Region("manifest")  # the sha256 of the release manifest's file list, whose first 10 digits end the id
+UNSTAMPED = {"release": "unreleased", "manifest": "unreleased"}  # what a working build's regions say
+
+Parts = list  # text pieces and Regions, in order: a citation with its release still to be stamped in
+
+
+def stamped(parts: Parts) -> Markup:
+    """The parts as page markup: text escaped, regions as comment-delimited markup."""
+    return Markup("").join(part.markup if isinstance(part, Region) else escape(part) for part in parts)
+
+
+def resolve(parts: Parts, **values: str) -> str:
+    """The parts as a reader sees them once stamped with `values` (region name -> text; unstamped by default)."""
+    return "".join(values.get(part.name, UNSTAMPED[part.name]) if isinstance(part, Region) else part
+                   for part in parts)
+
+
+class Cited(NamedTuple):
+    """What a page's citation pins: the data file it shows (its path from the site root and sha256), or, for a page
+    that summarises the whole atlas, the release manifest (its sha256 exists only once released: a region)."""
+
+    label: str
+    sha256: str | Region
+
+    @property
+    def short(self) -> str:
+        """How the one-line citation names it."""
+        return "manifest" if isinstance(self.sha256, Region) else "data"
+
+
+CITE_MANIFEST = Cited("release manifest", MANIFEST)
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def provenance_note(prov: dict) -> str:
+    return (f"Model {prov['model']} (revision {prov['model_revision']}); dataset {prov['dataset']}, "
+            f"{prov['n_sequences']} sequences, {prov['n_tokens']} tokens; threshold {prov['threshold']}; "
+            f"code {prov['code_version']}; config {prov['config_hash']}")
+
+
+def bibtex(atlas: Atlas, prov: dict, path: str, title: str, cited: Cited, key_path: str | None = None,
+           note: str | None = None) -> Parts:
+    """BibTeX for the page at `path` (absolute when site_url is set, else the relative path), naming the release
+    and what `cited` pins; its key from `key_path` when given (a feature: `feature_key_path`), else from `path`;
+    `note` replaces the provenance note (the MNIST pages describe their own data). static/atlas.js builds the same
+    text for unit pages (tests compare the two)."""
     from builder.render.text import bibtex_escape
 
     url = page_url(atlas, path)
-    note = (f"Model {prov['model']} (revision {prov['model_revision']}); dataset {prov['dataset']}, "
-            f"{prov['n_sequences']} sequences, {prov['n_tokens']} tokens; threshold {prov['threshold']}; "
-            f"code {prov['code_version']}; config {prov['config_hash']}")
     year = prov["build_date"][:4]
-    return (f"@misc{{{citation_key(key_path or path)},\n  author = {{{bibtex_escape(author(atlas))}}},\n"
+    return [f"@misc{{{citation_key(key_path or path)},\n  author = {{{bibtex_escape(author(atlas))}}},\n"
             f"  title = {{{{Neuron Atlas}}: {bibtex_escape(title)}}},\n"
             f"  howpublished = {{\\url{{{url.replace('%', '%25').replace('#', '%23')}}}}},\n"
-            f"  note = {{{bibtex_escape(note)}}},\n  year = {{{bibtex_escape(year)}}},\n"
-            f"  date = {{{bibtex_escape(prov['build_date'])}}}\n}}\n")
+            f"  note = {{{bibtex_escape(note or provenance_note(prov))}; release ", RELEASE,
+            f"; data {bibtex_escape(cited.label)} sha256 ", cited.sha256,
+            f"}},\n  year = {{{bibtex_escape(year)}}},\n  date = {{{bibtex_escape(prov['build_date'])}}}\n}}\n"]
 
 
 def author(atlas: Atlas) -> str:
     return clean_text(atlas.cfg.author) or "Neuron Atlas"
 
 
-def citation_line(atlas: Atlas, prov: dict, path: str, title: str) -> str:
-    """The one-line citation shown above the BibTeX."""
-    return f"{author(atlas)} ({prov['build_date'][:4]}). Neuron Atlas: {title}. {page_url(atlas, path)}"
+def citation_line(atlas: Atlas, prov: dict, path: str, title: str, cited: Cited) -> Parts:
+    """The one-line citation shown above the BibTeX: author, year, title, URL, the release and what it pins."""
+    return [f"{author(atlas)} ({prov['build_date'][:4]}). Neuron Atlas: {title}. {page_url(atlas, path)}. Release ",
+            RELEASE, f"; {cited.short} sha256 ", cited.sha256, "."]
+
+
+def citation(atlas: Atlas, prov: dict, path: str, title: str, cited: Cited, note: str | None = None) -> dict:
+    """A server-written citation as a page's context has it: `cite_line` and `cite` (BibTeX) as page markup."""
+    return {"cite_line": stamped(citation_line(atlas, prov, path, title, cited)),
+            "cite": stamped(bibtex(atlas, prov, path, title, cited, note=note))}
 
 
 class Site:
@@ -98,20 +165,23 @@ class Site:
         self.common = {"csp": CSP, "model": self.model, "prov": prov,
                        "sets": [{"key": s.key, "slug": s.slug, "layer": s.layer, "title": s.title}
                                 for s in atlas.sets],
-                       "sets_attr": ",".join(subject_sets(atlas))}
+                       "sets_attr": ",".join(subject_sets(atlas)), "release": RELEASE.markup}
 
-    def page(self, depth: int, path: str, title: str, cite_title: str, kind: str, **context) -> dict:
-        """Context of a page `depth` folders below the site root (the model index is at depth 1). Unit and feature
-        pages leave their BibTeX to static/atlas.js, which builds the same text from the provenance in the sidecar
-        they load anyway (`cite_data`), as it does for each feature section's citation line."""
+    def page(self, depth: int, path: str, title: str, cite_title: str, kind: str, cited: Cited = CITE_MANIFEST,
+             **context) -> dict:
+        """Context of a page `depth` folders below the site root (the model index is at depth 1), citing what
+        `cited` pins (the release manifest unless the page shows one data file). Unit and feature pages leave their
+        BibTeX to static/atlas.js, which builds the same text from the provenance in the common.json they load anyway
+        (`cite_data`), as it does for each feature section's citation line."""
         root = "../" * depth
         model_root = "../" * (depth - 1) if depth >= 1 else self.model + "/"
         from_sidecar = kind == "neuron"
-        return {**self.common, "root": root, "model_root": model_root, "path": path, "title": title,
-                "cite": "" if from_sidecar else bibtex(self.atlas, self.prov, path, cite_title),
-                "cite_data": {"author": author(self.atlas), "title": cite_title,
-                              "url": page_url(self.atlas, path)} if from_sidecar else None,
-                "cite_line": citation_line(self.atlas, self.prov, path, cite_title), "kind": kind, **context}
+        cite = ({"cite": "", "cite_line": "", "cite_data": {"author": author(self.atlas), "title": cite_title,
+                                                              "url": page_url(self.atlas, path),
+                                                              "sha256": cited.sha256}}
+                if from_sidecar else {**citation(self.atlas, self.prov, path, cite_title, cited), "cite_data": None})
+        return {**self.common, "root": root, "model_root": model_root, "path": path, "title": title, **cite,
+                "kind": kind, **context}
 
     def nav(self, unit_id: UnitId, depth_below_set: int) -> dict:
         """Previous/next unit links (across sets, in index order) from a page `depth_below_set` folders below the
@@ -331,10 +401,9 @@ def render_unit(site: Site, data: SetData, unit: int, folder: Path) -> tuple[int
     files = unit_sidecar(atlas, data, unit)
     sidecar = files.neuron
     folder.mkdir(parents=True)
-    sidecar_bytes, twin_bytes = write_data_file(folder / "neuron.json", "neuron", sidecar, files.neuron_blob)
-    similar_bytes, similar_twin = write_data_file(folder / "similar.json", "similar", files.similar,
-                                                  files.similar_blob)
-    sidecar_bytes, twin_bytes = sidecar_bytes + similar_bytes, twin_bytes + similar_twin
+    written = write_data_file(folder / "neuron.json", "neuron", sidecar, files.neuron_blob)
+    similar = write_data_file(folder / "similar.json", "similar", files.similar, files.similar_blob)
+    sidecar_bytes, twin_bytes = written.published + similar.published, written.twin + similar.twin
     start = int(data.offsets[unit])
     count = sidecar["examples"]["count"]
     path = unit_path(site.model, subject, unit)
@@ -362,7 +431,8 @@ def render_unit(site: Site, data: SetData, unit: int, folder: Path) -> tuple[int
 
     name = f"{subject.slug} N{unit}"
     unit_id = UnitId(subject.key, unit)
-    context = site.page(3, path, f"{name} · {site.model}", cite_title, "neuron", layer=subject.layer,
+    context = site.page(3, path, f"{name} · {site.model}", cite_title, "neuron",
+                        Cited(f"{path}neuron.json", written.sha256), layer=subject.layer,
                         neuron=unit, set_title=subject.title, noun=subject.unit_noun, slug=subject.slug,
                         clustered=clustered, singles=singles, metric_rows=metric_rows,
                         count=count, dictionary=site.dictionary_lists(subject, unit), nav=site.nav(unit_id, 1),
@@ -483,7 +553,8 @@ def model_pages(site: Site, model_dir: Path, root_dir: Path, mnist: dict | None 
     write(model_dir / "index.html", "model.html",
           site.page(1, f"{site.model}/", f"{site.model} · Neuron Atlas", site.model, "model", coverage=coverage))
     (model_dir / "method").mkdir()
-    method = {"threshold": atlas.cfg.cluster_threshold, "definitions": METRIC_DEFINITIONS,
+    method = {"threshold": atlas.cfg.cluster_threshold, "cluster_method": atlas.cfg.cluster_method,
+              "definitions": METRIC_DEFINITIONS,
               "intervals": atlas.cfg.interval_count, "interval_examples": atlas.cfg.interval_examples,
               "space": atlas.cfg.neighbour_space,
               "threshold_note": threshold_note(atlas),
@@ -507,9 +578,12 @@ def model_pages(site: Site, model_dir: Path, root_dir: Path, mnist: dict | None 
                   "density": fmt(density[n], 3)}
                  for n in range(subject.size) if shown[n]]
         (model_dir / subject.slug).mkdir(exist_ok=True)
+        shard = f"data/neurons/{subject.slug}.json"  # the set's rows of the unit table: what its page lists
         write(model_dir / subject.slug / "index.html", "layer.html",
               site.page(2, f"{site.model}/{subject.slug}/", f"{subject.title} · {site.model}",
-                        f"{site.model} {subject.label}", "layer", layer=subject.layer, neurons=units,
+                        f"{site.model} {subject.label}", "layer",
+                        Cited(f"{site.model}/{shard}", file_sha256(model_dir / shard)), layer=subject.layer,
+                        neurons=units,
                         set_title=subject.title, set_key=subject.key, noun=subject.unit_noun,
                         mcs=mcs_distributions(atlas, subject),
                         evaluation=evaluation_rows(atlas.evaluations.get(subject.key)),

@@ -1,1 +1,1 @@
-(window.ATLAS_DATA=window.ATLAS_DATA||{})["similar"]={"bin":"similar.bin","bin_base64":"eNoDAAAAAAF42ouOBQABFQC5","kind":"similar","model":"tiny-atlas","path":"tiny-atlas/L2/N3/","rows":[0,8],"schema_version":2,"text":[8,10]};
+(window.ATLAS_DATA=window.ATLAS_DATA||{})["similar"]={"bin":"similar.bin","bin_base64":"eNoDAAAAAAF42ouOBQABFQC5","bin_sha256":"bb3082fc669f180543f1ac6e15fe07b5dcf9c305ebd2e2d287f78d5382c464e0","kind":"similar","model":"tiny-atlas","path":"tiny-atlas/L2/N3/","rows":[0,8],"schema_version":2,"text":[8,10]};
