@@ -199,6 +199,26 @@ def published_breakdown(site_dir: Path) -> dict[str, int]:
     return totals
 
 
+def release_bytes(site_dir: Path) -> dict[str, int]:
+    """What a release adds to the published site (builder/release.py): its compressed manifest (every data file's
+    path, bytes and sha256; the bulk files, a few per subject set, left out) and the growth of every page's stamped
+    regions from "unreleased" to the release id and the manifest's sha256."""
+    import gzip
+
+    from builder.release import DATA, GZIP_LEVEL, ID_HEX, REGION, entries, manifest_bytes, site_files
+
+    found = site_files(site_dir)
+    files = entries(site_dir, list(found.data), DATA, "manifest")
+    manifest = len(gzip.compress(manifest_bytes({"files": files}), compresslevel=GZIP_LEVEL, mtime=0))
+    stamped = {b"release": len("2026-01-01-") + ID_HEX, b"manifest": 64}
+    growth = 0
+    for page in found.pages:
+        for match in REGION.finditer((site_dir / page).read_bytes()):
+            text = match.group(0).split(b"-->", 1)[1].split(b"<!--", 1)[0]
+            growth += stamped[match.group(1)] - len(text)
+    return {"release manifest": manifest, "page stamps": growth}
+
+
 def render_slice(folder: Path, tokens: np.ndarray, vocabulary: list[str], layers: int, d_mlp: int,
                  features: int) -> dict:
     """Write and render a synthetic atlas of `layers` × d_mlp neurons; its render figures."""
@@ -208,12 +228,13 @@ def render_slice(folder: Path, tokens: np.ndarray, vocabulary: list[str], layers
     started = time.perf_counter()
     stats = render_site(cfg, vocabulary=vocabulary)
     seconds = time.perf_counter() - started
-    breakdown = published_breakdown(Path(cfg.site_dir))
+    breakdown = {**published_breakdown(Path(cfg.site_dir)), **release_bytes(Path(cfg.site_dir))}
     shutil.rmtree(folder, ignore_errors=True)
     n = stats["neurons"]
+    published = stats["total_bytes"] + breakdown["release manifest"] + breakdown["page stamps"]
     return {"layers": layers, "neurons": stats["neurons"], "mean_clusters": stats["mean_clusters"],
-            "mean_examples": stats["mean_examples"], "published_bytes": stats["total_bytes"],
-            "bytes_per_neuron": stats["bytes_per_neuron"], "render_seconds": round(seconds, 2),
+            "mean_examples": stats["mean_examples"], "published_bytes": published,
+            "bytes_per_neuron": round(published / n, 1), "render_seconds": round(seconds, 2),
             "neurons_per_second": round(n / seconds, 1),
             "bytes_per_neuron_by_kind": {name: round(total / n, 1) for name, total in breakdown.items()}}
 
