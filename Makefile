@@ -51,8 +51,11 @@ $(RAY_STAMP): $(STAMP) requirements-ray.txt
 browser:
 	@test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 
+# Two pytest workers, each taking whole test files (their module fixtures run once); the embedded model's safetensors
+# cache is converted first so the workers never race to write it.
 test: $(STAMP) $(RAY_STAMP) $(CORPUS) $(TRAIN_CORPUS) $(MNIST) browser
-	$(PY) -m pytest -q -x tests
+	$(PY) -c "from builder.models import embedded_model_folder; embedded_model_folder()"
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -x -n 2 --dist loadfile tests
 
 bench: site
 	$(PY) -m builder.bench --config $(CONFIG)
