@@ -68,11 +68,13 @@ bench-scale: $(STAMP) $(CORPUS)
 serve: $(STAMP)
 	$(ATLAS) serve --config $(CONFIG)
 
-# Publishes a release, never a working build: `atlas release` freezes the site (manifest, archive, stamps; needs
-# site_url in the config), then deploy.sh checks the stamp against the data and pushes.
-deploy: site
-	$(ATLAS) release --config $(CONFIG)
-	ATLAS=$(ATLAS) bash scripts/deploy.sh site
+# Publishes a release, never a working build: the config is checked first (site_url; a build can take long), then
+# built; `atlas deploy` freezes the site (manifest, archive, stamps), and scripts/deploy.sh checks the stamp against
+# the data and pushes the config's site_dir.
+deploy: $(STAMP)
+	$(ATLAS) release --config $(CONFIG) --check
+	$(MAKE) site
+	ATLAS=$(ATLAS) $(ATLAS) deploy --config $(CONFIG)
 
 clean:
 	rm -rf build site bench-out test-artifacts

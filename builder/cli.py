@@ -103,19 +103,51 @@ def repro(config: str, archive: str, seeds: int, limit: int) -> None:
 @main.command()
 @config_option
 @click.option("--verify", "verify", metavar="PATH", default=None,
-              help="Instead of releasing, check a release archive ({id}.tar.gz) or a released site folder against its "
-                   "manifest.")
-def release(config: str, verify: str | None) -> None:
+              help="Instead of releasing, check a release archive ({id}.tar.gz), its extracted folder or a released "
+                   "site folder against its manifest.")
+@click.option("--check", is_flag=True,
+              help="Instead of releasing, only check that the config can be released (site_url, release_url): "
+                   "before a long `atlas build`.")
+def release(config: str, verify: str | None, check: bool) -> None:
     """Freeze the rendered site as a citeable release (docs/releases.md): a manifest of every data file and bulk
     file with its sha256, the release id, CITATION.cff, a deterministic archive in release_dir, and every page
     stamped with the release."""
-    from builder.release import release as freeze, verify as check
+    from builder.release import check_config, release as freeze, verify as check_release
 
     if verify:
-        click.echo(check(Path(verify)))
+        click.echo(check_release(Path(verify)))
         return
-    made = freeze(_load(config))
+    cfg = _load(config)
+    if check:
+        click.echo(check_config(cfg))
+        return
+    made = freeze(cfg)
     click.echo(f"release {made.id}: {len(made.files)} files, archive {made.archive}")
+
+
+DEPLOY_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "deploy.sh"
+
+
+@main.command()
+@config_option
+def deploy(config: str) -> None:
+    """Release the rendered site (`atlas release`) and publish the config's site_dir to the gh-pages branch with
+    scripts/deploy.sh (its environment variables apply), from the git repository of the working directory."""
+    import subprocess
+    import sys
+
+    from builder.release import release as freeze
+
+    cfg = _load(config)
+    made = freeze(cfg)
+    click.echo(f"release {made.id}: {len(made.files)} files, archive {made.archive}")
+    env = dict(os.environ)
+    installed = Path(sys.executable).with_name("atlas")  # deploy.sh checks the release with this same atlas
+    if "ATLAS" not in env and installed.is_file():
+        env["ATLAS"] = str(installed)
+    published = subprocess.run(["bash", str(DEPLOY_SCRIPT), cfg.site_dir], env=env)
+    if published.returncode:
+        raise SystemExit(published.returncode)
 
 
 @main.command()

@@ -4,6 +4,7 @@ from its sidecar exactly as docs/sidecar-schema.md (the contract) defines it.
     from builder.reader import open_atlas
 
     atlas = open_atlas("site/")                          # a rendered folder: every model in it
+    atlas = open_atlas("2025-01-31-0123456789/")         # an extracted release archive: the same, frozen
     atlas = open_atlas("https://example.org/atlas/gpt2-small/")   # on the web: a model's address
     atlas.models                                         # ["gpt2-small"]
     atlas.sets("gpt2-small")                             # its subject sets (MLP layers, SAEs), from neurons.json
@@ -263,8 +264,9 @@ class SimilarFeature:
 
 
 def open_atlas(location: str | Path, timeout: float = TIMEOUT_SECONDS) -> "Atlas":
-    """An atlas from a rendered folder (a site's root, or one model's folder in it) or a URL (a model's address,
-    `https://…/{model}/`: a site's root lists no models in its data)."""
+    """An atlas from a rendered folder (a site's root, or one model's folder in it), an extracted release archive
+    (`{id}/`, holding manifest.json and data/) or a URL (a model's address, `https://…/{model}/`: a site's root
+    lists no models in its data)."""
     if is_url(location):
         base = str(location) if str(location).endswith("/") else f"{location}/"
         model_source: Source = UrlSource(base, timeout)
@@ -281,6 +283,9 @@ def open_atlas(location: str | Path, timeout: float = TIMEOUT_SECONDS) -> "Atlas
                               f"so open a model's address, {model_source.base}{{model}}/")
     if not model_source.root.is_dir():
         raise NotInAtlasError(f"{model_source.root} is not a folder; pass a rendered site folder (site_dir) or a URL")
+    if (model_source.root / "manifest.json").is_file() and (model_source.root / "data").is_dir():
+        # An extracted release archive `{id}/` (docs/releases.md): its data/ holds the site's data files.
+        model_source = FolderSource(model_source.root / "data")
     models = sorted(p.name for p in model_source.root.iterdir() if (p / "data" / "atlas.json").is_file())
     if not models:
         raise NotInAtlasError(f"{model_source.root} holds no atlas (no {{model}}/data/atlas.json in it); render one "

@@ -16,8 +16,9 @@ Under release_dir (outside the site: a rebuild never touches it):
 In the site:
 
     releases/{id}/manifest.json.gz   every kept release's manifest, at a stable URL
-    releases/index.json (+ .json.js) every release in release_dir, newest first, and where its archive and bulk
-                                     data are (release_url); static/atlas.js reads it for the reproduce scripts
+    releases/index.json (+ .json.js) every release of this model in release_dir (other atlases may share it), newest
+                                     first, and where its archive and bulk data are (release_url); static/atlas.js
+                                     reads it for the reproduce scripts
     CITATION.cff                     the release's
     every HTML page                  its stamped regions (builder/render/pages.py Region): the release id and the
                                      manifest's sha256; the home page last
@@ -26,6 +27,9 @@ Atomic: the release folder is assembled in a temporary folder and renamed into p
 file go through builder.artefacts.atomic_path, and the home page is stamped last. A killed release leaves no release
 or a complete one, and a home page that names the release only once every page does; a rerun removes the leftovers,
 reuses a complete release and stamps again.
+
+`--verify` checks an archive (read to the end of its gzip stream, so a damaged CRC shows), an extracted archive's
+folder or a released site against its manifest; every problem is one line saying what to do.
 """
 
 from __future__ import annotations
@@ -100,6 +104,24 @@ def check_urls(cfg: AtlasConfig) -> None:
                              "\"https://github.com/OWNER/REPO/releases/download/{release}\", or empty")
 
 
+# Why a release without release_url is citeable but its pages' scripts are not runnable from the web alone.
+UNPUBLISHED_BULK = ("release_url is not set, so the pages' \"Reproduce this\" scripts read the bulk data from the "
+                    "folder where a reader extracted the archive, which they must download by hand: deposit %s "
+                    "(Zenodo, GitHub release assets) and name it in the README, or set release_url to where its "
+                    "files are published and run `atlas release` again")
+
+
+def check_config(cfg: AtlasConfig) -> str:
+    """`atlas release --check`: what a release needs of the config alone (before a long build); the line saying
+    so, or AtlasError."""
+    check_urls(cfg)
+    release_date()
+    if not cfg.release_url:
+        log.warning(UNPUBLISHED_BULK, f"{cfg.release_dir}/{{id}}.tar.gz")
+    return (f"release config: site_url {cfg.site_url}, release_url {cfg.release_url or '(none)'}, release_dir "
+            f"{cfg.release_dir}, site_dir {cfg.site_dir}")
+
+
 def check_rendered(cfg: AtlasConfig) -> dict:
     """The site must be rendered from the current artefacts and config (every stage done); returns render's meta."""
     states = statuses(cfg)
@@ -164,14 +186,19 @@ def site_files(site: Path) -> SiteFiles:
     return SiteFiles(tuple(sorted(data)), tuple(pages), tuple(sorted(leftovers)))
 
 
-def sha256_file(path: Path) -> tuple[int, str]:
-    """(bytes, sha256) of a file, read in blocks."""
+def hash_stream(handle) -> tuple[int, str]:
+    """(bytes, sha256) of what a binary file object holds, read in blocks."""
     digest, size = hashlib.sha256(), 0
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(READ_BLOCK), b""):
-            digest.update(block)
-            size += len(block)
+    for block in iter(lambda: handle.read(READ_BLOCK), b""):
+        digest.update(block)
+        size += len(block)
     return size, digest.hexdigest()
+
+
+def sha256_file(path: Path) -> tuple[int, str]:
+    """(bytes, sha256) of a file."""
+    with open(path, "rb") as handle:
+        return hash_stream(handle)
 
 
 def entries(folder: Path, paths: list[str], prefix: str, desc: str) -> list[dict]:
@@ -209,11 +236,12 @@ def release(cfg: AtlasConfig) -> Release:
     files = entries(site, list(found.data), DATA, "release hash")
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging.", suffix=".tmp", dir=root))
+    os.chmod(staging, 0o755)  # mkdtemp's 0700 would become the release folder's, hiding it from other users
     try:
         bulk = [path.relative_to(staging / BULK).as_posix() for path in write_bulk(cfg, staging / BULK)]
         files = sorted(files + entries(staging / BULK, bulk, BULK, "release bulk hash"), key=lambda f: f["path"])
         digest = files_digest(files)
-        kept = {m["files_sha256"]: m for m in kept_manifests(root)}
+        kept = {m["files_sha256"]: m for m in kept_manifests(root, cfg.name)}
         if digest in kept:
             release_id, date = kept[digest]["release"], kept[digest]["date"]
             log.info("release: the data is that of release %s", release_id)
@@ -228,11 +256,12 @@ def release(cfg: AtlasConfig) -> Release:
     if not made.archive.is_file():
         write_archive(made)
     publish(cfg, made, found)
-    published = published_bytes(site)
     units = render_meta.get("neurons") or 0
-    log.info("release %s: %d files (%.1f MB), archive %s (%.1f MB); the site is %.1f KB per unit published with its "
-             "release files", release_id, len(files), sum(f["bytes"] for f in files) / 1e6, made.archive,
-             made.archive.stat().st_size / 1e6, published / max(1, units) / 1000)
+    log.info("release %s: %d files (%.1f MB), archive %s (%.1f MB); the model's pages, data and release files are "
+             "%.1f KB per unit published", release_id, len(files), sum(f["bytes"] for f in files) / 1e6, made.archive,
+             made.archive.stat().st_size / 1e6, published_bytes(site, cfg.name) / max(1, units) / 1000)
+    if not cfg.release_url:
+        log.warning(UNPUBLISHED_BULK, made.archive)
     return made
 
 
@@ -274,18 +303,20 @@ def manifest_bytes(manifest: dict) -> bytes:
     return json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
 
 
-def kept_manifests(root: Path) -> list[dict]:
-    """The manifest of every release in release_dir, newest first."""
+def kept_manifests(root: Path, model: str) -> list[dict]:
+    """The manifest of every release of `model` in release_dir (which other atlases may share), newest first: by
+    date, then by when its folder was made (its manifest's modification time: a day may see several releases)."""
     found = []
     for path in root.glob(f"*/{MANIFEST}") if root.is_dir() else []:
         if RELEASE_ID.match(path.parent.name):
             try:
-                manifest = json.loads(path.read_text())
+                manifest, made = json.loads(path.read_text()), path.stat().st_mtime_ns
             except (OSError, ValueError):
                 raise AtlasError(f"{path} is unreadable; delete {path.parent} (and its .tar.gz) or restore it "
                                  "from the archive") from None
-            found.append(manifest)
-    return sorted(found, key=lambda m: (m["date"], m["release"]), reverse=True)
+            if manifest.get("model") == model:
+                found.append((manifest["date"], made, manifest["release"], manifest))
+    return [manifest for *_, manifest in sorted(found, key=lambda row: row[:3], reverse=True)]
 
 
 def yaml_string(text: str) -> str:
@@ -375,7 +406,7 @@ def publish(cfg: AtlasConfig, made: Release, found: SiteFiles) -> None:
     """The release's files in the site (every kept release's manifest, the index, CITATION.cff), then the stamps,
     the home page last; only what differs is written."""
     site, root = Path(cfg.site_dir), Path(cfg.release_dir)
-    manifests = kept_manifests(root)
+    manifests = kept_manifests(root, cfg.name)
     for manifest in manifests:
         content = (root / manifest["release"] / MANIFEST).read_bytes()
         write_if_changed(site / RELEASES / manifest["release"] / f"{MANIFEST}.gz",
@@ -399,10 +430,12 @@ def publish(cfg: AtlasConfig, made: Release, found: SiteFiles) -> None:
             bar.update()
 
 
-def published_bytes(site: Path) -> int:
+def published_bytes(site: Path, model: str) -> int:
+    """The published bytes of the model's folder and of the releases (not the MNIST atlas, static files, root
+    pages)."""
     from builder.render.publish import site_bytes
 
-    return site_bytes(site)[0]
+    return site_bytes(site / model)[0] + site_bytes(site / RELEASES)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -437,54 +470,111 @@ def compare(listed: dict[str, dict], found: dict[str, tuple[int, str]], where: s
     return problems
 
 
-def verify_archive(path: Path) -> list[str]:
-    """Every problem of a release archive against its own manifest: each file listed, present, of its size and
-    sha256; nothing else but the manifest and CITATION.cff; the id matching the file list's hash."""
+@dataclass(frozen=True)
+class ReleaseFiles:
+    """What a release archive or an extracted release folder holds."""
+
+    where: str
+    root: str | None  # the name of the folder holding it, which must be the release id (None: not checked)
+    files: dict[str, tuple[int, str]]  # (bytes, sha256) of every file but the manifest and CITATION.cff
+    manifest: bytes | None
+    citation: bytes | None
+    odd: tuple[str, ...]  # entries that are not plain files
+    fix: str  # what to do about a problem
+
+    def problems(self) -> list[str]:
+        """Every problem against its own manifest: each file listed, present, of its size and sha256; nothing else
+        but the manifest and CITATION.cff (naming the release); the id matching the file list's hash."""
+        if self.manifest is None:
+            return [f"{self.where} has no {MANIFEST}, so it is not a release that `atlas release` made; {self.fix}"]
+        manifest, problems = read_manifest(self.manifest, f"{self.where}: {MANIFEST}")
+        if manifest is not None:
+            release_id = manifest.get("release")
+            if self.root is not None and release_id != self.root:
+                problems.append(f"{self.where}: its folder is {self.root!r} but its manifest names release "
+                                f"{release_id!r}")
+            if self.citation is None or f'version: "{release_id}"'.encode() not in self.citation:
+                problems.append(f"{self.where}: {CITATION} is missing or does not name release {release_id}")
+            problems += compare({f["path"]: f for f in manifest["files"]}, self.files, self.where)
+        return [f"{self.where}: {name} is not a plain file" for name in self.odd] + [
+            f"{problem}; {self.fix}" for problem in problems]
+
+    @property
+    def release(self) -> str:
+        return json.loads(self.manifest)["release"]
+
+
+def read_archive(path: Path) -> ReleaseFiles:
+    """A release archive's contents, hashed in one pass over the whole compressed stream (to its end, so that gzip
+    checks its CRC and length: tarfile stops reading at the archive's end blocks); AtlasError when it does not
+    read as a .tar.gz."""
     path = Path(path)
+    files: dict[str, tuple[int, str]] = {}
+    named: dict[str, bytes] = {}
+    roots, odd = set(), []
     try:
-        tar = tarfile.open(path, "r:gz")
-    except (OSError, tarfile.TarError, EOFError) as error:
-        return [f"{path} is not a readable .tar.gz archive ({error})"]
-    found: dict[str, tuple[int, str]] = {}
-    problems: list[str] = []
-    manifest_content = citation = None
-    with tar:
-        try:
-            members = tar.getmembers()
-            roots = {member.name.split("/")[0] for member in members}
-            if len(roots) != 1:
-                return [f"{path} must hold one folder named by the release id, not {sorted(roots)}"]
-            release_id = roots.pop()
-            for member in members:
-                name = member.name[len(release_id) + 1:]
-                if member.isdir():
-                    continue
-                if not member.isfile():
-                    problems.append(f"{path}: {member.name} is not a plain file")
-                    continue
-                handle = tar.extractfile(member)
-                if name == MANIFEST:
-                    manifest_content = handle.read()
-                elif name == CITATION:
-                    citation = handle.read()
-                else:
-                    digest, size = hashlib.sha256(), 0
-                    for block in iter(lambda: handle.read(READ_BLOCK), b""):
-                        digest.update(block)
-                        size += len(block)
-                    found[name] = (size, digest.hexdigest())
-        except (OSError, tarfile.TarError, EOFError, zlib.error) as error:
-            return [f"{path} is truncated or corrupt ({error})"]
-    if manifest_content is None:
-        return problems + [f"{path} has no {release_id}/{MANIFEST}"]
-    manifest, own = read_manifest(manifest_content, f"{path}: {MANIFEST}")
-    if manifest is None:
-        return problems + own
-    if manifest.get("release") != release_id:
-        own.append(f"{path}: its folder is {release_id!r} but its manifest names release {manifest.get('release')!r}")
-    if citation is None or f'version: "{release_id}"'.encode() not in citation:
-        own.append(f"{path}: {CITATION} is missing or does not name release {release_id}")
-    return problems + own + compare({f["path"]: f for f in manifest["files"]}, found, str(path))
+        with open(path, "rb") as raw, gzip.GzipFile(fileobj=raw, mode="rb") as packed:
+            with tarfile.open(fileobj=packed, mode="r|") as tar:
+                for member in tar:
+                    root, _, name = member.name.partition("/")
+                    roots.add(root)
+                    if member.isdir():
+                        continue
+                    if not member.isfile():
+                        odd.append(member.name)
+                    elif name in (MANIFEST, CITATION):
+                        named[name] = tar.extractfile(member).read()
+                    else:
+                        files[name] = hash_stream(tar.extractfile(member))
+            while packed.read(READ_BLOCK):
+                pass
+    except gzip.BadGzipFile as error:
+        if not roots:
+            raise AtlasError(f"{path} is not a .tar.gz archive ({error}); pass a release archive ({{id}}.tar.gz), "
+                             "or download it again") from None
+        raise AtlasError(f"{path} is corrupt ({error}); download it again") from None
+    except (OSError, tarfile.TarError, EOFError, zlib.error) as error:
+        raise AtlasError(f"{path} is corrupt ({error or type(error).__name__}); download it again") from None
+    if len(roots) != 1:
+        raise AtlasError(f"{path} must hold one folder named by the release id, not {sorted(roots)}; pass the "
+                         "{id}.tar.gz that `atlas release` wrote, or download it again")
+    return ReleaseFiles(str(path), roots.pop(), files, named.get(MANIFEST), named.get(CITATION), tuple(odd),
+                        "the archive is damaged or altered: download it again")
+
+
+def read_release_folder(folder: Path) -> ReleaseFiles:
+    """An extracted archive's folder `{id}/` (or a release's folder in release_dir), every file hashed."""
+    folder = Path(folder)
+    files: dict[str, tuple[int, str]] = {}
+    named: dict[str, bytes] = {}
+    odd = []
+    for path in sorted(folder.rglob("*")):
+        name = path.relative_to(folder).as_posix()
+        if path.is_symlink() or not (path.is_file() or path.is_dir()):
+            odd.append(name)
+        elif path.is_file():
+            if name in (MANIFEST, CITATION):
+                named[name] = path.read_bytes()
+            else:
+                files[name] = sha256_file(path)
+    root = folder.resolve().name
+    return ReleaseFiles(str(folder), root if RELEASE_ID.match(root) else None, files, named.get(MANIFEST),
+                        named.get(CITATION), tuple(odd),
+                        "a file was changed since the archive was extracted: extract it again, or download it again")
+
+
+def verify_archive(path: Path) -> list[str]:
+    """Every problem of a release archive against its own manifest (ReleaseFiles.problems), or the one that it does
+    not read."""
+    try:
+        return read_archive(path).problems()
+    except AtlasError as error:
+        return [str(error)]
+
+
+def verify_release_folder(folder: Path) -> list[str]:
+    """Every problem of an extracted release folder against its own manifest."""
+    return read_release_folder(folder).problems()
 
 
 def stamped_release(page: Path) -> str | None:
@@ -498,7 +588,8 @@ def verify_site(site: Path) -> list[str]:
     release whose manifest it carries, every data file as that manifest lists it, no half-written file."""
     site = Path(site)
     if not (site / HOME).is_file():
-        return [f"no rendered site at {site} (missing {site / HOME}); run `atlas build` first"]
+        return [f"no rendered site at {site} (missing {site / HOME}); run `atlas build` first, or pass a release "
+                "archive ({id}.tar.gz) or its extracted folder"]
     for manifest in sorted(site.glob(f"*/{DATA}/atlas.json")):
         if not json.loads(manifest.read_text()).get("site_url"):
             return [f"the site at {site} was rendered without site_url, and citations need absolute URLs; set "
@@ -514,6 +605,7 @@ def verify_site(site: Path) -> list[str]:
         return [f"the site at {site} is stamped with release {release_id} but {packed} is unreadable ({error}); run "
                 "`atlas release --config FILE` again"]
     manifest, problems = read_manifest(content, str(packed))
+    problems = [f"{problem}; run `atlas release --config FILE` again" for problem in problems]
     if manifest is None:
         return problems
     found = site_files(site)
@@ -526,17 +618,21 @@ def verify_site(site: Path) -> list[str]:
 
 
 def verify(path: Path) -> str:
-    """Check an archive or a released site folder; the one line saying so, or AtlasError naming the first
-    problem."""
+    """Check a release archive, an extracted release folder (it holds manifest.json) or a released site folder;
+    the one line saying so, or AtlasError naming the first problem (and how many more there are)."""
     path = Path(path)
     if not path.exists():
-        raise AtlasError(f"{path} does not exist; pass a release archive ({{id}}.tar.gz) or a released site folder")
-    problems = verify_site(path) if path.is_dir() else verify_archive(path)
+        raise AtlasError(f"{path} does not exist; pass a release archive ({{id}}.tar.gz), its extracted folder or a "
+                         "released site folder")
+    if path.is_dir() and not (path / MANIFEST).is_file():
+        problems, contents = verify_site(path), None
+    else:
+        contents = read_release_folder(path) if path.is_dir() else read_archive(path)
+        problems = contents.problems()
     if problems:
-        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
-        raise AtlasError(problems[0] + more)
-    if path.is_dir():
+        more = len(problems) - 1
+        raise AtlasError(problems[0] + (f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""))
+    if contents is None:
         return f"{path}: release {stamped_release(path / HOME)}, every data file as its manifest lists it"
-    with tarfile.open(path, "r:gz") as tar:
-        count = sum(1 for member in tar.getmembers() if member.isfile())
-    return f"{path}: {count} files, every one as its manifest lists it"
+    return (f"{path}: release {contents.release}, {len(contents.files) + 2} files, every one as its manifest "
+            "lists it")

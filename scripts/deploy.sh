@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Publish a released site folder to a gh-pages branch with plain git (what `make deploy` runs after `atlas release`).
+# Publish a released site folder to a gh-pages branch with plain git (what `atlas deploy --config FILE`, and so
+# `make deploy`, runs after releasing the config's site_dir).
 #
 #   bash scripts/deploy.sh [SITE_DIR]            # default: site
 #
@@ -10,6 +11,8 @@
 # The site becomes one new commit on the local gh-pages branch (parented on the previous one, so history is kept),
 # built from a temporary index: the working tree, the index and the checked-out branch are never touched. The
 # branch is then pushed to $ATLAS_DEPLOY_REMOTE (default origin). Nothing is committed when the site is unchanged.
+# Release manifests (releases/{id}/manifest.json.gz) already published that the site lacks (built from a fresh
+# clone or in CI, with an empty release_dir) are carried over from the previous commit: old citations name them.
 #
 # The file:// twins of the data files (*.json.js) are left out: the published site fetches the .json files over
 # https, and leaving the twins out keeps a GPT-2-small atlas within GitHub Pages' 1 GB. Set ATLAS_DEPLOY_FILE_COPIES=1
@@ -62,7 +65,6 @@ if [ "${ATLAS_DEPLOY_FILE_COPIES:-0}" != 1 ]; then
 fi
 # --force: the repository's .gitignore lists site/; here site/ is the whole tree.
 git --work-tree="$site_abs" add --all --force -- "${pathspec[@]}"
-tree=$(git write-tree)
 
 parent=$(git rev-parse -q --verify "refs/heads/$branch^{commit}" || true)
 local_parent=$parent
@@ -72,6 +74,20 @@ if [ -z "$parent" ] && [ "${ATLAS_DEPLOY_PUSH:-1}" != 0 ]; then
         parent=$(git rev-parse -q --verify "FETCH_HEAD^{commit}" || true)
     fi
 fi
+# Old citations name releases/{id}/manifest.json.gz: a site built where release_dir lacks the old releases (a fresh
+# clone, CI) would drop them. A release's manifest never changes, so the published ones the site lacks are kept.
+if [ -n "$parent" ]; then
+    top=$(git rev-parse --show-toplevel)  # the index's paths are the site's, not relative to the working directory
+    kept=0
+    while IFS=$'\t' read -r meta path; do
+        if [ -z "$(git -C "$top" ls-files --cached -- "$path")" ]; then
+            git -C "$top" update-index --add --cacheinfo "100644,${meta##* },$path"
+            kept=$((kept + 1))
+        fi
+    done < <(git ls-tree -r --full-tree "$parent" -- releases/ | grep -E $'\treleases/[^/]+/manifest\\.json\\.gz$' || true)
+    [ "$kept" = 0 ] || echo "deploy: kept $kept published release manifests that $site lacks" >&2
+fi
+tree=$(git write-tree)
 if [ -n "$parent" ] && [ "$(git rev-parse "$parent^{tree}")" = "$tree" ]; then
     echo "deploy: $site is already published on $branch; nothing to publish" >&2
     exit 0

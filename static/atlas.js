@@ -972,6 +972,10 @@
     });
   }
 
+  /* A URL as \url's argument, as builder.render.pages.url_argument: `#` and `%` escaped with a backslash (which
+   * \url drops; percent-encoding them would name another URL). */
+  function urlArgument(url) { return url.replace(/[%#]/g, "\\$&"); }
+
   /* cite: {key, author, title, url, release, data (the cited file's path from the site root), sha256}. */
   function bibtex(cite, prov) {
     var note = "Model " + prov.model + " (revision " + prov.model_revision + "); dataset " + prov.dataset + ", " +
@@ -979,7 +983,7 @@
       prov.code_version + "; config " + prov.config_hash;
     return "@misc{" + cite.key + ",\n  author = {" + bibtexEscape(cite.author) + "},\n" +
       "  title = {{Neuron Atlas}: " + bibtexEscape(cite.title) + "},\n" +
-      "  howpublished = {\\url{" + cite.url.replace(/%/g, "%25").replace(/#/g, "%23") + "}},\n" +
+      "  howpublished = {\\url{" + urlArgument(cite.url) + "}},\n" +
       "  note = {" + bibtexEscape(note) + "; release " + cite.release + "; data " + bibtexEscape(cite.data) +
       " sha256 " + cite.sha256 + "},\n  year = {" + bibtexEscape(prov.build_date.slice(0, 4)) + "},\n" +
       "  date = {" + bibtexEscape(prov.build_date) + "}\n}\n";
@@ -1085,9 +1089,10 @@
   Atlas.fillTemplate = fillTemplate;
 
   /* "Reproduce this": the unit's set's script template (common.json `reproduce`) filled for the central example of
-   * its first feature (from the sidecar; its activation as the page prints it, the artefact's value), reading the
-   * bulk data of the page's release from where releases/index.json (written by `atlas release`) says it is. A
-   * working build has no bulk data, so there the block says that it comes with a release. */
+   * its first feature (from the sidecar), reading the bulk data of the page's release from where
+   * releases/index.json (written by `atlas release`) says it is: published at release_url, or in the folder where
+   * the reader extracted the release archive. The script takes the atlas's exact activation from the bulk data too.
+   * A working build has no bulk data, so there the block says that it comes with a release. */
   function renderReproduce(N, common) {
     var template = (common.reproduce || {})[N.raw.set], features = document.getElementById("features");
     if (!template || !features) return;
@@ -1104,14 +1109,16 @@
         "release (atlas release); this page is from a working build, not yet released."));
       return;
     }
-    var central = N.raw.clusters[0].central, meta = document.querySelector("#F0 > p.ex-meta");
-    var printed = meta && /^max (\S+)/.exec(meta.textContent);
+    var central = N.raw.clusters[0].central;
     var values = { __UNIT__: String(N.raw.neuron), __SEQUENCE__: String(N.seq[central]),
-                   __POSITION__: String(N.pos[central]),
-                   __ACTIVATION__: printed ? printed[1].replace(/,/g, "") : fmt(maxActivation(N, central), 4) };
+                   __POSITION__: String(N.pos[central]) };
+    // The embedded model and SAEs load through the package that built the atlas (builder/render/reproduce.py).
+    var needs = "pandas, pyarrow, torch and transformer-lens" + (/^from builder\./m.test(template) ?
+      ", and the neuron-atlas package (the code that built this atlas: pip install it from its repository)" : "");
     details.appendChild(el("p", { class: "caption" }, "Recomputes the activation of feature F0's central example " +
       "(sequence " + values.__SEQUENCE__ + ", position " + values.__POSITION__ + ") from the model and the bulk " +
-      "data of release " + release + ", and prints it beside the atlas's value."));
+      "data of release " + release + ", and prints it beside the atlas's exact value. It needs " + needs + "."));
+    var where = details.appendChild(el("p", { class: "caption", id: "reproduce-where" }));
     var pre = el("pre", { class: "script", id: "reproduce-script", tabindex: "0" });
     details.appendChild(pre);
     addCopyButton(pre, "Copy script");
@@ -1122,6 +1129,12 @@
         var entry = index.releases.filter(function (r) { return r.id === release; })[0];
         if (!entry) throw new Error("release " + release + " is not listed in releases/index.json");
         values.__BULK__ = entry.bulk;
+        // Without release_url the archive is published by the atlas's authors, not on this site.
+        where.textContent = /^https?:\/\//.test(entry.bulk) ?
+          "It reads the bulk files from " + entry.bulk + "; the whole release is the archive " + entry.archive + "." :
+          "Run it in the folder where you extracted " + entry.archive + ", the release's archive: it reads the " +
+          "bulk files from " + entry.bulk + ". The archive is not on this site: get it where the atlas's authors " +
+          "deposited it (a DOI, release assets).";
         pre.textContent = fillTemplate(template, values);
       }).catch(function (error) {
         details.appendChild(el("p", { class: "error" }, "Could not fill the script: " + error.message));

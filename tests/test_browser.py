@@ -532,7 +532,11 @@ def test_a_released_unit_page_names_its_release_and_sha256_in_the_bibtex_and_fil
     sha = hashlib.sha256((site["dir"] / MODEL / "L0" / "N0" / "neuron.json").read_bytes()).hexdigest()
     assert f"release {site['release']}; data {MODEL}/L0/N0/neuron.json sha256 {sha}}}" in expected
     assert page.text_content("#cite") == expected
-    assert f"release {site['release']}; data" in page.text_content("section#F0 details.bibtex pre.cite")
+    feature = page.text_content("section#F1 details.bibtex pre.cite")
+    assert f"release {site['release']}; data" in feature
+    # \url drops the backslash of \# and \%: the URL a reader follows is the feature's address, not %23F1.
+    url = re.search(r"\\url\{(.*)\}\}", feature).group(1)
+    assert re.sub(r"\\([#%])", r"\1", url) == f"https://example.org/atlas/{MODEL}/L0/N0/#F1" != url
     page.click("#reproduce > summary")
     page.wait_for_function("() => document.getElementById('reproduce-script').textContent.length > 0")
     # The set's template with the central example of feature F0, read here from the artefacts, and the bulk data
@@ -543,9 +547,11 @@ def test_a_released_unit_page_names_its_release_and_sha256_in_the_bibtex_and_fil
     template = json.loads((site["dir"] / MODEL / "data" / "common.json").read_text())["reproduce"]["L0"]
     script = (template.replace("__UNIT__", "0").replace("__SEQUENCE__", str(int(examples.seq[central])))
               .replace("__POSITION__", str(int(examples.pos[central])))
-              .replace("__ACTIVATION__", f"{float(examples.act[central]):.4g}")
               .replace("__BULK__", f"{site['release']}/bulk"))
     assert page.text_content("#reproduce-script") == script
+    # No release_url: the script runs beside the extracted archive, which is not on the site.
+    assert (f"Run it in the folder where you extracted {site['release']}.tar.gz" in page.text_content(
+        "#reproduce-where")) and "neuron-atlas package" in page.text_content("#reproduce")
     compile(script, "reproduce", "exec")
     assert page.locator("#reproduce button.copy").count() == 1
     local = tab.open((site["dir"] / NEURON).as_uri())  # over file://, releases/index.json comes from its twin

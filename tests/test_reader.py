@@ -231,6 +231,17 @@ def test_a_model_folder_opens_like_the_site_folder():
         open_atlas(GOLDEN).unit(MODEL, "L2", 4).examples.tokens.tolist()
 
 
+def test_an_extracted_release_archive_opens_from_its_data_folder(tmp_path):
+    """`{id}/` of a release archive holds the site's data files under data/ (docs/releases.md)."""
+    folder = tmp_path / "2024-05-01-0123456789"
+    published_copy(folder / "data")
+    (folder / "manifest.json").write_text('{"kind": "release-manifest"}')
+    atlas = open_atlas(folder)
+    assert atlas.models == [MODEL]
+    assert atlas.unit(MODEL, "L2", 4).examples.tokens.tolist() == \
+        open_atlas(GOLDEN).unit(MODEL, "L2", 4).examples.tokens.tolist()
+
+
 def damaged_copy(tmp_path: Path, file: str, change) -> Path:
     """A copy of the golden model with `change(document)` applied to one of its JSON files."""
     site = published_copy(tmp_path / "site")

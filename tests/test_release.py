@@ -1,9 +1,11 @@
 """`atlas release` on a real tiny build (one layer of the tiny Llama, 32 sequences): the manifest lists every data file
 of the site and every bulk file with the sha256 a literal hashlib loop finds, the id is the date and the hash of that
 list, CITATION.cff is CFF 1.2.0, the archive is deterministic and verifies, every page is stamped; a rerun rewrites
-nothing; a rebuild that changes one neuron's data changes exactly its hashes and gives a new release while the old
-archive still verifies; a killed release recovers; a release or deploy without site_url, or a deploy of a working
-build, stops with one line.
+nothing, and another atlas's release in the same release_dir stays out of this one's site; a rebuild that changes
+one neuron's data changes exactly its hashes and gives a new release, listed first, while the old archive still
+verifies; a killed release recovers; a damaged archive or extracted folder is named, and an extracted one reads
+with the reader; `atlas deploy` publishes the config's site_dir and keeps the manifests already published; a
+release or deploy without site_url, or a deploy of a working build, stops with one line.
 
 The tests share one build and run in order: the rebuild test, last, changes it.
 """
@@ -33,7 +35,8 @@ import render_fixtures as fx
 from builder.config import load_config
 from builder.errors import AtlasError
 from builder.paths import AtlasPaths
-from builder.release import release, verify_archive
+from builder.reader import open_atlas
+from builder.release import check_config, kept_manifests, release, verify, verify_archive, verify_release_folder
 from builder.schema import IMPORTANCE, read_example_fields
 from tests.conftest import ROOT, atlas_command, build, expect_error, tiny_config_dict
 
@@ -147,16 +150,34 @@ def test_a_release_lists_every_data_file_with_its_sha256_and_writes_its_id_citat
     unit = site / "tiny" / "L0" / "N3"
     page = (unit / "index.html").read_text()
     assert f"; data sha256 {hashlib.sha256((unit / 'neuron.json').read_bytes()).hexdigest()}.</p>" in page
-    assert json.loads((unit / "neuron.json").read_text())["bin_sha256"] == hashlib.sha256(
-        (unit / "neuron.bin").read_bytes()).hexdigest()
+    sidecar = json.loads((unit / "neuron.json").read_text())
+    assert sidecar["bin_sha256"] == hashlib.sha256((unit / "neuron.bin").read_bytes()).hexdigest()
+    assert sidecar["similar_sha256"] == hashlib.sha256((unit / "similar.json").read_bytes()).hexdigest()
+    assert (releases / release_id).stat().st_mode & 0o777 == 0o755  # readable as any folder is, not mkdtemp's 0700
 
 
-def test_releasing_the_same_data_again_rewrites_nothing(released, monkeypatch):
-    before = snapshot(released["releases"], released["site"])
-    monkeypatch.setenv("SOURCE_DATE_EPOCH", str(EPOCH + 86400 * 30))  # another day: still the same release
-    made = release(released["cfg"])
-    assert made.id == released["id"] and made.date == DAY
-    assert snapshot(released["releases"], released["site"]) == before
+def plant_release(releases: Path, release_id: str, model: str, mtime: int | None = None) -> Path:
+    """A release folder holding only a manifest of `model`, made at `mtime`."""
+    folder = releases / release_id
+    folder.mkdir(parents=True)
+    manifest = {"kind": "release-manifest", "schema_version": 1, "release": release_id, "date": release_id[:10],
+                "model": model, "site_url": SITE_URL, "files_sha256": "0" * 64, "files": []}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    if mtime is not None:
+        os.utime(folder / "manifest.json", (mtime, mtime))
+    return folder
+
+
+def test_releasing_the_same_data_again_rewrites_nothing_and_leaves_other_atlases_releases_out(released, monkeypatch):
+    other = plant_release(released["releases"], "2030-01-01-0123456789", "another-atlas")  # newer, same release_dir
+    try:
+        before = snapshot(released["releases"], released["site"])
+        monkeypatch.setenv("SOURCE_DATE_EPOCH", str(EPOCH + 86400 * 30))  # another day: still the same release
+        made = release(released["cfg"])
+        assert made.id == released["id"] and made.date == DAY
+        assert snapshot(released["releases"], released["site"]) == before  # not in this site's index nor manifests
+    finally:
+        shutil.rmtree(other)
     archive = made.archive.read_bytes()
     made.archive.unlink()
     assert release(released["cfg"]).archive.read_bytes() == archive  # the archive is deterministic
@@ -228,6 +249,110 @@ def test_deploy_without_site_url_or_of_a_working_build_stops_with_one_line(tmp_p
         assert git("branch", "--list", "gh-pages", cwd=remote) == ""
 
 
+def test_kept_releases_are_this_models_newest_first_also_within_a_day(tmp_path):
+    """By date, then by when the release was made: the id's hash says nothing of which came first."""
+    plant_release(tmp_path, "2024-05-01-ffffffffff", "tiny", mtime=1000)
+    plant_release(tmp_path, "2024-05-01-0000000000", "tiny", mtime=2000)  # the same day, made later
+    plant_release(tmp_path, "2024-04-30-aaaaaaaaaa", "tiny", mtime=3000)  # made last, but dated the day before
+    plant_release(tmp_path, "2024-06-01-bbbbbbbbbb", "another-atlas", mtime=4000)
+    assert [m["release"] for m in kept_manifests(tmp_path, "tiny")] == [
+        "2024-05-01-0000000000", "2024-05-01-ffffffffff", "2024-04-30-aaaaaaaaaa"]
+    assert [m["release"] for m in kept_manifests(tmp_path, "another-atlas")] == ["2024-06-01-bbbbbbbbbb"]
+
+
+def test_release_check_validates_the_config_alone_in_one_line(released, tmp_path):
+    from click.testing import CliRunner
+
+    from builder.cli import main
+
+    expect_error(AtlasError, lambda: check_config(dataclasses.replace(released["cfg"], site_url="")),
+                 "site_url is not set")
+    expect_error(AtlasError, lambda: check_config(dataclasses.replace(released["cfg"], release_url="https://x.org/")),
+                 "must be an http(s) URL containing {release}")
+    result = CliRunner().invoke(main, ["release", "--config", str(released["config"]), "--check"])
+    assert result.exit_code == 0, result.output
+    assert f"release config: site_url {SITE_URL}" in result.output and str(released["site"]) in result.output
+
+
+def corrupted(archive: Path, target: Path, offset: int) -> Path:
+    """A copy of `archive` with one bit flipped at `offset` (negative: from the end)."""
+    content = bytearray(archive.read_bytes())
+    content[offset] ^= 0x04
+    target.write_bytes(bytes(content))
+    return target
+
+
+def test_a_corrupted_archive_is_named_corrupt_wherever_the_damage_is(released, tmp_path):
+    archive = released["releases"] / f"{released['id']}.tar.gz"
+    size = archive.stat().st_size
+    for name, offset in (("crc", -6), ("middle", size // 2)):  # the gzip trailer's CRC32; inside the deflate stream
+        problems = verify_archive(corrupted(archive, tmp_path / f"{name}.tar.gz", offset))
+        assert len(problems) == 1 and "is corrupt (" in problems[0] and problems[0].endswith(
+            "; download it again"), (name, problems)
+    truncated = tmp_path / "truncated.tar.gz"
+    truncated.write_bytes(archive.read_bytes()[:size - 100])
+    assert verify_archive(truncated)[0].endswith("is corrupt (Compressed file ended before the end-of-stream "
+                                                 "marker was reached); download it again")
+    not_gzip = tmp_path / "manifest.tar.gz"
+    not_gzip.write_bytes((released["releases"] / released["id"] / "manifest.json").read_bytes())
+    assert "is not a .tar.gz archive" in verify_archive(not_gzip)[0]
+
+
+def test_an_extracted_archive_verifies_and_reads_like_the_site(released, tmp_path):
+    release_id, site = released["id"], released["site"]
+    with tarfile.open(released["releases"] / f"{release_id}.tar.gz") as tar:
+        tar.extractall(tmp_path, filter="data")
+    folder = tmp_path / release_id
+    files = len(manifest_of(released["releases"], release_id)["files"]) + 2  # and the manifest and CITATION.cff
+    assert verify(folder) == f"{folder}: release {release_id}, {files} files, every one as its manifest lists it"
+    extracted, rendered = open_atlas(folder), open_atlas(site)
+    assert extracted.models == rendered.models == ["tiny"]
+    unit, expected = extracted.unit("tiny", "L0", 3), rendered.unit("tiny", "L0", 3)
+    assert np.array_equal(unit.examples.tokens, expected.examples.tokens)
+    assert np.array_equal(unit.examples.activation, expected.examples.activation, equal_nan=True)
+    assert extracted.similar("tiny", "L0", 3) == rendered.similar("tiny", "L0", 3)
+
+    sidecar = folder / "data" / "tiny" / "L0" / "N3" / "neuron.json"
+    sidecar.write_bytes(sidecar.read_bytes() + b" ")
+    (folder / "bulk" / "notes.txt").write_text("mine")
+    problems = verify_release_folder(folder)
+    assert len(problems) == 2 and problems[0].startswith(f"{folder}: bulk/notes.txt is not in the manifest")
+    assert problems[1].startswith(f"{folder}: data/tiny/L0/N3/neuron.json has")
+    assert all(problem.endswith("extract it again, or download it again") for problem in problems)
+    expect_error(AtlasError, lambda: verify(folder), "bulk/notes.txt", "(and 1 more problem)")
+
+
+def test_atlas_deploy_publishes_the_configs_site_dir_and_keeps_published_manifests(released, tmp_path):
+    """From a fresh clone (no local gh-pages) whose release_dir lacks an older release: the old release's manifest,
+    already published, stays at its URL; everything else is the site's."""
+    remote, old, work = tmp_path / "remote.git", tmp_path / "old", tmp_path / "work"
+    git("init", "--bare", "-q", str(remote), cwd=tmp_path)
+    old_manifest = "releases/2024-04-01-0123456789/manifest.json.gz"
+    for path, content in ((old_manifest, gzip.compress(b"{}", mtime=0)), ("old.html", b"old")):
+        (old / path).parent.mkdir(parents=True, exist_ok=True)
+        (old / path).write_bytes(content)
+    git("init", "-q", "-b", "gh-pages", cwd=old)
+    git("add", ".", cwd=old)
+    git("commit", "-q", "-m", "an earlier deploy", cwd=old)
+    git("push", "-q", str(remote), "gh-pages", cwd=old)
+    work.mkdir()
+    git("init", "-q", cwd=work)
+    git("commit", "-q", "--allow-empty", "-m", "init", cwd=work)
+    git("remote", "add", "origin", str(remote), cwd=work)
+    env = {**git_env(), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(atlas_command() + ["deploy", "--config", str(released["config"])], cwd=work, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "kept 1 published release manifests" in result.stderr
+    published = set(git("ls-tree", "-r", "--name-only", "gh-pages", cwd=remote).split())
+    site = {p.relative_to(released["site"]).as_posix() for p in released["site"].rglob("*")
+            if p.is_file() and not p.name.endswith(".json.js")}
+    assert published == site | {old_manifest}
+    assert subprocess.run(["git", "show", f"gh-pages:{old_manifest}"], cwd=remote, capture_output=True,
+                          check=True).stdout == gzip.compress(b"{}", mtime=0)
+    assert git("rev-list", "--count", "gh-pages", cwd=remote).strip() == "2"  # on top of the earlier deploy
+
+
 def change_one_neurons_importance(cfg) -> int:
     """Change one importance score of the first example of one neuron of L0, in place (as a fixed importance bug
     would): only that neuron's sidecar and the set's examples Parquet file show importance. Returns the neuron."""
@@ -283,7 +408,7 @@ def test_a_rebuild_changing_one_neuron_changes_only_its_hashes_and_the_old_archi
     assert verify_archive(releases / f"{old_id}.tar.gz") == []  # the old release is still what it was
     assert verify_archive(releases / f"{new_id}.tar.gz") == []
     index = json.loads((site / "releases" / "index.json").read_text())
-    assert [r["id"] for r in index["releases"]] == sorted([new_id, old_id], reverse=True)
+    assert [r["id"] for r in index["releases"]] == [new_id, old_id]  # the same day: the later release first
     assert (site / "releases" / old_id / "manifest.json.gz").is_file()  # the old manifest keeps its URL
     assert all(("release", new_id) in found for found in regions(site).values())
 
@@ -298,3 +423,5 @@ def test_a_rebuild_changing_one_neuron_changes_only_its_hashes_and_the_old_archi
             target.addfile(member, io.BytesIO(content))
     problems = verify_archive(tampered)
     assert len(problems) == 1 and f"data/tiny/L0/N{neuron}/neuron.json has" in problems[0]
+    assert problems[0].endswith("the archive is damaged or altered: download it again")
+    assert "(and" not in expect_error(AtlasError, lambda: verify(tampered), "neuron.json has")

@@ -263,8 +263,8 @@ def test_sidecar_has_the_documented_schema(built):
     doc = sidecar(site, 0, 0)
     assert doc["schema_version"] == codec.SCHEMA_VERSIONS["neuron"] == 3
     assert doc["kind"] == "neuron" and doc["model"] == MODEL and (doc["layer"], doc["neuron"]) == (0, 0)
-    assert set(doc) - {"blob"} == {"schema_version", "kind", "model", "bin", "bin_sha256", "set", "layer", "neuron",
-                                   "path",
+    assert set(doc) - {"blob"} == {"schema_version", "kind", "model", "bin", "bin_sha256", "similar_sha256", "set",
+                                   "layer", "neuron", "path",
                                    "max_activation", "metrics", "cluster_threshold", "window", "vocab", "examples",
                                    "clusters", "intervals", "linkage", "histogram", "logits"}
     assert set(doc["examples"]) == {"count", "token_dtype", "tokens", "activation_range", "activation",
@@ -274,6 +274,8 @@ def test_sidecar_has_the_documented_schema(built):
     similar = json.loads((site / MODEL / "L0" / "N0" / "similar.json").read_text())
     assert set(similar) == {"schema_version", "kind", "model", "path", "rows", "text", "bin", "bin_sha256"}
     assert similar["kind"] == "similar" and similar["schema_version"] == codec.SCHEMA_VERSIONS["similar"]
+    assert doc["similar_sha256"] == hashlib.sha256((site / MODEL / "L0" / "N0" / "similar.json").read_bytes()
+                                                   ).hexdigest()  # the unit's one cited hash pins its similar.json
     common = json.loads((site / MODEL / "data" / "common.json").read_text())
     assert set(common) == {"schema_version", "kind", "model", "tokens", "metrics", "histogram_edges", "sets",
                            "provenance", "reproduce"}
@@ -379,6 +381,10 @@ def test_citations_name_the_exact_page_and_its_provenance(tmp_path):
             'https://example.org/atlas/tiny-atlas/L0/N0/#F1</p>') in feature_html(page, 1)
     method = (Path(cfg.site_dir) / MODEL / "method" / "index.html").read_text()
     assert r"\url{https://example.org/atlas/tiny-atlas/method/}" in method
+    # The 404 page cites what it belongs to, the atlas: the home page's citation.
+    cited = [re.search(r'<p class="cite-line">(.*?)</p>', (Path(cfg.site_dir) / name).read_text()).group(1)
+             for name in ("index.html", "404.html")]
+    assert cited[0] == cited[1] and "Neuron Atlas: atlas of tiny-atlas. https://example.org/atlas/. Release" in cited[0]
     for fact in ("revision rev-1", "corpus.jsonl", "24 sequences", "384 tokens", "threshold 0.75", "code 0.1.0",
                  f"config {cfg.config_hash()}", "date = {2024-01-01}"):
         assert fact in method, fact
@@ -694,7 +700,7 @@ def test_citations_are_absolute_with_the_configured_author_and_a_unique_key_per_
     keys = []
     for page in html_pages(site):
         body = page.read_text()
-        if 'id="cite"' not in body:
+        if 'id="cite"' not in body or page.name == "404.html":  # 404.html cites the home page, key and all
             continue
         # Unit pages (and their features) get their BibTeX from atlas.js, keyed by the page's path (the browser test
         # compares it with pages.bibtex); the other pages print theirs.

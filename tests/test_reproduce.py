@@ -1,7 +1,8 @@
 """The "Reproduce this" script templates (builder/render/reproduce.py): filled for the central example of a unit's
 first feature and run as a user would run them, they recompute the artefact's activation of a tiny model's neuron
-and of an SAE latent (relative error ≤ 1e-4), reading the sequence from the bulk files by path and by URL; the
-embedded and hub models' templates compile and load the model the documented way."""
+and of an SAE latent (relative error ≤ 1e-4) and print the artefact's exact value beside it, reading the sequence
+and the activation from the bulk files by path and by URL; the embedded and hub models' templates compile and load
+the model the documented way."""
 
 from __future__ import annotations
 
@@ -50,12 +51,12 @@ def central_example(cfg, set_key: str) -> tuple[int, int, int, float]:
     return unit, int(examples["seq"][central]), int(examples["pos"][central]), float(examples["act"][central])
 
 
-def fill(template: str, unit: int, sequence: int, position: int, activation: float, bulk: str) -> str:
+def fill(template: str, unit: int, sequence: int, position: int, bulk: str) -> str:
+    assert PLACEHOLDERS == ("__UNIT__", "__SEQUENCE__", "__POSITION__", "__BULK__")
     for placeholder in PLACEHOLDERS:
         assert template.count(placeholder) == 1, placeholder
     return (template.replace("__UNIT__", str(unit)).replace("__SEQUENCE__", str(sequence))
-            .replace("__POSITION__", str(position)).replace("__ACTIVATION__", repr(activation))
-            .replace("__BULK__", bulk))
+            .replace("__POSITION__", str(position)).replace("__BULK__", bulk))
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -82,7 +83,7 @@ def test_the_neuron_script_recomputes_its_activation_from_the_bulk_folder(reprod
     assert "blocks.1.mlp.hook_post" in template and repr(cfg.model) in template and "revision=" not in template
     unit, sequence, position, activation = central_example(cfg, "L1")
     assert position < cfg.context_length - 1  # a prefix, not the whole sequence
-    recomputed, printed = run_script(fill(template, unit, sequence, position, activation, "bulk"), work)
+    recomputed, printed = run_script(fill(template, unit, sequence, position, "bulk"), work)
     assert printed == activation and activation > 0
     assert abs(recomputed - activation) <= 1e-4 * abs(activation), (recomputed, activation)
 
@@ -98,7 +99,7 @@ def test_the_latent_script_recomputes_its_activation_from_a_bulk_url(reproducibl
     thread.start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}"
-        recomputed, printed = run_script(fill(template, unit, sequence, position, activation, url), work)
+        recomputed, printed = run_script(fill(template, unit, sequence, position, url), work)
     finally:
         server.shutdown()
         server.server_close()
@@ -165,13 +166,18 @@ def test_the_embedded_model_script_recomputes_what_the_package_loader_computes(s
 
     sequence = [int(t) for t in embedded_model.tokenizer("The whale surfaced beside the ship at dawn")["input_ids"]]
     unit, position = 5, 6
-    (tmp_path / "bulk").mkdir()
-    rows = {"sequence": pa.array([3], pa.int32()), "tokens": pa.array([sequence], pa.list_(pa.int32()))}
-    pq.write_table(pa.table(rows), tmp_path / "bulk" / "L0.sequences.parquet")
     with torch.no_grad():
         _, cache = embedded_model.bridge.run_with_cache(torch.tensor([sequence[:position + 1]]))
     expected = float(cache["blocks.0.mlp.hook_post"][0, position, unit])
     assert abs(expected) > 1e-3  # a relative error means something
-    text = fill(reproduce_templates(synthetic_atlas())["L0"], unit, 3, position, expected, "bulk")
-    recomputed, _ = run_script(text, tmp_path)
+    (tmp_path / "bulk").mkdir()
+    rows = {"sequence": pa.array([3], pa.int32()), "tokens": pa.array([sequence], pa.list_(pa.int32()))}
+    pq.write_table(pa.table(rows), tmp_path / "bulk" / "L0.sequences.parquet")
+    examples = {"unit": pa.array([unit, unit, unit + 1], pa.int32()), "sequence": pa.array([3, 3, 3], pa.int32()),
+                "position": pa.array([position - 1, position, position], pa.int32()),
+                "activation": pa.array([1.0, expected, 2.0], pa.float32())}  # the script's row, and two others
+    pq.write_table(pa.table(examples), tmp_path / "bulk" / "L0.examples.parquet")
+    text = fill(reproduce_templates(synthetic_atlas())["L0"], unit, 3, position, "bulk")
+    recomputed, printed = run_script(text, tmp_path)
+    assert printed == float(np.float32(expected))
     assert abs(recomputed - expected) <= 1e-4 * abs(expected), (recomputed, expected)

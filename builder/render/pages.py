@@ -130,10 +130,16 @@ def bibtex(atlas: Atlas, prov: dict, path: str, title: str, cited: Cited, key_pa
     year = prov["build_date"][:4]
     return [f"@misc{{{citation_key(key_path or path)},\n  author = {{{bibtex_escape(author(atlas))}}},\n"
             f"  title = {{{{Neuron Atlas}}: {bibtex_escape(title)}}},\n"
-            f"  howpublished = {{\\url{{{url.replace('%', '%25').replace('#', '%23')}}}}},\n"
+            f"  howpublished = {{\\url{{{url_argument(url)}}}}},\n"
             f"  note = {{{bibtex_escape(note or provenance_note(prov))}; release ", RELEASE,
             f"; data {bibtex_escape(cited.label)} sha256 ", cited.sha256,
             f"}},\n  year = {{{bibtex_escape(year)}}},\n  date = {{{bibtex_escape(prov['build_date'])}}}\n}}\n"]
+
+
+def url_argument(url: str) -> str:
+    """A URL as hyperref's \\url argument: `#` and `%` escaped with a backslash, which \\url drops (percent-encoding
+    them would name another URL: `…/N1/%23F1` is not the section `…/N1/#F1`). static/atlas.js does the same."""
+    return re.sub(r"[%#]", r"\\\g<0>", url)
 
 
 def author(atlas: Atlas) -> str:
@@ -401,8 +407,10 @@ def render_unit(site: Site, data: SetData, unit: int, folder: Path) -> tuple[int
     files = unit_sidecar(atlas, data, unit)
     sidecar = files.neuron
     folder.mkdir(parents=True)
-    written = write_data_file(folder / "neuron.json", "neuron", sidecar, files.neuron_blob)
+    # similar.json first: neuron.json pins it by its sha256, so the one hash a unit's citation names covers both.
     similar = write_data_file(folder / "similar.json", "similar", files.similar, files.similar_blob)
+    written = write_data_file(folder / "neuron.json", "neuron", {**sidecar, "similar_sha256": similar.sha256},
+                              files.neuron_blob)
     sidecar_bytes, twin_bytes = written.published + similar.published, written.twin + similar.twin
     start = int(data.offsets[unit])
     count = sidecar["examples"]["count"]
@@ -544,11 +552,13 @@ def model_pages(site: Site, model_dir: Path, root_dir: Path, mnist: dict | None 
     def write(path: Path, template: str, context: dict) -> None:
         path.write_bytes(env.get_template(template).render(context).encode())
 
-    write(root_dir / "index.html", "home.html", site.page(0, "", "Neuron Atlas", "index", "home", coverage=coverage,
-                                                          mnist=bool(mnist)))
+    home_title = f"atlas of {site.model}"
+    write(root_dir / "index.html", "home.html", site.page(0, "", "Neuron Atlas", home_title, "home",
+                                                          coverage=coverage, mnist=bool(mnist)))
     # GitHub Pages serves 404.html for a missing path at any depth, so its links are absolute from the site's path.
+    # Its citation is the home page's: a missing page is nothing to cite, the atlas it belongs to is.
     base = urlsplit(atlas.cfg.site_url).path.rstrip("/") + "/" if atlas.cfg.site_url else "/"
-    write(root_dir / "404.html", "404.html", {**site.page(0, "404.html", "Not found · Neuron Atlas", "index", "404"),
+    write(root_dir / "404.html", "404.html", {**site.page(0, "", "Not found · Neuron Atlas", home_title, "404"),
                                               "root": base, "model_root": f"{base}{site.model}/"})
     write(model_dir / "index.html", "model.html",
           site.page(1, f"{site.model}/", f"{site.model} · Neuron Atlas", site.model, "model", coverage=coverage))

@@ -1,6 +1,7 @@
 """"Reproduce this": per subject set, a short script template that recomputes one example's activation from the model
-and the release's bulk data (builder/bulk.py). Unit pages fill the placeholders (docs/sidecar-schema.md, `common.json`
-`reproduce`) for the central example of the unit's first feature.
+and the release's bulk data (builder/bulk.py), beside the atlas's exact value from the same data. Unit pages fill
+the placeholders (docs/sidecar-schema.md, `common.json` `reproduce`) for the central example of the unit's first
+feature.
 
 The full sequence prefix is needed, not the sidecar's window: a token's activation depends on every token before it.
 The model boots as builder/models.py boots it (TransformerBridge in compatibility mode), so the recomputed number
@@ -16,9 +17,9 @@ from builder.render.inputs import Atlas
 from builder.sae import HUB_PREFIX
 from builder.subjects import SaeLatents, SubjectSet
 
-# What a page substitutes: numbers in place of the first four, a URL or path (inside a string literal, so without
+# What a page substitutes: numbers in place of the first three, a URL or path (inside a string literal, so without
 # `"` or `\`) in place of the last.
-PLACEHOLDERS = ("__UNIT__", "__SEQUENCE__", "__POSITION__", "__ACTIVATION__", "__BULK__")
+PLACEHOLDERS = ("__UNIT__", "__SEQUENCE__", "__POSITION__", "__BULK__")
 
 
 def reproduce_templates(atlas: Atlas) -> dict[str, str]:
@@ -32,7 +33,7 @@ def model_lines(atlas: Atlas) -> tuple[list[str], str]:
     cfg = atlas.cfg
     options = f"dtype=torch.{cfg.dtype}, device=device"
     if cfg.model == EMBEDDED_MODEL:
-        return (["from builder.models import embedded_model_folder  # the Neuron Atlas package: its embedded model"],
+        return (["from builder.models import embedded_model_folder  # the neuron-atlas package: its embedded model"],
                 f"TransformerBridge.boot_transformers(str(embedded_model_folder()), {options})")
     if Path(cfg.model).expanduser().is_dir():
         return [], f"TransformerBridge.boot_transformers({cfg.model!r}, {options})"
@@ -48,11 +49,12 @@ def sae_path(atlas: Atlas, subject: SaeLatents) -> str:
 
 
 def set_template(atlas: Atlas, subject: SubjectSet) -> str:
-    """Each placeholder occurs once."""
+    """Each placeholder occurs once. The atlas's activation comes from the examples file (pages print it rounded),
+so the script compares the recomputed number with the exact one."""
     imports, boot = model_lines(atlas)
     hook = subject.activation_hook()
     if isinstance(subject, SaeLatents):
-        imports.append("from builder.sae import read_sae  # the Neuron Atlas package")
+        imports.append("from builder.sae import read_sae  # the neuron-atlas package")
         readout = [f"sae = read_sae({sae_path(atlas, subject)!r}).on(device)",
                    f"activation = sae.encode(cache[{hook!r}][0, position])[unit].item()"]
     else:
@@ -64,8 +66,12 @@ def set_template(atlas: Atlas, subject: SubjectSet) -> str:
         "from transformer_lens.model_bridge import TransformerBridge",
         *imports,
         "",
-        "unit, sequence, position, expected = __UNIT__, __SEQUENCE__, __POSITION__, __ACTIVATION__",
-        f'rows = pd.read_parquet("__BULK__/{subject.slug}.sequences.parquet", filters=[("sequence", "==", sequence)])',
+        'unit, sequence, position, bulk = __UNIT__, __SEQUENCE__, __POSITION__, "__BULK__"',
+        f'example = pd.read_parquet(f"{{bulk}}/{subject.slug}.examples.parquet", columns=["activation"],',
+        '                          filters=[("unit", "==", unit), ("sequence", "==", sequence), ("position", "==", '
+        'position)])',
+        'expected = float(example["activation"].iloc[0])  # the atlas\'s activation, exact (pages print it rounded)',
+        f'rows = pd.read_parquet(f"{{bulk}}/{subject.slug}.sequences.parquet", filters=[("sequence", "==", sequence)])',
         'tokens = torch.tensor(rows["tokens"].iloc[0][:position + 1], dtype=torch.long)[None]  # the whole prefix',
         'device = "cuda" if torch.cuda.is_available() else "cpu"',
         f"model = {boot}",
