@@ -30,14 +30,14 @@ while merging (2.9 GB for 12 layers); acceptable next to the forward pass. `inte
 Cost (issue 14): every per-batch step is a torch op on the hook values' device, and nothing goes to the host until
 `state_arrays`/`finish` (tests/test_collect.py counts the transfers). The histogram needs no search: the edges lie on
 float32 values with 2 mantissa bits, so a value's bin is a function of its top 11 bits; `count_histogram_keys` counts
-those keys (on a CPU in one compiled loop, builder/histogram_kernel.py; elsewhere one shift and one scatter per value)
-and `fold_histogram` maps keys to bins (`histogram_key_bins`). Each sequence's first maximum comes from maxima of blocks
-of positions (`sequence_maxima`). The dominance rule is applied as a batch arrives, against the `max_examples` largest
-sequence maxima fed before it (any earlier sequence that reaches a candidate's activation is a candidate itself, or
-dominated by as many): a candidate, once stored, is only ever dropped by a rising maximum, so the candidates kept stay
-near max_examples · (1 + ln(qualifiers / max_examples)) per unit, and compaction is a sort, a threshold and a vector
-lookup, also on the device. Batches out of corpus order and absorbed shards are checked by `keep_first_needed` at
-compaction instead.
+those keys (on a CPU in one compiled pass with the sequence maxima, builder/histogram_kernel.py; elsewhere one shift and
+one scatter per value) and `fold_histogram` maps keys to bins (`histogram_key_bins`). Each sequence's first maximum
+comes from maxima of blocks of positions (`sequence_maxima`). The dominance rule is applied as a batch arrives, against
+the `max_examples` largest sequence maxima fed before it (any earlier sequence that reaches a candidate's activation is
+a candidate itself, or dominated by as many): a candidate, once stored, is only ever dropped by a rising maximum, so the
+candidates kept stay near max_examples · (1 + ln(qualifiers / max_examples)) per unit, and compaction is a sort, a
+threshold and a vector lookup, also on the device. Batches out of corpus order and absorbed shards are checked by
+`keep_first_needed` at compaction instead.
 """
 
 from __future__ import annotations
@@ -82,8 +82,8 @@ VECTOR_BLOCK = 1 << 12
 # Pending candidates that make `update`/`absorb` compact (or a quarter of those kept, if more): bounds the pending
 # vectors while keeping compactions rare (their cost grows with the candidates kept).
 COMPACT_PENDING = 1 << 16
-# How a CPU counts histogram keys: "compiled" (builder/histogram_kernel.py, one pass per value) or "torch" (the ops
-# every other device runs; tests run both on a CPU).
+# How a CPU counts histogram keys and finds each sequence's first maximum: "compiled" (builder/histogram_kernel.py,
+# one pass over the values) or "torch" (the ops every other device runs; tests run both on a CPU).
 HISTOGRAM_KERNEL = "compiled"
 # A float32's histogram key is its bits − 1 shifted right by KEY_SHIFT: the sign, the exponent and 2 mantissa bits.
 KEY_SHIFT = 21
@@ -119,11 +119,6 @@ def count_histogram_keys(values: Float[Tensor, "rows n_units"], counts: Int[Tens
     one row hit neighbouring counters), in blocks of rows that stay in cache. `fold_histogram` turns keys into bins."""
     n_units = values.shape[-1]
     bits = values.reshape(-1, n_units).view(torch.int32)
-    if values.device.type == "cpu" and HISTOGRAM_KERNEL == "compiled":
-        from builder.histogram_kernel import count_keys
-
-        count_keys(bits.numpy(), counts.numpy(), KEY_SHIFT, N_KEYS // 2)  # views of the same memory, no copies
-        return
     rows = max(1, min(HISTOGRAM_BLOCK // n_units, len(bits)))
     wide = N_KEYS * n_units > _INT32_MAX
     column = torch.arange(n_units, device=values.device, dtype=torch.int64 if wide else torch.int32)
@@ -137,6 +132,25 @@ def count_histogram_keys(values: Float[Tensor, "rows n_units"], counts: Int[Tens
         index = keys.long() if wide else keys
         torch.add(column, index, alpha=n_units, out=index)
         counts.index_add_(0, index.view(-1), ones[:index.numel()])
+
+
+def scan_batch(post: Float[Tensor, "batch pos n_units"], counts: Int[Tensor, " keys_by_units"]
+               ) -> tuple[Float[Tensor, "batch n_units"], Int[Tensor, "batch n_units"]]:
+    """Count every value's histogram key into `counts` and return each sequence's max per unit and the first position
+    holding it: on a CPU in one compiled pass (builder/histogram_kernel.py), elsewhere with torch ops."""
+    if post.device.type == "cpu" and HISTOGRAM_KERNEL == "compiled":
+        from builder.histogram_kernel import scan_values
+
+        n_seq, _, n_units = post.shape
+        seq_max = torch.empty((n_seq, n_units), dtype=torch.float32)
+        first = torch.empty((n_seq, n_units), dtype=torch.int64)
+        # numpy views of the same memory: nothing is copied.
+        scan_values(post.numpy(), post.view(torch.int32).numpy(), counts.numpy(), seq_max.numpy(), first.numpy(),
+                    KEY_SHIFT, N_KEYS // 2)
+        return seq_max, first
+    seq_max, first = sequence_maxima(post)
+    count_histogram_keys(post, counts)
+    return seq_max, first
 
 
 def sequence_maxima(post: Float[Tensor, "batch pos n_units"]) -> tuple[Float[Tensor, "batch n_units"],
@@ -384,15 +398,14 @@ class Collector:
         if post.device != state.device:
             state.to(post.device)
         n_seq, n_pos, n_units = post.shape
-        seq_max, argmax = sequence_maxima(post)
+        if state.counted + n_seq * n_pos > FOLD_EVERY and state.key_counts.dtype == torch.int32:
+            state.fold_histogram()
+        seq_max, argmax = scan_batch(post, state.key_counts)
+        state.counted += n_seq * n_pos
         if self.interval_examples > 0:
             state.sequences.append((torch.arange(first_seq, first_seq + n_seq, dtype=torch.int32, device=post.device),
                                     seq_max, argmax.int()))
         torch.maximum(state.running_max, seq_max.amax(dim=0), out=state.running_max)
-        if state.counted + n_seq * n_pos > FOLD_EVERY and state.key_counts.dtype == torch.int32:
-            state.fold_histogram()
-        count_histogram_keys(post, state.key_counts)
-        state.counted += n_seq * n_pos
 
         maxima = self._maxima_t(state)
         mask = candidate_mask(seq_max, self.threshold * maxima, maxima)

@@ -678,15 +678,24 @@ def test_histogram_key_bins_need_edges_on_key_boundaries():
         collect.histogram_key_bins(np.array([-0.01, 0.0, 0.01], np.float32))
 
 
+@pytest.mark.parametrize("kernel", ["compiled", "torch"])
 @pytest.mark.parametrize("context", [8, 37, 64, 96])
-def test_sequence_maxima_give_the_first_position_of_the_maximum(context):
+def test_sequence_maxima_give_the_first_position_of_the_maximum(monkeypatch, context, kernel):
+    monkeypatch.setattr(collect, "HISTOGRAM_KERNEL", kernel)
     rng = np.random.default_rng(context)
     post = rng.integers(0, 4, size=(5, context, 6)).astype(np.float32)  # many ties, across position blocks too
     post[1, :, 2] = 3.0
     post[2, [0, context - 1], 3] = 9.0
-    seq_max, argmax = collect.sequence_maxima(torch.from_numpy(post))
-    np.testing.assert_array_equal(seq_max.numpy(), post.max(axis=1))
-    np.testing.assert_array_equal(argmax.numpy(), post.argmax(axis=1))  # numpy: the first maximal position
+    post[3, :, 4] = -np.inf
+    post[4, context // 2, 5] = np.nan  # NaN's max is NaN at position 0, as torch gives
+    counts = torch.zeros(collect.N_KEYS * 6, dtype=torch.int32)
+    seq_max, argmax = collect.scan_batch(torch.from_numpy(post), counts)
+    expected = post.max(axis=1)
+    np.testing.assert_array_equal(seq_max.numpy(), expected)  # NaN equals NaN here
+    first = post.argmax(axis=1)  # numpy: the first maximal position
+    first[np.isnan(expected)] = 0
+    np.testing.assert_array_equal(argmax.numpy(), first)
+    assert argmax.dtype == torch.int64 and int(counts.sum()) == post.size
 
 
 @pytest.mark.parametrize("reference", [False, True])
