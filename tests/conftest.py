@@ -357,14 +357,20 @@ def write_config(folder: Path, model: Path, corpus: Path) -> Path:
     return path
 
 
-def build(config: Path, fault: str | None = None) -> subprocess.CompletedProcess:
-    """`atlas build` in its own process, offline, with an optional ATLAS_FAULT point."""
+def atlas_with_fault(command: str, config: Path, fault: str | None = None,
+                     timeout: float = 600) -> subprocess.CompletedProcess:
+    """`atlas <command> --config X` in its own process, offline, with an optional ATLAS_FAULT point."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     env.pop("ATLAS_FAULT", None)
     if fault:
         env["ATLAS_FAULT"] = fault
-    return subprocess.run(atlas_command() + ["build", "--config", str(config)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(atlas_command() + [command, "--config", str(config)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def build(config: Path, fault: str | None = None) -> subprocess.CompletedProcess:
+    """`atlas build` in its own process, offline, with an optional ATLAS_FAULT point."""
+    return atlas_with_fault("build", config, fault)
 
 
 def site_files(site: Path) -> dict[str, bytes]:

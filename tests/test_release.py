@@ -38,7 +38,7 @@ from builder.paths import AtlasPaths
 from builder.reader import open_atlas
 from builder.release import check_config, kept_manifests, release, verify, verify_archive, verify_release_folder
 from builder.schema import IMPORTANCE, read_example_fields
-from tests.conftest import ROOT, atlas_command, build, expect_error, tiny_config_dict
+from tests.conftest import ROOT, atlas_command, atlas_with_fault, build, expect_error, tiny_config_dict
 
 SITE_URL = "https://example.org/atlas/"
 EPOCH = timegm(date(2024, 5, 1).timetuple())  # SOURCE_DATE_EPOCH of every release here
@@ -67,12 +67,7 @@ def released(tmp_path_factory, tiny_llama, corpus_file):
 
 
 def atlas_release(config: Path, fault: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    env.pop("ATLAS_FAULT", None)
-    if fault:
-        env["ATLAS_FAULT"] = fault
-    return subprocess.run(atlas_command() + ["release", "--config", str(config)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return atlas_with_fault("release", config, fault, timeout=300)
 
 
 def literal_data_files(site: Path) -> dict[str, str]:
