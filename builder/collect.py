@@ -29,9 +29,10 @@ while merging (2.9 GB for 12 layers); acceptable next to the forward pass. `inte
 
 Cost (issue 14): every per-batch step is a torch op on the hook values' device, and nothing goes to the host until
 `state_arrays`/`finish` (tests/test_collect.py counts the transfers). The histogram needs no search: the edges lie on
-float32 values with 2 mantissa bits, so a value's bin is a function of its top 11 bits; `count_histogram_keys` counts
-those keys (on a CPU in one compiled pass with the sequence maxima, builder/histogram_kernel.py; elsewhere one shift and
-one scatter per value) and `fold_histogram` maps keys to bins (`histogram_key_bins`). Each sequence's first maximum
+float32 values with 2 mantissa bits, so a value's bin is a function of its top 11 bits (`histogram_key_bins`). On a CPU
+one compiled pass counts each value's bin by a table lookup and finds the sequence maxima with it
+(builder/histogram_kernel.py); elsewhere `count_histogram_keys` counts the keys (one shift and one scatter per value)
+and `fold_histogram` maps keys to bins. Each sequence's first maximum
 comes from maxima of blocks of positions (`sequence_maxima`). The dominance rule is applied as a batch arrives, against
 the `max_examples` largest sequence maxima fed before it (any earlier sequence that reaches a candidate's activation is
 a candidate itself, or dominated by as many): a candidate, once stored, is only ever dropped by a rising maximum, so the
@@ -89,7 +90,7 @@ HISTOGRAM_KERNEL = "compiled"
 KEY_SHIFT = 21
 N_KEYS = 1 << (32 - KEY_SHIFT)
 _INT32_MAX = (1 << 31) - 1
-FOLD_EVERY = _INT32_MAX  # values counted into int32 key counters before they are folded into the histogram
+FOLD_EVERY = _INT32_MAX  # values counted into int32 counters before they are folded into the histogram
 _SEQ_SPAN = 1 << 31  # (unit, sequence) sort key: unit · _SEQ_SPAN + sequence
 
 
@@ -112,6 +113,9 @@ def histogram_key_bins(edges: np.ndarray) -> Int[np.ndarray, " n_keys"]:
 
 
 KEY_BINS = histogram_key_bins(HISTOGRAM_EDGES)
+# The same table indexed by the unsigned key (uint32(bits) − 1) >> KEY_SHIFT, which is the key − N_KEYS / 2 modulo
+# N_KEYS: the compiled pass computes that one (no sign to handle).
+UNSIGNED_KEY_BINS = np.roll(KEY_BINS, -(N_KEYS // 2)).astype(np.uint8)
 
 
 def count_histogram_keys(values: Float[Tensor, "rows n_units"], counts: Int[Tensor, " keys_by_units"]) -> None:
@@ -134,19 +138,37 @@ def count_histogram_keys(values: Float[Tensor, "rows n_units"], counts: Int[Tens
         counts.index_add_(0, index.view(-1), ones[:index.numel()])
 
 
-def scan_batch(post: Float[Tensor, "batch pos n_units"], counts: Int[Tensor, " keys_by_units"]
+def compiled_scan(device: torch.device) -> bool:
+    """Whether batches on `device` are scanned by the compiled pass (a CPU) rather than torch ops."""
+    return device.type == "cpu" and HISTOGRAM_KERNEL == "compiled"
+
+
+def histogram_counters(n_units: int, device: torch.device
+                       ) -> tuple[Int[Tensor, " rows_by_units"], Int[Tensor, " rows"]]:
+    """Zeroed counters that `scan_batch` counts a device's values into, row-major (row · n_units + unit, so the units
+    of one position hit neighbouring counters), and each row's histogram bin, which `SetState.fold_histogram` adds it
+    to: one row per bin for the compiled pass (it looks a value's bin up), one per histogram key for torch ops (a key
+    is one shift of the value's bits away; KEY_BINS maps keys to bins)."""
+    rows = torch.arange(len(HISTOGRAM_EDGES) + 1) if compiled_scan(device) else torch.as_tensor(KEY_BINS)
+    wide = len(rows) * n_units > _INT32_MAX  # counters indexed by an int64
+    counts = torch.zeros(len(rows) * n_units, dtype=torch.int64 if wide else torch.int32, device=device)
+    return counts, rows.to(device)
+
+
+def scan_batch(post: Float[Tensor, "batch pos n_units"], counts: Int[Tensor, " rows_by_units"]
                ) -> tuple[Float[Tensor, "batch n_units"], Int[Tensor, "batch n_units"]]:
-    """Count every value's histogram key into `counts` and return each sequence's max per unit and the first position
-    holding it: on a CPU in one compiled pass (builder/histogram_kernel.py), elsewhere with torch ops."""
-    if post.device.type == "cpu" and HISTOGRAM_KERNEL == "compiled":
+    """Count every value into `counts` (from `histogram_counters` for post's device) and return each sequence's max
+    per unit and the first position holding it: on a CPU in one compiled pass (builder/histogram_kernel.py),
+    elsewhere with torch ops."""
+    if compiled_scan(post.device):
         from builder.histogram_kernel import scan_values
 
         n_seq, _, n_units = post.shape
         seq_max = torch.empty((n_seq, n_units), dtype=torch.float32)
         first = torch.empty((n_seq, n_units), dtype=torch.int64)
         # numpy views of the same memory: nothing is copied.
-        scan_values(post.numpy(), post.view(torch.int32).numpy(), counts.numpy(), seq_max.numpy(), first.numpy(),
-                    KEY_SHIFT, N_KEYS // 2)
+        scan_values(post.numpy(), post.view(torch.int32).numpy(), UNSIGNED_KEY_BINS,
+                    counts.view(-1, n_units).numpy(), seq_max.numpy(), first.numpy(), KEY_SHIFT)
         return seq_max, first
     seq_max, first = sequence_maxima(post)
     count_histogram_keys(post, counts)
@@ -175,7 +197,8 @@ class SetState:
 
     running_max: Float[Tensor, " n_units"]
     reference: Float[Tensor, " n_units"] | None
-    key_counts: Int[Tensor, " keys_by_units"]  # histogram keys counted since the last fold (count_histogram_keys)
+    counts: Int[Tensor, " rows_by_units"]  # values counted since the last fold, by `histogram_counters`' rows
+    counter_bins: Int[Tensor, " rows"]  # the histogram bin of each row of `counts`
     histogram: Int[Tensor, "n_units n_bins"]
     candidates: dict[str, Tensor]  # CANDIDATE_FIELDS, sorted by (unit, sequence)
     vector_keys: Int[Tensor, " n_vectors"]  # seq * context_length + pos, sorted
@@ -189,7 +212,7 @@ class SetState:
     # Per-sequence maxima for the interval examples, in chunks: (sequence ids [n], max [n, units], argmax [n, units]).
     sequences: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)
     n_pending: int = 0
-    counted: int = 0  # values counted into key_counts (each counter holds at most this many)
+    counted: int = 0  # values counted into `counts` (each counter holds at most this many)
     next_seq: int = 0  # one past the last sequence `update` was fed
     needs_dominance: bool = False  # pending holds candidates the dominance rule has not seen (absorbed, out of order)
 
@@ -199,10 +222,10 @@ class SetState:
         candidates = {name: torch.zeros(0, dtype=torch.int32) for name in ("unit", "seq", "pos")}
         candidates.update({name: torch.zeros(0) for name in ("act", "pre", "pre_linear")})
         candidates["window"] = torch.zeros((0, window))
-        wide = n_units * N_KEYS > _INT32_MAX  # counters indexed by an int64 key
+        counts, counter_bins = histogram_counters(n_units, torch.device("cpu"))
         return cls(running_max=torch.full((n_units,), -torch.inf),
                    reference=None if reference is None else torch.as_tensor(reference, dtype=torch.float32),
-                   key_counts=torch.zeros(N_KEYS * n_units, dtype=torch.int64 if wide else torch.int32),
+                   counts=counts, counter_bins=counter_bins,
                    histogram=torch.zeros((n_units, len(HISTOGRAM_EDGES) + 1), dtype=torch.int64),
                    candidates=candidates, vector_keys=torch.zeros(0, dtype=torch.int64),
                    vectors=torch.zeros((0, d_input)), leaders=torch.full((n_units, max_examples), -torch.inf),
@@ -213,20 +236,23 @@ class SetState:
         return self.running_max.device
 
     def to(self, device: torch.device) -> None:
-        """Move every tensor of the state to `device` (once, when the first batch arrives there)."""
+        """Move every tensor of the state to `device` (once, when the first batch arrives there), with counters laid
+        out for that device's scan."""
+        self.fold_histogram()
         for name, value in vars(self).items():
             setattr(self, name, _moved(value, device))
+        self.counts, self.counter_bins = histogram_counters(len(self.running_max), device)
 
     def fold_histogram(self) -> None:
-        """Add the counted keys into the per-bin histogram (exact: every key lies inside one bin)."""
+        """Add the counted values into the per-bin histogram (exact: every key lies inside one bin)."""
         if self.counted == 0:
             return
         n_units = len(self.running_max)
-        # Whole rows of keys into rows of bins, in the counters' dtype: a unit's counts sum to at most `counted`.
-        by_bin = torch.zeros((self.histogram.shape[1], n_units), dtype=self.key_counts.dtype, device=self.device)
-        by_bin.index_add_(0, torch.as_tensor(KEY_BINS, device=self.device), self.key_counts.view(N_KEYS, n_units))
+        # Whole rows of counters into rows of bins, in the counters' dtype: a unit's counts sum to at most `counted`.
+        by_bin = torch.zeros((self.histogram.shape[1], n_units), dtype=self.counts.dtype, device=self.device)
+        by_bin.index_add_(0, self.counter_bins, self.counts.view(-1, n_units))
         self.histogram += by_bin.T
-        self.key_counts.zero_()
+        self.counts.zero_()
         self.counted = 0
 
     def sequence_table(self) -> tuple[Int[np.ndarray, " n_seq"], Float[np.ndarray, "n_seq n_units"],
@@ -398,9 +424,9 @@ class Collector:
         if post.device != state.device:
             state.to(post.device)
         n_seq, n_pos, n_units = post.shape
-        if state.counted + n_seq * n_pos > FOLD_EVERY and state.key_counts.dtype == torch.int32:
+        if state.counted + n_seq * n_pos > FOLD_EVERY and state.counts.dtype == torch.int32:
             state.fold_histogram()
-        seq_max, argmax = scan_batch(post, state.key_counts)
+        seq_max, argmax = scan_batch(post, state.counts)
         state.counted += n_seq * n_pos
         if self.interval_examples > 0:
             state.sequences.append((torch.arange(first_seq, first_seq + n_seq, dtype=torch.int32, device=post.device),

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from builder.collect import CANDIDATE_FIELDS, N_KEYS, Collector, candidate_mask, scan_batch
+from builder.collect import CANDIDATE_FIELDS, Collector, candidate_mask, histogram_counters, scan_batch
 from builder.schema import COLLECT_SHARD, HISTOGRAM_EDGES
 from builder.subjects import Readout, SubjectSet, mlp_layer
 
@@ -249,7 +249,7 @@ def timed_slice(cls, stream: SyntheticStream, n_batches: int) -> dict:
     collector = new_collector(cls, stream.n_units, stream.d_model)
     # The compiled pass loads (or compiles, once per machine) at a process's first batch: a start-up cost like
     # loading the model, not work per token.
-    scan_batch(torch.zeros(1, 1, 1), torch.zeros(N_KEYS, dtype=torch.int32))
+    scan_batch(torch.zeros(1, 1, 1), histogram_counters(1, torch.device("cpu"))[0])
     update = wall = 0.0
     for index in range(n_batches):
         readout = stream.batch(index)
