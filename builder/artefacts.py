@@ -85,13 +85,14 @@ def write_npz(path: Path, kind: str, schema_version: int, **arrays: np.ndarray) 
         np.savez(handle, _kind=np.array(kind), _schema_version=np.array(schema_version), **arrays)
 
 
-def read_npz(path: Path, kind: str, schema_version: int) -> dict[str, np.ndarray]:
+def read_npz(path: Path, kind: str, schema_version: int, prefix: str = "") -> dict[str, np.ndarray]:
+    """The arrays of an .npz artefact (only those whose names start with `prefix`: the others are not read)."""
     path = Path(path)
     if not path.is_file():
         raise ArtefactError(f"{kind} artefact {path} is missing; run the stage that writes it first")
     try:
         with np.load(path, allow_pickle=False) as bundle:
-            arrays = {name: bundle[name] for name in bundle.files}
+            arrays = {name: bundle[name] for name in bundle.files if name.startswith((prefix, "_"))}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError):
         raise ArtefactError(f"{kind} artefact {path} is corrupt or truncated; delete it and re-run its stage") from None
     check_schema({"kind": str(arrays.pop("_kind", "")), "schema_version": int(arrays.pop("_schema_version", -1))},

@@ -37,9 +37,9 @@ class ArtefactType:
     def write_json(self, path: Path, document: dict) -> None:
         write_json(path, {**document, "kind": self.kind, "schema_version": self.version})
 
-    def read_npz(self, path: Path) -> dict[str, np.ndarray]:
+    def read_npz(self, path: Path, prefix: str = "") -> dict[str, np.ndarray]:
         self._require(path)
-        return read_npz(path, self.kind, self.version)
+        return read_npz(path, self.kind, self.version, prefix)
 
     def read_json(self, path: Path) -> dict:
         self._require(path)

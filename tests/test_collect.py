@@ -1133,3 +1133,23 @@ def test_a_damaged_set_file_is_rebuilt_from_the_shards_without_a_forward_pass(ti
     meta = read_collect_meta(AtlasPaths.of(cfg))
     assert meta["forwarded_sequences_last_run"] == 0 and meta["shards_run_last_run"] == 0
     assert_equal_arrays(read_set_npz(cfg.out_dir, 1), before)
+
+
+def test_the_merge_holds_one_set_at_a_time_and_reads_only_its_arrays(tiny_gpt2, make_config, monkeypatch):
+    """The driver's merge builds one set's state from every shard, writes it, then the next: memory for one set."""
+    cfg = make_config(tiny_gpt2, "per-set", max_sequences=32, shard_sequences=16)
+    run_stage("collect", cfg)
+    before = {layer: read_set_npz(cfg.out_dir, layer) for layer in (0, 1)}
+    absorbed, real_absorb = [], Collector.absorb
+
+    def recording_absorb(self, arrays):
+        absorbed.append((tuple(self.states), {name.split(".")[0] for name in arrays}))
+        return real_absorb(self, arrays)
+
+    monkeypatch.setattr(Collector, "absorb", recording_absorb)
+    for layer in (0, 1):
+        (Path(cfg.out_dir) / "collect" / f"L{layer}.npz").unlink()
+    run_stage("collect", cfg)
+    assert absorbed == [(("L0",), {"L0"})] * 2 + [(("L1",), {"L1"})] * 2
+    for layer in (0, 1):
+        assert_equal_arrays(read_set_npz(cfg.out_dir, layer), before[layer])
