@@ -24,8 +24,8 @@ among the first of its interval, so nothing can be pruned before M is known. Ins
 its first position of every (sequence, unit) pair (what the batch's `max(dim=1)` already gives), shards store these
 tables, the merge concatenates them and `finish` picks the interval examples against the final maxima: exact by
 construction, with no second pass over the corpus. The price is memory: units × sequences × 8 bytes per set (float32
-max + int32 position), e.g. GPT-2 small's 3,072 neurons × 10,000 sequences = 246 MB per layer, all sets held together
-while merging (2.9 GB for 12 layers); acceptable next to the forward pass. `interval_examples = 0` records nothing.
+max + int32 position), e.g. GPT-2 small's 3,072 neurons × 10,000 sequences = 246 MB per layer, merged one set at a time
+(a shard holds its own sequences' rows of every set); acceptable next to the forward pass. `interval_examples = 0` records nothing.
 
 Cost (issue 14): every per-batch step is a torch op on the hook values' device, and nothing goes to the host until
 `state_arrays`/`finish` (tests/test_collect.py counts the transfers). The histogram needs no search: the edges lie on
