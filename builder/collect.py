@@ -24,8 +24,9 @@ among the first of its interval, so nothing can be pruned before M is known. Ins
 its first position of every (sequence, unit) pair (what the batch's `max(dim=1)` already gives), shards store these
 tables, the merge concatenates them and `finish` picks the interval examples against the final maxima: exact by
 construction, with no second pass over the corpus. The price is memory: units × sequences × 8 bytes per set (float32
-max + int32 position), e.g. GPT-2 small's 3,072 neurons × 10,000 sequences = 246 MB per layer, merged one set at a time
-(a shard holds its own sequences' rows of every set); acceptable next to the forward pass. `interval_examples = 0` records nothing.
+max + int32 position), e.g. GPT-2 small's 3,072 neurons × 10,000 sequences = 246 MB per layer, merged one set at a
+time (a shard holds its own sequences' rows of every set); acceptable next to the forward pass. `interval_examples = 0`
+records nothing.
 
 Cost (issue 14): every per-batch step is a torch op on the hook values' device, and nothing goes to the host until
 `state_arrays`/`finish` (tests/test_collect.py counts the transfers). The histogram needs no search: the edges lie on
@@ -667,24 +668,27 @@ def load_reference_maxima(cfg: AtlasConfig, sets: list[SubjectSet], n_layers: in
 
 
 class CollectShards:
-    """Collect's ShardWorker: the model and the packed tokens once, then each shard's batches fed to a fresh Collector
-    whose state is the shard's artefact. Pickled without the model (another process loads its own in `setup`)."""
+    """Collect's ShardWorker for one group of subject sets (`set_groups`, `collect_groups`): the model and the packed
+    tokens once, then each shard's batches fed to a fresh Collector of the group's sets, whose state is the shard's
+    artefact. Pickled without the model (another process loads its own in `setup`)."""
 
     stage = "collect"
 
-    def __init__(self, cfg: AtlasConfig, model=None):
+    def __init__(self, cfg: AtlasConfig, model=None, group: tuple[str, ...] = (), name: str = ""):
         self.cfg = cfg
         self.model = model
+        self.group = group  # the keys of the sets this worker collects
+        self.name = name  # the group's shard folder (paths.shard); "" when every set is in one group
 
     def __getstate__(self) -> dict:
-        return {"cfg": self.cfg, "model": None}
+        return {**vars(self), "model": None}
 
     def setup(self) -> None:
         from builder.models import load_model
 
         if self.model is None:
             self.model = load_model(self.cfg)
-        self.sets = atlas_sets(self.cfg, self.model)
+        self.sets = [s for s in atlas_sets(self.cfg, self.model) if s.key in self.group]
         self.reference = load_reference_maxima(self.cfg, self.sets, self.model.n_layers)
         self.tokens = TOKENS.read_npz(AtlasPaths.of(self.cfg).tokens)["tokens"]
 
@@ -695,9 +699,23 @@ class CollectShards:
             batch = torch.as_tensor(self.tokens[first:end], dtype=torch.long, device=self.model.device)
             collect_batch(collector, self.model.bridge, batch, first)
             bar.update(end - first)
-        COLLECT_SHARD.write_npz(AtlasPaths.of(self.cfg).shard("collect", shard.start, shard.stop),
+        COLLECT_SHARD.write_npz(AtlasPaths.of(self.cfg).shard("collect", shard.start, shard.stop, self.name),
                                 **collector.state_arrays())
         return {"forwarded_sequences": len(shard)}
+
+
+def set_groups(sets: list[SubjectSet], n_groups: int) -> list[list[SubjectSet]]:
+    """`sets` in at most n_groups groups of consecutive sets by layer (hook order within a layer kept), as equal in
+    number as they divide: the first group forwards the fewest layers."""
+    ordered = sorted(sets, key=lambda s: s.layer)
+    n_groups = min(n_groups, len(ordered))
+    size, extra = divmod(len(ordered), max(n_groups, 1))
+    groups, start = [], 0
+    for index in range(n_groups):
+        end = start + size + (index < extra)
+        groups.append(ordered[start:end])
+        start = end
+    return groups
 
 
 def atlas_sets(cfg: AtlasConfig, model) -> list[SubjectSet]:
@@ -721,20 +739,28 @@ def build(run: StageRun) -> dict:
     reference = load_reference_maxima(cfg, sets, model.n_layers)
     tokens, packing = _load_or_tokenise(run, model)
     shards = sequence_shards(len(tokens), cfg.shard_sequences)
-    files = shard_files(paths, "collect", shards)
-    todo = [r for r in shards if not COLLECT_SHARD.is_readable(files[r])]
-    if len(todo) < len(shards):
-        log.info("collect: %d of %d shards already done", len(shards) - len(todo), len(shards))
-    with progress(total=len(tokens), initial=len(tokens) - sum(len(r) for r in todo), desc="collect",
-                  unit="seq") as bar:
-        counters = run_shards(cfg, CollectShards(cfg, model), todo, bar)
-    # One set at a time, reading only its arrays from each shard: the driver holds one set's merged state, not all
-    # of them (a GPT-2-small layer's is ≈ 1.5 GB after 10M tokens).
-    for s in sets:
-        merged = Collector.for_config([s], cfg, None if reference is None else {s.key: reference[s.key]})
-        for shard in shards:
-            merged.absorb(COLLECT_SHARD.read_npz(files[shard], prefix=f"{s.key}."))
-        run.write_npz(EXAMPLES, paths.set_file("collect", s.key), **merged.finish(s.key))
+    groups = set_groups(sets, cfg.collect_groups)
+    names = [f"{index + 1}of{len(groups)}" if len(groups) > 1 else "" for index in range(len(groups))]
+    files = {name: shard_files(paths, "collect", shards, name) for name in names}
+    _remove_other_groupings(paths, names)
+    todo = {name: [r for r in shards if not COLLECT_SHARD.is_readable(files[name][r])] for name in names}
+    done = sum(len(shards) - len(t) for t in todo.values())
+    if done:
+        log.info("collect: %d of %d shards already done", done, len(shards) * len(groups))
+    counters = []
+    with progress(total=len(tokens) * len(groups), desc="collect", unit="seq",
+                  initial=sum(len(tokens) - sum(len(r) for r in t) for t in todo.values())) as bar:
+        for group, name in zip(groups, names):
+            worker = CollectShards(cfg, model, tuple(s.key for s in group), name)
+            counters += run_shards(cfg, worker, todo[name], bar)
+    # One set at a time, reading only its arrays from its group's shards: the driver holds one set's merged state,
+    # not all of them (a GPT-2-small layer's is ≈ 1.5 GB after 10M tokens).
+    for group, name in zip(groups, names):
+        for s in group:
+            merged = Collector.for_config([s], cfg, None if reference is None else {s.key: reference[s.key]})
+            for shard in shards:
+                merged.absorb(COLLECT_SHARD.read_npz(files[name][shard], prefix=f"{s.key}."))
+            run.write_npz(EXAMPLES, paths.set_file("collect", s.key), **merged.finish(s.key))
     return {"model": cfg.model, "model_revision": model.revision, "n_layers": model.n_layers,
             "d_model": model.d_model, "d_mlp": model.d_mlp, "gated": model.gated, "layers": layers,
             "subject_sets": [s.describe() for s in sets],
@@ -743,9 +769,20 @@ def build(run: StageRun) -> dict:
             "packing": packing, "threshold": cfg.threshold, "max_examples": cfg.max_examples,
             "interval_count": cfg.interval_count, "interval_examples": cfg.interval_examples,
             "reference_maxima": bool(cfg.reference_maxima), "window_before": cfg.window_before,
-            "window_after": cfg.window_after, "n_shards": len(shards), "shards_run_last_run": len(todo),
+            "window_after": cfg.window_after, "n_shards": len(shards), "collect_groups": len(groups),
+            "shards_run_last_run": sum(len(t) for t in todo.values()),
             "forwarded_sequences_last_run": sum(c["forwarded_sequences"] for c in counters),
             "build_date": packing["build_date"]}
+
+
+def _remove_other_groupings(paths: AtlasPaths, names: list[str]) -> None:
+    """Remove shard folders of another `collect_groups` (a machine setting): this grouping's shards replace them."""
+    import shutil
+
+    keep = {paths.shard("collect", 0, 0, name).parent for name in names}
+    for folder in paths.shard("collect", 0, 0).parent.parent.glob("shards*"):
+        if folder.is_dir() and folder not in keep:
+            shutil.rmtree(folder)
 
 
 def _load_or_tokenise(run: StageRun, model) -> tuple[np.ndarray, dict]:

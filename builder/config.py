@@ -159,6 +159,11 @@ class AtlasConfig:
     # artefact, the unit of resume after a kill and of parallel work. A multiple of 16, importance's batch of
     # sequences, so every split batches the same sequences together and gives the same numbers.
     shard_sequences: int = 64
+    # Collect passes over the corpus once per group of subject sets (consecutive by layer, about equal in number), so
+    # each worker holds only its group's state: for a model whose every layer's candidates do not fit one device
+    # (a 7B model's 32 layers), at the price of forwarding the early layers again for each later group. 1 = every
+    # set in one pass. The artefacts are the same for any grouping.
+    collect_groups: int = 1
     # How a unit's examples are clustered: "average" (average-linkage HAC, the paper) or "components" (the original
     # feature-clusters app: connected components of the graph joining examples whose cosine similarity is at least
     # 1 − cluster_threshold, a pair exactly there joining), which is exactly single-linkage HAC cut at
@@ -227,6 +232,7 @@ class AtlasConfig:
         _check(self.window_after >= 0, "window_after must be 0 or more", self.window_after)
         _check(self.shard_sequences >= SHARD_MULTIPLE and self.shard_sequences % SHARD_MULTIPLE == 0,
                f"shard_sequences must be a positive multiple of {SHARD_MULTIPLE}", self.shard_sequences)
+        _check(self.collect_groups >= 1, "collect_groups must be 1 or more", self.collect_groups)
         _check(0 < self.cluster_threshold <= 2, "cluster_threshold must be in (0, 2]", self.cluster_threshold)
         _check(self.cluster_method in ("average", "components"), "cluster_method must be average or components",
                self.cluster_method)
@@ -275,8 +281,8 @@ class AtlasConfig:
 
 
 _NOT_CONTENT = {"out_dir", "site_dir", "mnist_dir", "site_url", "author", "build_date", "device", "workers",
-                "shard_sequences", "batch_size", "engine", "ray_address", "importance_memory_mb", "release_dir",
-                "release_url"}
+                "shard_sequences", "collect_groups", "batch_size", "engine", "ray_address", "importance_memory_mb",
+                "release_dir", "release_url"}
 
 
 def trained_sae_folder(cfg: AtlasConfig, slug: str) -> Path:

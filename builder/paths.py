@@ -55,9 +55,11 @@ class AtlasPaths:
         is the folder train_sae/{slug}/, config.trained_sae_folder)."""
         return self.root / "train_sae" / f"{slug}.{what}"
 
-    def shard(self, stage: str, first: int, end: int) -> Path:
-        """A per-sequence stage's artefact for the sequences first … end − 1."""
-        return self.root / stage / "shards" / f"{first:0{SHARD_DIGITS}d}-{end:0{SHARD_DIGITS}d}.npz"
+    def shard(self, stage: str, first: int, end: int, group: str = "") -> Path:
+        """A per-sequence stage's artefact for the sequences first … end − 1 (of one group of subject sets, if the
+        stage splits them: its own folder)."""
+        folder = f"shards-{group}" if group else "shards"
+        return self.root / stage / folder / f"{first:0{SHARD_DIGITS}d}-{end:0{SHARD_DIGITS}d}.npz"
 
     @property
     def tokens(self) -> Path:

@@ -1,7 +1,8 @@
 """The pipeline: every stage's declaration, in build order (see builder/stage.py for what the runner does with it).
 
 Fields are exactly the config keys a stage's code reads; everything else reaches it through its upstream keys.
-Machine settings (device, workers, batch_size, shard_sequences, out_dir) never change a result, so no key holds them.
+Machine settings (device, workers, batch_size, shard_sequences, collect_groups, out_dir) never change a result, so no
+key holds them.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ This is the only module that imports Ray; the local engine never loads it.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -154,7 +155,8 @@ def for_every_node(cfg: AtlasConfig) -> AtlasConfig:
 def run_shards_on_ray(cfg: AtlasConfig, worker: ShardWorker, todo: list[range], bar: ProgressLike) -> list[dict]:
     """Run `todo` on shard actors; each finished shard advances `bar`. Returns the counters in shard order."""
     ray = connect(cfg)
-    worker = type(worker)(for_every_node(worker.cfg))
+    worker = copy.copy(worker)  # what it pickles (never a model the driver lent it), with paths every node reads
+    worker.cfg = for_every_node(worker.cfg)
     actors, claim, threads = actor_plan(cfg, ray.cluster_resources())
     actors = min(actors, len(todo))
     by_start = {shard.start: shard for shard in todo}

@@ -35,11 +35,11 @@ def sequence_shards(n_sequences: int, shard_sequences: int) -> list[range]:
             for first in range(0, n_sequences, shard_sequences)]
 
 
-def shard_files(paths: AtlasPaths, stage: str, shards: list[range]) -> dict[range, Path]:
+def shard_files(paths: AtlasPaths, stage: str, shards: list[range], group: str = "") -> dict[range, Path]:
     """Each shard's artefact path. Shard files of another split (a changed `shard_sequences`, a machine setting) are
     removed: they cannot be merged with this split's."""
-    files = {shard: paths.shard(stage, shard.start, shard.stop) for shard in shards}
-    folder = paths.shard(stage, 0, 0).parent
+    files = {shard: paths.shard(stage, shard.start, shard.stop, group) for shard in shards}
+    folder = paths.shard(stage, 0, 0, group).parent
     if folder.is_dir():
         for stale in set(folder.iterdir()) - set(files.values()):
             stale.unlink()

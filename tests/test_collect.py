@@ -1153,3 +1153,43 @@ def test_the_merge_holds_one_set_at_a_time_and_reads_only_its_arrays(tiny_gpt2, 
     assert absorbed == [(("L0",), {"L0"})] * 2 + [(("L1",), {"L1"})] * 2
     for layer in (0, 1):
         assert_equal_arrays(read_set_npz(cfg.out_dir, layer), before[layer])
+
+
+def test_set_groups_are_consecutive_layers_as_equal_in_number_as_they_divide():
+    sets = [mlp_layer(layer, 4, D_MODEL, False) for layer in (6, 0, 9, 3, 1)]
+    groups = collect.set_groups(sets, 2)
+    assert [[s.layer for s in group] for group in groups] == [[0, 1, 3], [6, 9]]
+    assert [[s.layer for s in group] for group in collect.set_groups(sets, 9)] == [[0], [1], [3], [6], [9]]
+    assert [[s.layer for s in group] for group in collect.set_groups(sets, 1)] == [[0, 1, 3, 6, 9]]
+
+
+def test_collecting_each_group_of_sets_in_its_own_pass_gives_the_same_artefacts(tiny_gpt2, make_config, monkeypatch):
+    """collect_groups = 2: one pass per layer, each forward stopping after its own layer; then back to 1 group."""
+    one = make_config(tiny_gpt2, "one", max_sequences=32)
+    run_stage("collect", one)
+    deepest, real_forward = [], collect.forward_with_hooks
+
+    def recording_forward(bridge, tokens, sets):
+        deepest.append(max(s.layer for s in sets))
+        return real_forward(bridge, tokens, sets)
+
+    monkeypatch.setattr(collect, "forward_with_hooks", recording_forward)
+    two = make_config(tiny_gpt2, "two", max_sequences=32, collect_groups=2)
+    run_stage("collect", two)
+    batches = len(deepest) // 2
+    assert batches > 0 and deepest == [0] * batches + [1] * batches
+    for layer in (0, 1):
+        assert_equal_arrays(read_set_npz(one.out_dir, layer), read_set_npz(two.out_dir, layer))
+    shards = Path(two.out_dir) / "collect"
+    assert sorted(p.name for p in shards.glob("shards*")) == ["shards-1of2", "shards-2of2"]
+    meta = read_collect_meta(AtlasPaths.of(two))
+    assert meta["collect_groups"] == 2 and meta["forwarded_sequences_last_run"] == 2 * meta["n_sequences"]
+    # Back to one group in the same out_dir: the other grouping's shards go, the artefacts stay the same.
+    for layer in (0, 1):
+        (shards / f"L{layer}.npz").unlink()
+    again = dataclasses.replace(two, collect_groups=1)
+    run_stage("collect", again)
+    assert sorted(p.name for p in shards.glob("shards*")) == ["shards"]
+    for layer in (0, 1):
+        assert_equal_arrays(read_set_npz(one.out_dir, layer), read_set_npz(again.out_dir, layer))
+

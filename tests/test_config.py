@@ -49,6 +49,7 @@ def test_unrelated_unknown_key_is_rejected_without_a_suggestion():
     ("batch_size", 0, "batch_size must be at least 1"),
     ("shard_sequences", 0, "shard_sequences must be a positive multiple of 16"),
     ("shard_sequences", 24, "shard_sequences must be a positive multiple of 16"),
+    ("collect_groups", 0, "collect_groups must be 1 or more"),
     ("max_sequences", -1, "max_sequences must be 0"),
     ("window_before", -1, "window_before must be 0 or more"),
     ("layers", [0, -1], "layers must be non-negative integers"),
@@ -140,7 +141,7 @@ def test_embedded_config_points_at_the_corpus_made_by_make_data():
 def test_config_hash_ignores_paths_and_machine_settings():
     base = config_from_dict(BASE)
     same = config_from_dict({**BASE, "out_dir": "elsewhere", "site_dir": "s", "device": "cpu", "workers": 3,
-                             "batch_size": 2, "shard_sequences": 32, "site_url": "https://x",
+                             "batch_size": 2, "shard_sequences": 32, "collect_groups": 3, "site_url": "https://x",
                              "build_date": "2020-01-01"})
     assert base.config_hash() == same.config_hash()
 

@@ -49,12 +49,14 @@ def test_the_ray_engine_builds_the_local_site_byte_for_byte_even_when_actors_are
         local_site, tmp_path, tiny_llama, corpus_file):
     marker = tmp_path / "fault"
     # In collect and again in importance, the first actor to finish one batch of a shard SIGKILLs itself, once:
-    # Ray restarts it and retries the shard.
-    result = ray_build(ray_config(tmp_path, tiny_llama, corpus_file), "collect worker:8,importance worker:8",
-                       ATLAS_FAULT_ONCE=str(marker))
+    # Ray restarts it and retries the shard. Collect runs each layer in its own pass (collect_groups = 2), which must
+    # not change a byte either.
+    result = ray_build(ray_config(tmp_path, tiny_llama, corpus_file, collect_groups="2"),
+                       "collect worker:8,importance worker:8", ATLAS_FAULT_ONCE=str(marker))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "on 2 Ray actors" in result.stderr
     assert (tmp_path / "fault.collect-worker").exists() and (tmp_path / "fault.importance-worker").exists()
+    assert sorted(p.name for p in (tmp_path / "build" / "collect").glob("shards*")) == ["shards-1of2", "shards-2of2"]
     assert site_files(tmp_path / "site") == local_site
 
 
