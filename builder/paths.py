@@ -3,7 +3,8 @@
 Layout (`{key}` is a subject set's key, e.g. `L3`):
 
     train_sae/tokens.npz, train_sae/{slug}/ (SAELens folder), train_sae/{slug}.{log.npz,evaluation.json}
-    collect/tokens.npz, collect/{key}.npz, collect/shards/{first}-{end}.npz (while running), collect/meta.json
+    collect/tokens.npz, collect/{key}.npz, collect/shards/{first}-{end}.npz (shards-{g}of{G}/ with collect_groups),
+    collect/meta.json
     embed/{key}.npz, embed/meta.json
     cluster/{key}.npz, cluster/metrics.npz, cluster/meta.json
     importance/{key}.npz, importance/shards/{first}-{end}.npz (while running), importance/meta.json
