@@ -171,7 +171,14 @@ def bench_neighbours(cfg: AtlasConfig) -> None:
     from builder.schema import collect_sets, read_collect_meta
 
     paths = AtlasPaths.of(cfg)
-    table, vectors = feature_table(paths, collect_sets(read_collect_meta(paths)), cfg.neighbour_space)
+    sets = collect_sets(read_collect_meta(paths))
+    _, per_set = feature_table(paths, sets, cfg.neighbour_space)
+    # The neighbours stage searches each input space's features together (sets of one space share a width): time
+    # the largest space's search.
+    spaces: dict[str, list[np.ndarray]] = {}
+    for s, set_vectors in zip(sets, per_set):
+        spaces.setdefault(s.space, []).append(set_vectors)
+    vectors = max((np.concatenate(parts) for parts in spaces.values()), key=len)
     k = cfg.neighbour_count + 1
     approximate_neighbours(vectors[:WARMUP_FEATURES], k, cfg.seed)  # JIT warm-up
     found = {}
