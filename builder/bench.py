@@ -259,17 +259,17 @@ def bench_sae_cost(cfg: AtlasConfig) -> None:
                         tensors)
         for kind, overrides in (("neurons", {"sae": ()}),
                                 ("latents", {"atlas_neurons": False, "sae": (SaeSpec(path=str(sae), slug="bench"),)})):
+            # No [[train_sae]]: training is not what this compares (and would run twice).
             run_cfg = dataclasses.replace(cfg, layers=(SAE_BENCH_LAYER,), max_sequences=SAE_BENCH_SEQUENCES,
-                                          out_dir=str(Path(folder) / kind / "build"),
+                                          out_dir=str(Path(folder) / kind / "build"), train_sae=(),
                                           site_dir=str(Path(folder) / kind / "site"), **overrides)
-            walls[kind] = {}
-            for name in STAGES:
-                run_stage(name, run_cfg)
-                walls[kind][name] = STAGES[name].meta_type.read_json(AtlasPaths.of(run_cfg).meta(name))["wall_seconds"]
-    for name in STAGES:
-        neurons, latents = walls["neurons"][name], walls["latents"][name]
+            # Stages the config does not use (train_sae; evaluate without SAEs) return no wall time.
+            walls[kind] = {name: meta["wall_seconds"] for name in STAGES
+                           if "wall_seconds" in (meta := run_stage(name, run_cfg))}
+    for name, latents in walls["latents"].items():
+        neurons = walls["neurons"].get(name)
         label = f"SAE: {name}, {d_sae} latents vs {model.d_mlp} neurons of layer {SAE_BENCH_LAYER}"
-        if name == "evaluate":  # only SAEs are evaluated: there is no neuron baseline
+        if neurons is None:  # only SAEs are evaluated: there is no neuron baseline
             line(label, f"{latents:.1f} s (latents only)")
         else:
             line(label, f"{latents:.1f} s / {neurons:.1f} s = {latents / max(neurons, 1e-9):.2f}×")
