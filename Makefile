@@ -57,7 +57,7 @@ test: $(STAMP) $(RAY_STAMP) $(CORPUS) $(TRAIN_CORPUS) $(MNIST) browser
 	$(PY) -c "from builder.models import embedded_model_folder; embedded_model_folder()"
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -x -n 2 --dist loadfile tests
 
-bench: site
+bench: site $(RAY_STAMP)
 	$(PY) -m builder.bench --config $(CONFIG)
 
 # The reference-scale measurements (issue 14, docs/scaling.md): synthetic GPT-2-small-shaped inputs, no model download,

@@ -269,7 +269,7 @@ def bench_sae_cost(cfg: AtlasConfig) -> None:
     for name, latents in walls["latents"].items():
         neurons = walls["neurons"].get(name)
         label = f"SAE: {name}, {d_sae} latents vs {model.d_mlp} neurons of layer {SAE_BENCH_LAYER}"
-        if neurons is None:  # only SAEs are evaluated: there is no neuron baseline
+        if name == "evaluate" or neurons is None:  # only SAEs are evaluated: there is no neuron baseline
             line(label, f"{latents:.1f} s (latents only)")
         else:
             line(label, f"{latents:.1f} s / {neurons:.1f} s = {latents / max(neurons, 1e-9):.2f}×")
