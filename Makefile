@@ -61,7 +61,7 @@ bench: site $(RAY_STAMP)
 	$(PY) -m builder.bench --config $(CONFIG)
 
 # The reference-scale measurements (issue 14, docs/scaling.md): synthetic GPT-2-small-shaped inputs, no model download,
-# independent of `make site`; about 14 minutes on a 2-core CPU.
+# independent of `make site`; 10–14 minutes on a 2-core CPU.
 bench-scale: $(STAMP) $(CORPUS)
 	$(PY) -m builder.scale
 
