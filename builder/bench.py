@@ -36,8 +36,9 @@ SLICE_EXAMPLES = 12  # examples of one sequence the importance slice scores both
 TRAIN_BENCH_STEPS = 40  # batches of 1,024 tokens the training benchmark uses...
 TRAIN_SETTLE_STEPS = 25  # ...the first of which (a dense code, L0 falling from half the latents) are not timed
 WARMUP_FEATURES = 2000  # PyNNDescent compiles with numba on first use: warm it on a small slice
-ENGINE_SEQUENCES = 256  # the embedded corpus slice both engines collect and score for importance...
-ENGINE_SHARD = 32  # ...in shards of this many sequences (8 shards: work for both of 2 Ray actors)
+# Both engines collect and score the build's own sequences (the embedded build's 512: its collect and importance as
+# `make site` runs them)...
+ENGINE_SHARDS = 8  # ...in this many shards (work for both of 2 Ray actors)
 ENGINE_WORKERS = 2  # Ray actors, against the local engine's one process on the same cores
 
 
@@ -359,11 +360,13 @@ def _toml(cfg: AtlasConfig, **overrides) -> str:
 
 
 def bench_ray_engine(cfg: AtlasConfig) -> None:
-    """Collect and importance on a slice of the embedded corpus, once with the local engine and once with the Ray
-    engine (2 actors), each as the `atlas` commands a user runs: start-up, Ray's cluster and model loading included."""
+    """The build's collect and importance, once with the local engine and once with the Ray engine (2 actors), each
+    as the `atlas` commands a user runs: start-up, Ray's cluster and model loading included."""
     import shutil
     import subprocess
     import sys
+
+    from builder.config import SHARD_MULTIPLE
 
     try:
         import ray  # noqa: F401 - only to know whether the extra is installed
@@ -374,12 +377,17 @@ def bench_ray_engine(cfg: AtlasConfig) -> None:
     shutil.rmtree(root, ignore_errors=True)
     trained = AtlasPaths.of(cfg).stage("train_sae")
     seconds, artefacts = {}, {}
+    sequences = cfg.max_sequences
+    if sequences <= 0:
+        line("ray engine: collect + importance, ray / local wall time", "skipped (the config reads every sequence)")
+        return
+    shard = -(-sequences // ENGINE_SHARDS // SHARD_MULTIPLE) * SHARD_MULTIPLE
     for engine in ("local", "ray"):
         folder = (root / engine).resolve()
         config = folder / "atlas.toml"
         folder.mkdir(parents=True)
         config.write_text(_toml(cfg, out_dir=str(folder / "build"), site_dir=str(folder / "site"),
-                                max_sequences=ENGINE_SEQUENCES, shard_sequences=ENGINE_SHARD, workers=ENGINE_WORKERS,
+                                max_sequences=sequences, shard_sequences=shard, workers=ENGINE_WORKERS,
                                 engine=engine))
         if trained.is_dir():  # the SAEs make site trained, reused: training is not what this compares
             shutil.copytree(trained, folder / "build" / "train_sae")
@@ -393,7 +401,7 @@ def bench_ray_engine(cfg: AtlasConfig) -> None:
         artefacts[engine] = {p.relative_to(folder / "build").as_posix(): p.read_bytes()
                              for stage in ("collect", "importance") for p in (folder / "build" / stage).glob("*.npz")}
     same = "identical" if artefacts["local"] == artefacts["ray"] else "DIFFERENT"
-    line(f"ray engine: collect + importance, {ENGINE_SEQUENCES} seq, local wall time", f"{seconds['local']:.1f} s")
+    line(f"ray engine: collect + importance, {sequences} seq, local wall time", f"{seconds['local']:.1f} s")
     line(f"ray engine: the same with {ENGINE_WORKERS} Ray actors ({same} artefacts)", f"{seconds['ray']:.1f} s")
     line("ray engine: ray / local wall time (target ≤ 1.15)", f"{seconds['ray'] / seconds['local']:.2f}×")
 
