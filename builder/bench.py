@@ -168,18 +168,15 @@ def bench_importance(cfg: AtlasConfig) -> None:
 
 
 def bench_neighbours(cfg: AtlasConfig) -> None:
-    from builder.neighbours import approximate_neighbours, exact_neighbours, feature_table
+    from builder.neighbours import approximate_neighbours, exact_neighbours, feature_table, sets_by_space
     from builder.schema import collect_sets, read_collect_meta
 
     paths = AtlasPaths.of(cfg)
     sets = collect_sets(read_collect_meta(paths))
     _, per_set = feature_table(paths, sets, cfg.neighbour_space)
-    # The neighbours stage searches each input space's features together (sets of one space share a width): time
-    # the largest space's search.
-    spaces: dict[str, list[np.ndarray]] = {}
-    for s, set_vectors in zip(sets, per_set):
-        spaces.setdefault(s.space, []).append(set_vectors)
-    vectors = max((np.concatenate(parts) for parts in spaces.values()), key=len)
+    # The neighbours stage searches each input space's features together: time the largest space's search.
+    vectors = max((np.concatenate([per_set[p] for p in positions]) for positions in sets_by_space(sets).values()),
+                  key=len)
     k = cfg.neighbour_count + 1
     approximate_neighbours(vectors[:WARMUP_FEATURES], k, cfg.seed)  # JIT warm-up
     found = {}

@@ -709,7 +709,9 @@ def set_groups(sets: list[SubjectSet], n_groups: int) -> list[list[SubjectSet]]:
     number as they divide: the first group forwards the fewest layers."""
     ordered = sorted(sets, key=lambda s: s.layer)
     n_groups = min(n_groups, len(ordered))
-    size, extra = divmod(len(ordered), max(n_groups, 1))
+    if n_groups == 0:
+        return []
+    size, extra = divmod(len(ordered), n_groups)
     groups, start = [], 0
     for index in range(n_groups):
         end = start + size + (index < extra)

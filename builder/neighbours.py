@@ -121,6 +121,14 @@ def similar_features(owner: Int[np.ndarray, " f"], vectors: np.ndarray, count: i
     return result_index, result_similarity
 
 
+def sets_by_space(sets: list[SubjectSet]) -> dict[str, list[int]]:
+    """The positions of the sets of each input space, in set order: a space's features are searched together."""
+    spaces: dict[str, list[int]] = {}
+    for position, s in enumerate(sets):
+        spaces.setdefault(s.space, []).append(position)
+    return spaces
+
+
 def feature_owners(index: SubjectIndex, table: dict[str, np.ndarray]) -> Int[np.ndarray, " f"]:
     """Each feature's unit as a row of the subject index (set offset + unit)."""
     return index.rows_of(table["feature_set"], table["feature_unit"])
@@ -134,9 +142,7 @@ def build(run: StageRun) -> dict:
     n = len(owner)
     index = np.full((n, cfg.neighbour_count), -1, np.int32)
     similarity = np.full((n, cfg.neighbour_count), np.nan, np.float32)
-    spaces: dict[str, list[int]] = {}
-    for position, s in enumerate(sets):
-        spaces.setdefault(s.space, []).append(position)
+    spaces = sets_by_space(sets)
     for space, positions in spaces.items():
         # The table lists sets in order, so a space's rows are its sets' vectors concatenated in that order.
         rows = np.flatnonzero(np.isin(table["feature_set"], positions))
